@@ -1,0 +1,53 @@
+# hoard — see README.md. Two commands matter: `make run` and `make test`.
+GO      ?= go
+BIN     ?= bin/hoard
+DATA    ?= ./.hoard
+export CGO_ENABLED ?= 0
+
+.PHONY: all build run test deps vet unit fuzz-short bench image testbed clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -o $(BIN) ./cmd/hoard
+
+# One node with embedded defaults: data under ./.hoard, API on 127.0.0.1:7480,
+# NBD on ./.hoard/nbd.sock. No external service needed.
+run: build
+	./$(BIN) daemon --data-dir $(DATA)
+
+# Installs the real tools the tests drive (qemu, libnbd, glance-api...) when
+# missing, then vets and runs every test with the race detector, then short
+# fuzz runs.
+test: deps vet unit fuzz-short
+
+deps:
+	./scripts/install-test-deps.sh
+
+vet:
+	$(GO) vet ./...
+
+unit:
+	CGO_ENABLED=1 $(GO) test -race -timeout 25m ./...
+
+FUZZTIME ?= 8s
+fuzz-short:
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeManifest$$' -fuzztime=$(FUZZTIME) ./chunkstore
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeProfile$$' -fuzztime=$(FUZZTIME) ./chunkstore
+	$(GO) test -run='^$$' -fuzz='^FuzzHandshake$$' -fuzztime=$(FUZZTIME) ./nbd
+	$(GO) test -run='^$$' -fuzz='^FuzzRequest$$' -fuzztime=$(FUZZTIME) ./nbd
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeMessage$$' -fuzztime=$(FUZZTIME) ./p2p
+
+# A FROM scratch image of the static binary (no registry), and the
+# three-node docker-compose testbed.
+image: build
+	docker-compose build
+
+testbed:
+	./scripts/testbed.sh up
+
+bench:
+	./scripts/bench-import.sh
+
+clean:
+	rm -rf bin

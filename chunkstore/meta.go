@@ -1,0 +1,467 @@
+package chunkstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"sort"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// Pins: key 'p' digest owner, and the reverse 'P' owner 0 digest so that an
+// owner's pins can be dropped without knowing its chunks.
+
+func pinKey(d [32]byte, owner string) []byte {
+	return append(append([]byte{pfxPin}, d[:]...), owner...)
+}
+
+func pinOwnerKey(owner string, d [32]byte) []byte {
+	k := append([]byte{pfxPinOwner}, owner...)
+	k = append(k, 0)
+	return append(k, d[:]...)
+}
+
+func setPin(b *pebble.Batch, d [32]byte, owner string) error {
+	if err := b.Set(pinKey(d, owner), nil, nil); err != nil {
+		return err
+	}
+	return b.Set(pinOwnerKey(owner, d), nil, nil)
+}
+
+// Pin protects chunks from eviction on behalf of owner (an image, a live
+// export, an import in progress). Pinning is idempotent per owner and chunk, and
+// a chunk may be pinned before it is stored.
+func (s *Store) Pin(ctx context.Context, owner string, ids []ID) error {
+	if owner == "" {
+		return errors.New("pin: empty owner")
+	}
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
+	b := s.db.NewBatch()
+	defer b.Close()
+	for _, id := range ids {
+		if err := setPin(b, id.digest, owner); err != nil {
+			return err
+		}
+	}
+	if err := b.Commit(s.writeOpts()); err != nil {
+		return fmt.Errorf("pin %d chunks for %s: %w", len(ids), owner, err)
+	}
+	return nil
+}
+
+// Unpin drops every pin owner holds.
+func (s *Store) Unpin(ctx context.Context, owner string) error {
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
+	p := append([]byte{pfxPinOwner}, owner...)
+	p = append(p, 0)
+	it, err := s.db.NewIter(prefixIter(p...))
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	b := s.db.NewBatch()
+	defer b.Close()
+	for it.First(); it.Valid(); it.Next() {
+		var d [32]byte
+		copy(d[:], it.Key()[len(p):])
+		b.Delete(pinKey(d, owner), nil)
+		b.Delete(it.Key(), nil)
+	}
+	if err := it.Error(); err != nil {
+		return err
+	}
+	if err := b.Commit(s.writeOpts()); err != nil {
+		return fmt.Errorf("unpin %s: %w", owner, err)
+	}
+	return nil
+}
+
+// Pinned reports whether any owner pins the chunk.
+func (s *Store) Pinned(ctx context.Context, id ID) (bool, error) {
+	return s.hasPrefix(append([]byte{pfxPin}, id.digest[:]...))
+}
+
+// PinOwnerImage is the pin owner name used for an image's chunks.
+func PinOwnerImage(manifest ID) string { return "image:" + manifest.String() }
+
+// PutManifest stores m and records a reference from it to each of its chunks,
+// in one atomic commit. It returns the manifest's ID. Storing a manifest twice
+// is harmless.
+func (s *Store) PutManifest(ctx context.Context, m *Manifest) (ID, error) {
+	enc := m.Encode()
+	if _, err := DecodeManifest(enc); err != nil {
+		return ID{}, fmt.Errorf("put manifest: %w", err)
+	}
+	id := Sum(enc)
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
+	b := s.db.NewBatch()
+	defer b.Close()
+	b.Set(append([]byte{pfxManifest}, id.digest[:]...), enc, nil)
+	for _, c := range m.ChunkIDs() {
+		b.Set(refKey(c.digest, id.digest), nil, nil)
+	}
+	if err := b.Commit(s.writeOpts()); err != nil {
+		return ID{}, fmt.Errorf("put manifest %s: %w", id, describeIOError(err))
+	}
+	return id, nil
+}
+
+func refKey(chunk, manifest [32]byte) []byte {
+	k := append([]byte{pfxRef}, chunk[:]...)
+	return append(k, manifest[:]...)
+}
+
+// GetManifest returns a stored manifest, verified against its ID.
+func (s *Store) GetManifest(ctx context.Context, id ID) (*Manifest, error) {
+	v, c, err := s.db.Get(append([]byte{pfxManifest}, id.digest[:]...))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, fmt.Errorf("manifest %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", id, err)
+	}
+	defer c.Close()
+	if !id.Verify(v) {
+		return nil, fmt.Errorf("manifest %s: %w", id, ErrCorrupt)
+	}
+	return DecodeManifest(v)
+}
+
+// GetManifestBytes returns a stored manifest's encoding (to send to a peer).
+func (s *Store) GetManifestBytes(ctx context.Context, id ID) ([]byte, error) {
+	v, c, err := s.db.Get(append([]byte{pfxManifest}, id.digest[:]...))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, fmt.Errorf("manifest %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return append([]byte(nil), v...), nil
+}
+
+// Manifests lists the IDs of all stored manifests.
+func (s *Store) Manifests(ctx context.Context) ([]ID, error) {
+	it, err := s.db.NewIter(prefixIter(pfxManifest))
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	var ids []ID
+	for it.First(); it.Valid(); it.Next() {
+		var d [32]byte
+		copy(d[:], it.Key()[1:])
+		ids = append(ids, IDFromDigest(d))
+	}
+	return ids, it.Error()
+}
+
+// RemoveManifest deletes a manifest, its profile, its references and its pins.
+// Its chunks stay until garbage collection finds them unreferenced (GC), so that
+// removing one image never deletes a chunk another still uses.
+func (s *Store) RemoveManifest(ctx context.Context, id ID) error {
+	m, err := s.GetManifest(ctx, id)
+	if err != nil {
+		return err
+	}
+	if err := s.Unpin(ctx, PinOwnerImage(id)); err != nil {
+		return err
+	}
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
+	b := s.db.NewBatch()
+	defer b.Close()
+	for _, c := range m.ChunkIDs() {
+		b.Delete(refKey(c.digest, id.digest), nil)
+	}
+	b.Delete(append([]byte{pfxManifest}, id.digest[:]...), nil)
+	b.Delete(append([]byte{pfxProfile}, id.digest[:]...), nil)
+	if err := b.Commit(s.writeOpts()); err != nil {
+		return fmt.Errorf("remove manifest %s: %w", id, err)
+	}
+	return nil
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$`)
+
+// ValidateName checks an image name: 1-200 characters of letters, digits and
+// . _ : + -, starting with a letter or digit (it becomes an NBD export name).
+func ValidateName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("invalid image name %q: use 1-200 letters, digits and . _ : + -, starting with a letter or digit", name)
+	}
+	return nil
+}
+
+// SetName points name at a manifest (replacing what it pointed at).
+func (s *Store) SetName(ctx context.Context, name string, id ID) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	if err := s.db.Set(append([]byte{pfxName}, name...), id.digest[:], s.writeOpts()); err != nil {
+		return fmt.Errorf("name %s: %w", name, err)
+	}
+	return nil
+}
+
+// DeleteName removes a name.
+func (s *Store) DeleteName(ctx context.Context, name string) error {
+	return s.db.Delete(append([]byte{pfxName}, name...), s.writeOpts())
+}
+
+// Resolve returns the manifest a name points to. A manifest CID string resolves
+// to itself when that manifest is stored.
+func (s *Store) Resolve(ctx context.Context, name string) (ID, error) {
+	v, c, err := s.db.Get(append([]byte{pfxName}, name...))
+	if err == nil {
+		defer c.Close()
+		var d [32]byte
+		copy(d[:], v)
+		return IDFromDigest(d), nil
+	}
+	if !errors.Is(err, pebble.ErrNotFound) {
+		return ID{}, err
+	}
+	if id, perr := ParseID(name); perr == nil {
+		if _, err := s.GetManifestBytes(ctx, id); err == nil {
+			return id, nil
+		}
+	}
+	return ID{}, fmt.Errorf("image %q: %w; list images with hoard image ls", name, ErrNotFound)
+}
+
+// Names returns every name and the manifest it points to, sorted by name.
+func (s *Store) Names(ctx context.Context) ([]Named, error) {
+	it, err := s.db.NewIter(prefixIter(pfxName))
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	var out []Named
+	for it.First(); it.Valid(); it.Next() {
+		var d [32]byte
+		copy(d[:], it.Value())
+		out = append(out, Named{Name: string(it.Key()[1:]), Manifest: IDFromDigest(d)})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, it.Error()
+}
+
+// Named is a name and the manifest it points to.
+type Named struct {
+	Name     string `json:"name"`
+	Manifest ID     `json:"manifest"`
+}
+
+// PutProfile stores the boot profile of an image.
+func (s *Store) PutProfile(ctx context.Context, manifest ID, p *Profile) error {
+	return s.db.Set(append([]byte{pfxProfile}, manifest.digest[:]...), p.Encode(), s.writeOpts())
+}
+
+// GetProfile returns an image's boot profile, or ErrNotFound.
+func (s *Store) GetProfile(ctx context.Context, manifest ID, entries int) (*Profile, error) {
+	v, c, err := s.db.Get(append([]byte{pfxProfile}, manifest.digest[:]...))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, fmt.Errorf("profile of %s: %w", manifest, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return DecodeProfile(v, entries)
+}
+
+// Referenced reports whether any manifest refers to the chunk.
+func (s *Store) Referenced(ctx context.Context, id ID) (bool, error) {
+	return s.hasPrefix(append([]byte{pfxRef}, id.digest[:]...))
+}
+
+// Stats describes the store and the images it holds.
+type Stats struct {
+	Usage
+	Quota        int64   `json:"quota"`
+	Images       int     `json:"images"`
+	LogicalBytes int64   `json:"logical_bytes"`  // sum of image sizes
+	NonZeroBytes int64   `json:"non_zero_bytes"` // sum of images' non-zero bytes
+	DedupRatio   float64 `json:"dedup_ratio"`    // non-zero bytes / unique raw bytes present
+	Compression  float64 `json:"compression_ratio"`
+	PresentBytes int64   `json:"present_bytes"` // non-zero image bytes whose chunk is stored
+}
+
+// finish derives the ratios from the counts.
+func (s *Stats) finish() {
+	if s.RawBytes > 0 {
+		s.DedupRatio = float64(s.PresentBytes) / float64(s.RawBytes)
+	}
+	if s.StoredBytes > 0 {
+		s.Compression = float64(s.RawBytes) / float64(s.StoredBytes)
+	}
+}
+
+// Stats computes store statistics; it reads every manifest.
+func (s *Store) Stats(ctx context.Context) (Stats, error) {
+	st := Stats{Usage: s.Usage(), Quota: s.opts.quota}
+	ids, err := s.Manifests(ctx)
+	if err != nil {
+		return st, err
+	}
+	present := make(map[ID]bool)
+	for _, id := range ids {
+		m, err := s.GetManifest(ctx, id)
+		if err != nil {
+			return st, err
+		}
+		st.Images++
+		st.LogicalBytes += m.Size
+		for _, e := range m.Entries {
+			if e.Zero {
+				continue
+			}
+			st.NonZeroBytes += e.Length
+			ok, seen := present[e.ID]
+			if !seen {
+				ok, err = s.Has(ctx, e.ID)
+				if err != nil {
+					return st, err
+				}
+				present[e.ID] = ok
+			}
+			if ok {
+				st.PresentBytes += e.Length
+			}
+		}
+	}
+	st.finish()
+	return st, nil
+}
+
+// GCResult says what garbage collection removed.
+type GCResult struct {
+	Chunks      int   `json:"chunks"`
+	StoredBytes int64 `json:"stored_bytes"`
+	// ReclaimedDiskBytes is what compacting packs gave back to the disk.
+	ReclaimedDiskBytes int64 `json:"reclaimed_disk_bytes"`
+}
+
+// GC deletes chunks that no manifest references and no owner pins, then
+// compacts packs to give the space back to the disk.
+func (s *Store) GC(ctx context.Context) (GCResult, error) {
+	var res GCResult
+	if err := s.flushAccess(); err != nil {
+		return res, err
+	}
+	it, err := s.db.NewIter(prefixIter(pfxChunk))
+	if err != nil {
+		return res, err
+	}
+	var garbage []ID
+	for it.First(); it.Valid(); it.Next() {
+		var d [32]byte
+		copy(d[:], it.Key()[1:])
+		id := IDFromDigest(d)
+		ref, err := s.Referenced(ctx, id)
+		if err != nil {
+			it.Close()
+			return res, err
+		}
+		pin, err := s.Pinned(ctx, id)
+		if err != nil {
+			it.Close()
+			return res, err
+		}
+		if !ref && !pin {
+			garbage = append(garbage, id)
+		}
+	}
+	if err := it.Close(); err != nil {
+		return res, err
+	}
+	s.evictLock.Lock()
+	// Check again under the lock: a manifest may have been stored meanwhile.
+	var still []ID
+	for _, id := range garbage {
+		ref, _ := s.Referenced(ctx, id)
+		pin, _ := s.Pinned(ctx, id)
+		if !ref && !pin {
+			still = append(still, id)
+		}
+	}
+	freed, err := s.deleteLocked(ctx, still, false)
+	s.evictLock.Unlock()
+	if err != nil {
+		return res, err
+	}
+	res.Chunks, res.StoredBytes = len(still), freed
+	res.ReclaimedDiskBytes, err = s.Compact(ctx)
+	return res, err
+}
+
+// VerifyResult says what Verify found.
+type VerifyResult struct {
+	Chunks  int   `json:"chunks_checked"`
+	Bytes   int64 `json:"bytes_checked"`
+	Corrupt []ID  `json:"corrupt"`        // dropped
+	Missing int   `json:"missing_chunks"` // chunks manifests need that are not stored (normal for lazy images)
+	BadMeta int   `json:"bad_manifests"`  // manifests that fail to decode or verify
+}
+
+// Verify reads and checks every stored chunk against its ID (dropping corrupt
+// ones) and every manifest. progress, if not nil, is called after each chunk.
+func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (VerifyResult, error) {
+	var res VerifyResult
+	total := s.Usage().Chunks
+	it, err := s.db.NewIter(prefixIter(pfxChunk))
+	if err != nil {
+		return res, err
+	}
+	var ids []ID
+	for it.First(); it.Valid(); it.Next() {
+		var d [32]byte
+		copy(d[:], it.Key()[1:])
+		ids = append(ids, IDFromDigest(d))
+	}
+	if err := it.Close(); err != nil {
+		return res, err
+	}
+	for _, id := range ids {
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		_, b, err := s.load(ctx, id) // not an access: verifying must not reorder LRU
+		switch {
+		case errors.Is(err, ErrCorrupt):
+			res.Corrupt = append(res.Corrupt, id)
+		case errors.Is(err, ErrNotFound):
+		case err != nil:
+			return res, err
+		default:
+			res.Bytes += int64(len(b))
+		}
+		res.Chunks++
+		if progress != nil {
+			progress(int64(res.Chunks), total)
+		}
+	}
+	mids, err := s.Manifests(ctx)
+	if err != nil {
+		return res, err
+	}
+	for _, mid := range mids {
+		m, err := s.GetManifest(ctx, mid)
+		if err != nil {
+			res.BadMeta++
+			continue
+		}
+		for _, c := range m.ChunkIDs() {
+			if ok, err := s.Has(ctx, c); err == nil && !ok {
+				res.Missing++
+			}
+		}
+	}
+	return res, nil
+}

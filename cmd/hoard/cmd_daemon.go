@@ -1,0 +1,104 @@
+package main
+
+import (
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/hoardvm/hoard/node"
+	"github.com/spf13/cobra"
+)
+
+func newDaemonCommand(g *globalOptions) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "daemon",
+		Short: "Run the hoard daemon: NBD exports of every image and the admin API",
+		Long: `Runs a hoard node on the data dir: serves every registered image as a
+read-only NBD export (by name and by manifest CID) on the unix socket
+nbd.socket (default <data_dir>/nbd.sock) and, when set, over TCP on
+nbd.listen (keep it on loopback); fetches missing chunks from the image's
+origin (copy-on-read); learns boot profiles; and answers the admin API on
+api.listen (default 127.0.0.1:7480; bearer token api.token when set).
+
+While it runs, the other hoard commands on the same data dir go through its API.
+Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := g.nodeConfig()
+			if err != nil {
+				return err
+			}
+			n, err := node.New(cfg, g.logger())
+			if err != nil {
+				return err
+			}
+			return n.Run(cmd.Context())
+		},
+	}
+	f := c.Flags()
+	f.String("nbd-socket", "", "NBD unix socket (config nbd.socket; default <data_dir>/nbd.sock; - to disable)")
+	f.String("nbd-listen", "", "NBD over TCP, e.g. 127.0.0.1:10809 (config nbd.listen; default off)")
+	f.String("api-listen", node.DefaultAPIListen, "admin HTTP API address (config api.listen; - to disable)")
+	f.String("api-token", "", "bearer token the admin API requires (config api.token)")
+	f.Duration("origin-timeout", 30*time.Second, "bound on one chunk fetch from an origin; reads fail with EIO after it (config origin.timeout)")
+	f.StringSlice("p2p-listen", nil, "libp2p listen multiaddrs (config p2p.listen; default /ip4/0.0.0.0/tcp/4001; QUIC is off on a private network)")
+	f.StringSlice("p2p-bootstrap", nil, "peers to join: multiaddrs ending in /p2p/ID, or dns:NAME[:PORT] (config p2p.bootstrap)")
+	f.String("p2p-swarm-key-file", "", "cluster pre-shared key, written by hoard cluster keygen (config p2p.swarm_key_file; default <data_dir>/swarm.key; without it the node runs standalone)")
+	f.String("p2p-upload-limit", "", "bytes per second served to peers, e.g. 100MiB (config p2p.upload_limit; default unlimited)")
+	f.StringSlice("p2p-allow", nil, "only these peer IDs may connect (config p2p.allow; default any node with the swarm key)")
+	f.String("mem-cache", "64MiB", "memory for verified, uncompressed chunks (hot boot working sets); 0 for none (config cache.memory)")
+	return c
+}
+
+// nodeConfig builds the daemon's configuration from flags, env and file.
+func (g *globalOptions) nodeConfig() (node.Config, error) {
+	v := g.v
+	dir := v.GetString("data_dir")
+	if dir == "" {
+		return node.Config{}, fmt.Errorf("no data dir: set --data-dir or HOARD_DATA_DIR")
+	}
+	quota, err := parseSize(v.GetString("store.quota"))
+	if err != nil {
+		return node.Config{}, fmt.Errorf("store.quota: %w", err)
+	}
+	mem, err := parseSize(v.GetString("cache.memory"))
+	if err != nil {
+		return node.Config{}, fmt.Errorf("cache.memory: %w", err)
+	}
+	if mem == 0 {
+		mem = -1 // none
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return node.Config{}, err
+	}
+	upload, err := parseRate(v.GetString("p2p.upload_limit"))
+	if err != nil {
+		return node.Config{}, fmt.Errorf("p2p.upload_limit: %w", err)
+	}
+	keyFile := v.GetString("p2p.swarm_key_file")
+	if keyFile != "" {
+		if keyFile, err = filepath.Abs(keyFile); err != nil {
+			return node.Config{}, err
+		}
+	}
+	return node.Config{
+		DataDir:          abs,
+		StoreQuota:       quota,
+		StoreCompression: v.GetString("store.compression"),
+		NBDSocket:        v.GetString("nbd.socket"),
+		NBDListen:        v.GetString("nbd.listen"),
+		APIListen:        v.GetString("api.listen"),
+		APIToken:         v.GetString("api.token"),
+		Origin:           g.originConfig(),
+		OriginTimeout:    v.GetDuration("origin.timeout"),
+		MemCache:         mem,
+		P2P: node.P2PConfig{
+			Listen:       splitList(v.GetStringSlice("p2p.listen")),
+			Bootstrap:    splitList(v.GetStringSlice("p2p.bootstrap")),
+			SwarmKeyFile: keyFile,
+			UploadLimit:  upload,
+			AllowList:    splitList(v.GetStringSlice("p2p.allow")),
+		},
+	}, nil
+}

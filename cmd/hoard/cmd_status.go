@@ -1,0 +1,133 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node"
+	"github.com/spf13/cobra"
+)
+
+func newStatusCommand(g *globalOptions) *cobra.Command {
+	var jsonOut bool
+	c := &cobra.Command{
+		Use:   "status",
+		Short: "Show a running daemon's store usage, read counters and open exports",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			cl, err := g.daemon(ctx)
+			if err != nil {
+				return err
+			}
+			s, err := cl.Status(ctx)
+			if err != nil {
+				return err
+			}
+			if jsonOut {
+				return printJSON(s)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+			fmt.Fprintf(tw, "data dir\t%s\n", s.DataDir)
+			if s.NBDSocket != "" {
+				fmt.Fprintf(tw, "nbd socket\t%s\n", s.NBDSocket)
+			}
+			if s.NBDListen != "" {
+				fmt.Fprintf(tw, "nbd tcp\t%s\n", s.NBDListen)
+			}
+			quota := "unlimited"
+			if s.Quota > 0 {
+				quota = formatSize(s.Quota)
+			}
+			fmt.Fprintf(tw, "store\t%d chunks, %s stored (%s raw), quota %s\n", s.Store.Chunks, formatSize(s.Store.StoredBytes), formatSize(s.Store.RawBytes), quota)
+			fmt.Fprintf(tw, "images\t%d\n", s.Images)
+			if c := s.Cluster; c != nil {
+				fmt.Fprintf(tw, "peer id\t%s\n", c.PeerID)
+				for _, a := range c.Addrs {
+					fmt.Fprintf(tw, "  addr\t%s\n", a)
+				}
+				fmt.Fprintf(tw, "peers\t%d known, %d connected; %d keys advertised\n", c.Peers, c.ConnectedPeers, c.Provided)
+			} else {
+				fmt.Fprintf(tw, "cluster\toff (no swarm key; see hoard cluster keygen)\n")
+			}
+			k := s.Counters
+			fmt.Fprintf(tw, "read from store\t%s (%d chunks)\n", formatSize(k.ReadBytes["local"]), k.ReadChunks["local"])
+			fmt.Fprintf(tw, "read from peers\t%s (%d chunks)\n", formatSize(k.ReadBytes["peer"]), k.ReadChunks["peer"])
+			fmt.Fprintf(tw, "read from origin\t%s (%d chunks)\n", formatSize(k.ReadBytes["origin"]), k.ReadChunks["origin"])
+			fmt.Fprintf(tw, "origin bytes\t%s fetched, %d errors\n", formatSize(k.OriginBytes), k.OriginErrors)
+			fmt.Fprintf(tw, "prefetched\t%d chunks readahead, %d from profiles\n", k.PrefetchChunks["readahead"], k.PrefetchChunks["profile"])
+			fmt.Fprintf(tw, "exports open\t%d\n", k.ExportsOpen)
+			for _, e := range s.Exports {
+				fmt.Fprintf(tw, "  %s\t%d open (%s)\n", strings.Join(e.Names, ", "), e.Open, e.Manifest)
+			}
+			return tw.Flush()
+		},
+	}
+	c.Flags().BoolVar(&jsonOut, "json", false, "print as JSON")
+	return c
+}
+
+// daemonAddr is where the daemon's API should be: HOARD_API (config api), the
+// address a daemon on this data dir wrote, or api.listen.
+func (g *globalOptions) daemonAddr() string {
+	if a := g.v.GetString("api"); a != "" {
+		return a
+	}
+	if dir := g.v.GetString("data_dir"); dir != "" {
+		if b, err := os.ReadFile(filepath.Join(dir, node.APIAddrFile)); err == nil {
+			return strings.TrimSpace(string(b))
+		}
+	}
+	if a := g.v.GetString("api.listen"); a != "" && a != "-" {
+		return a
+	}
+	return node.DefaultAPIListen
+}
+
+// daemon returns a client for a running daemon, or an error saying how to start one.
+func (g *globalOptions) daemon(ctx context.Context) (*node.Client, error) {
+	addr := g.daemonAddr()
+	cl := node.NewClient(addr, g.v.GetString("api.token"))
+	if err := cl.Ping(ctx, 2*time.Second); err != nil {
+		return nil, fmt.Errorf("no hoard daemon answers at %s: start one with hoard daemon, or set HOARD_API to its api.listen address (%v)", addr, err)
+	}
+	return cl, nil
+}
+
+// backend returns a client when a daemon runs on the data dir (it wrote its
+// API address there and answers) or HOARD_API points at one; otherwise it
+// opens the store. Exactly one of the results is not nil.
+func (g *globalOptions) backend(ctx context.Context) (*chunkstore.Store, *node.Client, error) {
+	if g.v.GetString("api") != "" {
+		cl, err := g.daemon(ctx)
+		return nil, cl, err
+	}
+	if dir := g.v.GetString("data_dir"); dir != "" {
+		if _, err := os.Stat(filepath.Join(dir, node.APIAddrFile)); err == nil {
+			if cl, err := g.daemon(ctx); err == nil {
+				return nil, cl, nil
+			}
+		}
+	}
+	st, err := g.openStore()
+	if err == nil {
+		return st, nil, nil
+	}
+	if !errors.Is(err, syscall.EAGAIN) && !strings.Contains(err.Error(), "already running") {
+		return nil, nil, err
+	}
+	// Locked by a daemon that did not say where its API is: try api.listen.
+	cl, derr := g.daemon(ctx)
+	if derr != nil {
+		return nil, nil, fmt.Errorf("%w: another process holds the store (a hoard daemon?), and %w", err, derr)
+	}
+	return nil, cl, nil
+}

@@ -1,0 +1,171 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/origin"
+	"github.com/spf13/cobra"
+)
+
+func newStoreCommand(g *globalOptions) *cobra.Command {
+	c := &cobra.Command{Use: "store", Short: "Chunk store statistics, verification and garbage collection"}
+	var statsJSON, verifyJSON, gcJSON bool
+	stats := &cobra.Command{
+		Use:   "stats",
+		Short: "Show stored, logical and non-zero bytes, dedup and compression ratios",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, cl, err := g.backend(cmd.Context())
+			if err != nil {
+				return err
+			}
+			var s chunkstore.Stats
+			if cl != nil {
+				s, err = cl.StoreStats(cmd.Context())
+			} else {
+				defer st.Close()
+				s, err = st.Stats(cmd.Context())
+			}
+			if err != nil {
+				return err
+			}
+			if statsJSON {
+				return printJSON(s)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+			quota := "unlimited"
+			if s.Quota > 0 {
+				quota = fmt.Sprintf("%s (%.1f%% used)", formatSize(s.Quota), 100*float64(s.StoredBytes)/float64(s.Quota))
+			}
+			fmt.Fprintf(tw, "images\t%d\nlogical bytes\t%s\nnon-zero bytes\t%s\ncached non-zero bytes\t%s\n",
+				s.Images, formatSize(s.LogicalBytes), formatSize(s.NonZeroBytes), formatSize(s.PresentBytes))
+			fmt.Fprintf(tw, "unique chunks\t%d\nunique raw bytes\t%s\nstored bytes\t%s\nquota\t%s\n",
+				s.Chunks, formatSize(s.RawBytes), formatSize(s.StoredBytes), quota)
+			fmt.Fprintf(tw, "dedup ratio\t%.2fx\ncompression ratio\t%.2fx\n", s.DedupRatio, s.Compression)
+			if s.StoredBytes > 0 {
+				fmt.Fprintf(tw, "total saving\t%.2fx (cached non-zero bytes / stored bytes)\n", float64(s.PresentBytes)/float64(s.StoredBytes))
+			}
+			return tw.Flush()
+		},
+	}
+	stats.Flags().BoolVar(&statsJSON, "json", false, "print as JSON")
+	verify := &cobra.Command{
+		Use:   "verify",
+		Short: "Read every chunk and check it against its ID; corrupt chunks are dropped",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, cl, err := g.backend(cmd.Context())
+			if err != nil {
+				return err
+			}
+			var res chunkstore.VerifyResult
+			if cl != nil {
+				fmt.Fprintln(os.Stderr, "verifying through the running daemon...")
+				res, err = cl.StoreVerify(cmd.Context())
+			} else {
+				defer st.Close()
+				p := newProgress("verify", "chunks")
+				res, err = st.Verify(cmd.Context(), p.Update)
+				p.Done()
+			}
+			if err != nil {
+				return err
+			}
+			if verifyJSON {
+				if err := printJSON(res); err != nil {
+					return err
+				}
+			} else {
+				fmt.Printf("checked %d chunks (%s), %d corrupt (dropped), %d bad manifests, %d chunks not cached (fetched on demand)\n",
+					res.Chunks, formatSize(res.Bytes), len(res.Corrupt), res.BadMeta, res.Missing)
+				for _, id := range res.Corrupt {
+					fmt.Printf("  corrupt: %s\n", id)
+				}
+			}
+			if len(res.Corrupt) > 0 || res.BadMeta > 0 {
+				if !verifyJSON {
+					fmt.Fprintln(os.Stderr, "hoard: the store had damage; corrupt chunks were dropped and will be fetched again from peers or the origin. Check the disk (dmesg, smartctl).")
+				}
+				return errSilent
+			}
+			return nil
+		},
+	}
+	verify.Flags().BoolVar(&verifyJSON, "json", false, "print as JSON")
+	gc := &cobra.Command{
+		Use:   "gc",
+		Short: "Delete chunks no image references or pins, and leftover files",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, cl, err := g.backend(cmd.Context())
+			if err != nil {
+				return err
+			}
+			var res chunkstore.GCResult
+			if cl != nil {
+				res, err = cl.StoreGC(cmd.Context())
+			} else {
+				defer st.Close()
+				res, err = st.GC(cmd.Context())
+			}
+			if err != nil {
+				return err
+			}
+			if gcJSON {
+				return printJSON(res)
+			}
+			fmt.Printf("removed %d unreferenced chunks (%s); compaction gave %s back to the disk\n", res.Chunks, formatSize(res.StoredBytes), formatSize(res.ReclaimedDiskBytes))
+			return nil
+		},
+	}
+	gc.Flags().BoolVar(&gcJSON, "json", false, "print as JSON")
+	c.AddCommand(stats, verify, gc)
+	return c
+}
+
+// openStore opens the chunk store in the configured data dir.
+func (g *globalOptions) openStore() (*chunkstore.Store, error) {
+	dir := g.v.GetString("data_dir")
+	if dir == "" {
+		return nil, errors.New("no data dir: set --data-dir or HOARD_DATA_DIR")
+	}
+	quota, err := parseSize(g.v.GetString("store.quota"))
+	if err != nil {
+		return nil, fmt.Errorf("store.quota: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	return chunkstore.Open(dir+"/store", chunkstore.WithQuota(quota), chunkstore.WithCodec(g.v.GetString("store.compression")),
+		chunkstore.WithLogger(g.logger()))
+}
+
+func (g *globalOptions) originConfig() origin.Config {
+	return origin.Config{
+		GlanceURL:     g.v.GetString("origin.glance.url"),
+		GlanceToken:   g.v.GetString("origin.glance.token"),
+		GlanceHeaders: parseHeaders(g.v.GetString("origin.glance.headers")),
+		Log:           g.logger(),
+	}
+}
+
+// parseHeaders reads "Name=value,Name2=value2" (config origin.glance.headers),
+// extra headers for a Glance without keystone (X-Roles, X-Tenant-Id).
+func parseHeaders(s string) map[string]string {
+	if s == "" {
+		return nil
+	}
+	h := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(kv, "=")
+		if ok && strings.TrimSpace(k) != "" {
+			h[strings.TrimSpace(k)] = strings.TrimSpace(v)
+		}
+	}
+	return h
+}

@@ -1,0 +1,43 @@
+package main
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestLayering keeps DESIGN.md's dependency direction true:
+// cmd -> node -> {p2p, nbd, planner} -> chunkstore; nbd and chunkstore import
+// nothing of ours; p2p, nbd and planner never import one another; nothing
+// imports cmd or node (except cmd).
+func TestLayering(t *testing.T) {
+	t.Parallel()
+	const mod = "github.com/hoardvm/hoard/"
+	rules := map[string][]string{ // package -> ours it may import (transitively)
+		"chunkstore":  {},
+		"nbd":         {},
+		"planner":     {"chunkstore"},
+		"p2p":         {"chunkstore"},
+		"node/origin": {},
+	}
+	for pkg, allowed := range rules {
+		out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", "../../"+pkg).CombinedOutput()
+		if err != nil {
+			t.Fatalf("go list %s: %v\n%s", pkg, err, out)
+		}
+		for _, dep := range strings.Fields(string(out)) {
+			if !strings.HasPrefix(dep, mod) || dep == mod+pkg {
+				continue
+			}
+			ok := false
+			for _, a := range allowed {
+				if dep == mod+a {
+					ok = true
+				}
+			}
+			if !ok {
+				t.Errorf("%s imports %s: against the dependency direction of DESIGN.md", pkg, strings.TrimPrefix(dep, mod))
+			}
+		}
+	}
+}

@@ -1,0 +1,228 @@
+package node
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"sort"
+	"strings"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Status is the answer of GET /v1/status.
+type Status struct {
+	DataDir   string           `json:"data_dir"`
+	NBDSocket string           `json:"nbd_socket,omitempty"`
+	NBDListen string           `json:"nbd_listen,omitempty"`
+	Store     chunkstore.Usage `json:"store"`
+	Quota     int64            `json:"store_quota"`
+	Images    int              `json:"images"`
+	Counters  Counters         `json:"counters"`
+	Exports   []ExportStatus   `json:"exports"`
+	// Cluster is this node's p2p identity; nil when the cluster is off.
+	Cluster *ClusterStatus `json:"cluster,omitempty"`
+}
+
+// ClusterStatus is a node's p2p identity and neighbourhood.
+type ClusterStatus struct {
+	PeerID         string   `json:"peer_id"`
+	Addrs          []string `json:"addrs"` // full dialable multiaddrs, ending in /p2p/ID
+	Peers          int      `json:"peers"` // known peers (connected or in the routing table)
+	ConnectedPeers int      `json:"connected_peers"`
+	Provided       int      `json:"provided_keys"`
+}
+
+// clusterStatus describes the cluster side of the node, nil when off.
+func (n *Node) clusterStatus() *ClusterStatus {
+	if n.cl == nil {
+		return nil
+	}
+	p := n.cl.p
+	cs := &ClusterStatus{PeerID: p.ID().String(), Addrs: []string{}, Provided: p.Provided()}
+	for _, a := range p.Addrs() {
+		cs.Addrs = append(cs.Addrs, a.String())
+	}
+	peers := p.Peers()
+	cs.Peers = len(peers)
+	for _, pi := range peers {
+		if pi.Connected {
+			cs.ConnectedPeers++
+		}
+	}
+	return cs
+}
+
+// ExportStatus is an image with open exports.
+type ExportStatus struct {
+	Manifest chunkstore.ID `json:"manifest"`
+	Names    []string      `json:"names"`
+	Open     int           `json:"open"`
+}
+
+// Status reports the node's state.
+func (n *Node) Status(r *http.Request) (Status, error) {
+	ctx := r.Context()
+	s := Status{DataDir: n.cfg.DataDir, NBDSocket: n.NBDSocket(), Store: n.store.Usage(), Quota: n.cfg.StoreQuota,
+		Counters: n.stats.snapshot(), Exports: []ExportStatus{}}
+	if n.nbdAddr != nil {
+		s.NBDListen = n.nbdAddr.String()
+	}
+	s.Cluster = n.clusterStatus()
+	names, err := n.store.Names(ctx)
+	if err != nil {
+		return s, err
+	}
+	s.Images = len(names)
+	imgs := n.loadedImages()
+	for _, img := range imgs {
+		img.mu.Lock()
+		open := img.opens
+		img.mu.Unlock()
+		if open == 0 {
+			continue
+		}
+		es := ExportStatus{Manifest: img.id, Open: open, Names: []string{}}
+		for _, nm := range names {
+			if nm.Manifest == img.id {
+				es.Names = append(es.Names, nm.Name)
+			}
+		}
+		s.Exports = append(s.Exports, es)
+	}
+	sort.Slice(s.Exports, func(i, j int) bool { return s.Exports[i].Manifest.String() < s.Exports[j].Manifest.String() })
+	return s, nil
+}
+
+// apiError is the JSON body of every API error.
+type apiError struct {
+	Error string `json:"error"`
+}
+
+// Handler is the admin API.
+func (n *Node) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-n.ready:
+			w.Write([]byte("ready\n"))
+		default:
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+		}
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(n.gatherer, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		s, err := n.Status(r)
+		reply(w, s, err)
+	})
+	mux.HandleFunc("GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
+		l, err := n.Images(r.Context())
+		reply(w, l, err)
+	})
+	mux.HandleFunc("POST /v1/images", func(w http.ResponseWriter, r *http.Request) {
+		var req ImportRequest
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
+			replyError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
+			return
+		}
+		res, err := n.AddImage(r.Context(), req)
+		reply(w, res, err)
+	})
+	mux.HandleFunc("GET /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
+		ctx := r.Context()
+		name := r.PathValue("name")
+		id, err := n.store.Resolve(ctx, name)
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		info, m, err := DescribeImage(ctx, n.store, chunkstore.Named{Name: name, Manifest: id})
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		info.OpenExports = n.openExports(id)
+		out := ImageDetail{ImageInfo: info, Chunking: m.Chunking, Checksum: m.Source.Checksum}
+		if r.URL.Query().Get("entries") != "" {
+			out.Entries = m.Entries
+		}
+		reply(w, out, nil)
+	})
+	mux.HandleFunc("DELETE /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
+		res, err := n.RemoveImage(r.Context(), r.PathValue("name"))
+		reply(w, res, err)
+	})
+	mux.HandleFunc("GET /v1/images/{name}/profile", func(w http.ResponseWriter, r *http.Request) {
+		p, err := n.Profile(r.Context(), r.PathValue("name"))
+		reply(w, p, err)
+	})
+	mux.HandleFunc("GET /v1/peers", func(w http.ResponseWriter, r *http.Request) {
+		if n.cl == nil {
+			replyError(w, http.StatusConflict, errors.New("the cluster is off on this node (no swarm key); create one with hoard cluster keygen"))
+			return
+		}
+		reply(w, n.cl.p.Peers(), nil)
+	})
+	mux.HandleFunc("POST /v1/images/{name}/pull", func(w http.ResponseWriter, r *http.Request) {
+		info, err := n.PullImage(r.Context(), r.PathValue("name"))
+		reply(w, info, err)
+	})
+	n.storeRoutes(mux)
+	return n.auth(mux)
+}
+
+// ImageDetail is the answer of GET /v1/images/{name}.
+type ImageDetail struct {
+	ImageInfo
+	Chunking chunkstore.Chunking `json:"chunking"`
+	Checksum string              `json:"source_checksum,omitempty"`
+	Entries  []chunkstore.Entry  `json:"entries,omitempty"`
+}
+
+func (n *Node) auth(h http.Handler) http.Handler {
+	tok := n.cfg.APIToken
+	if tok == "" {
+		return h
+	}
+	want := []byte("Bearer " + tok)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/healthz" && subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="hoard"`)
+			replyError(w, http.StatusUnauthorized, errors.New("missing or wrong API token; set api.token / HOARD_API_TOKEN to the daemon's token"))
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+func reply(w http.ResponseWriter, v any, err error) {
+	if err != nil {
+		code := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, chunkstore.ErrNotFound):
+			code = http.StatusNotFound
+		case strings.Contains(err.Error(), "already exists"), strings.Contains(err.Error(), "open export"):
+			code = http.StatusConflict
+		case strings.Contains(err.Error(), "invalid image name"), strings.Contains(err.Error(), "absolute path"):
+			code = http.StatusBadRequest
+		}
+		replyError(w, code, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func replyError(w http.ResponseWriter, code int, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(apiError{Error: err.Error()})
+}

@@ -1,0 +1,139 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/hoardvm/hoard/p2p"
+)
+
+// Client talks to a daemon's admin API.
+type Client struct {
+	Base  string // http://127.0.0.1:7480
+	Token string
+	HTTP  *http.Client // nil: a client without overall timeout (imports take long)
+}
+
+// NewClient returns a client for addr ("host:port" or a URL).
+func NewClient(addr, token string) *Client {
+	if !strings.Contains(addr, "://") {
+		addr = "http://" + addr
+	}
+	return &Client{Base: strings.TrimRight(addr, "/"), Token: token}
+}
+
+// Ping reports whether a daemon answers at the client's address within timeout.
+func (c *Client) Ping(ctx context.Context, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	return c.do(ctx, http.MethodGet, "/healthz", nil, nil)
+}
+
+// Status returns GET /v1/status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var s Status
+	return s, c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
+}
+
+// Images returns GET /v1/images.
+func (c *Client) Images(ctx context.Context) ([]ImageInfo, error) {
+	var l []ImageInfo
+	return l, c.do(ctx, http.MethodGet, "/v1/images", nil, &l)
+}
+
+// Image returns GET /v1/images/{name}.
+func (c *Client) Image(ctx context.Context, name string, entries bool) (ImageDetail, error) {
+	var d ImageDetail
+	p := "/v1/images/" + url.PathEscape(name)
+	if entries {
+		p += "?entries=1"
+	}
+	return d, c.do(ctx, http.MethodGet, p, nil, &d)
+}
+
+// AddImage asks the daemon to import an image.
+func (c *Client) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, error) {
+	var res ImportResult
+	return &res, c.do(ctx, http.MethodPost, "/v1/images", req, &res)
+}
+
+// RemoveImage asks the daemon to remove an image.
+func (c *Client) RemoveImage(ctx context.Context, name string) (RemoveResult, error) {
+	var res RemoveResult
+	return res, c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(name), nil, &res)
+}
+
+// Profile returns an image's boot profile.
+func (c *Client) Profile(ctx context.Context, name string) (ProfileInfo, error) {
+	var p ProfileInfo
+	return p, c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(name)+"/profile", nil, &p)
+}
+
+// Peers lists the daemon's peers.
+func (c *Client) Peers(ctx context.Context) ([]p2p.PeerInfo, error) {
+	var out []p2p.PeerInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/peers", nil, &out)
+}
+
+// PullImage registers an image known to the cluster, by name or manifest CID.
+func (c *Client) PullImage(ctx context.Context, name string) (ImageInfo, error) {
+	var out ImageInfo
+	return out, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/pull", nil, &out)
+}
+
+// ErrAPI is wrapped by errors the daemon answered with.
+var ErrAPI = errors.New("daemon error")
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.Base+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
+	hc := c.HTTP
+	if hc == nil {
+		hc = http.DefaultClient
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("hoard daemon at %s: %w", c.Base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		var e apiError
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("%w: %s", ErrAPI, e.Error)
+		}
+		return fmt.Errorf("%w: %s %s: HTTP %d: %s", ErrAPI, method, path, resp.StatusCode, strings.TrimSpace(string(b)))
+	}
+	if out == nil {
+		io.Copy(io.Discard, resp.Body)
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("hoard daemon at %s: bad answer to %s %s: %w", c.Base, method, path, err)
+	}
+	return nil
+}

@@ -1,0 +1,140 @@
+package node
+
+import (
+	"errors"
+	"log/slog"
+	"path/filepath"
+	"time"
+
+	"github.com/hoardvm/hoard/node/origin"
+	"github.com/hoardvm/hoard/p2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Config is everything a Node needs, filled by cmd (flags, env, config file)
+// or by tests. Zero values mean the documented defaults.
+type Config struct {
+	// DataDir holds the chunk store (DataDir/store). Required.
+	DataDir string
+	// StoreQuota limits the chunk store's stored bytes; 0: unlimited.
+	StoreQuota int64
+	// StoreCompression is the codec for new chunks: zstd (default), s2, none.
+	StoreCompression string
+
+	// NBDSocket is the NBD unix socket; default DataDir/nbd.sock. "-" disables it.
+	NBDSocket string
+	// NBDListen is an optional TCP address for NBD (e.g. 127.0.0.1:10809); empty: off.
+	NBDListen string
+	// APIListen is the admin HTTP API address; default 127.0.0.1:7480. "-" disables it.
+	APIListen string
+	// APIToken, when set, is the bearer token every API request but /healthz must carry.
+	APIToken string
+
+	// Origin configures the origin sources opened for lazy images.
+	Origin origin.Config
+	// OriginTimeout bounds one chunk fetch from an origin, retries included; a
+	// read that needs the chunk fails (EIO) when it runs out. Default 30s.
+	OriginTimeout time.Duration
+	// OriginConcurrency bounds concurrent origin requests. Default 8.
+	OriginConcurrency int
+	// Fetcher, when set, is asked for missing chunks before the origin. When
+	// nil and the cluster is enabled (P2P), the node's peers are.
+	Fetcher Fetcher
+	// P2P configures the node's cluster membership (peers).
+	P2P P2PConfig
+
+	// MemCache is the size in bytes of the in-memory cache of verified,
+	// uncompressed chunks. Default 64 MiB; negative disables it.
+	MemCache int64
+	// Readahead is how many chunks are prefetched ahead of a sequential
+	// reader. Default 8; negative disables readahead.
+	Readahead int
+	// PrefetchConcurrency bounds background fetches (readahead and profile
+	// prefetch) per node. Default 4.
+	PrefetchConcurrency int
+	// ProfileWindow is how long after an image's first read its reads are
+	// recorded in its boot profile. Default 2m.
+	ProfileWindow time.Duration
+	// NoProfilePrefetch turns off prefetching a stored profile on attach.
+	NoProfilePrefetch bool
+
+	// Registerer receives the node's metrics; nil: a registry of its own,
+	// served on /metrics.
+	Registerer prometheus.Registerer
+	// Gatherer is served on /metrics when Registerer is set.
+	Gatherer prometheus.Gatherer
+}
+
+// DefaultAPIListen is the default admin API address.
+const DefaultAPIListen = "127.0.0.1:7480"
+
+func (c Config) withDefaults() (Config, error) {
+	if c.DataDir == "" {
+		return c, errors.New("node: no data dir; set data_dir (--data-dir, HOARD_DATA_DIR)")
+	}
+	if c.NBDSocket == "" {
+		c.NBDSocket = filepath.Join(c.DataDir, "nbd.sock")
+	}
+	if c.APIListen == "" {
+		c.APIListen = DefaultAPIListen
+	}
+	if c.OriginTimeout <= 0 {
+		c.OriginTimeout = 30 * time.Second
+	}
+	if c.OriginConcurrency <= 0 {
+		c.OriginConcurrency = 8
+	}
+	if c.MemCache == 0 {
+		c.MemCache = 64 << 20
+	}
+	if c.Readahead == 0 {
+		c.Readahead = 8
+	}
+	if c.PrefetchConcurrency <= 0 {
+		c.PrefetchConcurrency = 4
+	}
+	if c.ProfileWindow <= 0 {
+		c.ProfileWindow = 2 * time.Minute
+	}
+	if c.P2P.SwarmKeyFile == "" {
+		c.P2P.SwarmKeyFile = filepath.Join(c.DataDir, "swarm.key")
+	}
+	if c.P2P.DesignatedTimeout <= 0 {
+		c.P2P.DesignatedTimeout = 4 * time.Second
+	}
+	if c.P2P.ViewTTL <= 0 {
+		c.P2P.ViewTTL = 5 * time.Second
+	}
+	if c.Origin.Log == nil {
+		c.Origin.Log = slog.New(slog.DiscardHandler)
+	}
+	return c, nil
+}
+
+// P2PConfig is the node's cluster membership. The cluster is optional: with
+// no swarm key at SwarmKeyFile, no listen or bootstrap addresses and no Host,
+// the node runs standalone (local store -> origin).
+type P2PConfig struct {
+	// Listen are the libp2p listen multiaddrs; default p2p.DefaultListenAddrs.
+	Listen []string
+	// Bootstrap are peers to join through: multiaddrs ending in /p2p/ID, or dns:NAME.
+	Bootstrap []string
+	// SwarmKeyFile is the cluster's pre-shared key; default DataDir/swarm.key.
+	SwarmKeyFile string
+	// UploadLimit caps the bytes per second served to peers; 0: unlimited.
+	UploadLimit int64
+	// AllowList, when not empty, restricts connections to these peer IDs.
+	AllowList []string
+	// DesignatedTimeout is how long a node waits for the designated fetcher
+	// of a chunk (another peer) before going to the origin itself. Default 4s.
+	DesignatedTimeout time.Duration
+	// ViewTTL is how long the have-bitmaps of an image's peers are reused
+	// before they are asked again. Default 5s.
+	ViewTTL time.Duration
+	// Host, when set (tests: a mocknet host), is used instead of building a
+	// libp2p host; Listen, SwarmKeyFile and AllowList do not apply to it.
+	Host host.Host
+	// Options are extra options passed to p2p.New (tests: timings).
+	Options []p2p.Option
+}

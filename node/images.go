@@ -1,0 +1,272 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/origin"
+)
+
+// ImageInfo is what a listing shows of an image.
+type ImageInfo struct {
+	Name         string        `json:"name"`
+	Manifest     chunkstore.ID `json:"manifest"`
+	Format       string        `json:"format"`
+	Size         int64         `json:"size"`
+	NonZeroBytes int64         `json:"non_zero_bytes"`
+	Chunks       int           `json:"unique_chunks"`
+	Present      int           `json:"present_chunks"`
+	Pinned       bool          `json:"pinned"`
+	Source       string        `json:"source"`
+	OpenExports  int           `json:"open_exports"`
+}
+
+// DescribeImage summarises an image of st.
+func DescribeImage(ctx context.Context, st *chunkstore.Store, n chunkstore.Named) (ImageInfo, *chunkstore.Manifest, error) {
+	m, err := st.GetManifest(ctx, n.Manifest)
+	if err != nil {
+		return ImageInfo{}, nil, fmt.Errorf("image %s: %w", n.Name, err)
+	}
+	s := m.Summarize()
+	r := ImageInfo{Name: n.Name, Manifest: n.Manifest, Format: m.Format, Size: m.Size, NonZeroBytes: s.NonZeroBytes,
+		Chunks: s.UniqueChunks, Source: m.Source.Kind + ":" + m.Source.Location}
+	ids := m.ChunkIDs()
+	for _, id := range ids {
+		if ok, _ := st.Has(ctx, id); ok {
+			r.Present++
+		}
+	}
+	if len(ids) > 0 {
+		r.Pinned, _ = st.Pinned(ctx, ids[0])
+	}
+	return r, m, nil
+}
+
+// Images lists the registered images with their open export counts.
+func (n *Node) Images(ctx context.Context) ([]ImageInfo, error) {
+	names, err := n.store.Names(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := []ImageInfo{}
+	for _, nm := range names {
+		r, _, err := DescribeImage(ctx, n.store, nm)
+		if err != nil {
+			return nil, err
+		}
+		r.OpenExports = n.openExports(nm.Manifest)
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+func (n *Node) openExports(id chunkstore.ID) int {
+	n.mu.Lock()
+	img := n.images[id]
+	n.mu.Unlock()
+	if img == nil {
+		return 0
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.opens
+}
+
+// ImportRequest asks the daemon to add an image.
+type ImportRequest struct {
+	Source   string `json:"source"`             // path (absolute), URL or glance://ID
+	Name     string `json:"name,omitempty"`     // default: derived from the source
+	Chunking string `json:"chunking,omitempty"` // cdc (default) or fixed
+	Lazy     bool   `json:"lazy,omitempty"`
+	Pin      bool   `json:"pin,omitempty"`
+}
+
+// DefaultImageName is the name an image gets when none is given: the Glance
+// ID, or the last path element of the file or URL.
+func DefaultImageName(ref origin.Ref) string {
+	if ref.Kind == "glance" {
+		return ref.Location
+	}
+	base := ref.Location
+	if i := strings.LastIndexByte(base, '/'); i >= 0 {
+		base = base[i+1:]
+	}
+	return base
+}
+
+// AddImage imports an image into the node's store (see Import).
+func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, error) {
+	ck := chunkstore.DefaultCDC
+	if req.Chunking != "" {
+		var err error
+		if ck, err = chunkstore.ParseChunking(req.Chunking); err != nil {
+			return nil, err
+		}
+	}
+	if !strings.Contains(req.Source, "://") && !filepath.IsAbs(req.Source) {
+		return nil, fmt.Errorf("source %q: the daemon needs an absolute path", req.Source)
+	}
+	src, err := origin.Open(ctx, req.Source, n.cfg.Origin)
+	if err != nil {
+		return nil, err
+	}
+	defer src.Close()
+	name := req.Name
+	if name == "" {
+		name = DefaultImageName(src.Ref())
+	}
+	if err := chunkstore.ValidateName(name); err != nil {
+		return nil, fmt.Errorf("%w (pass --name)", err)
+	}
+	if existing, err := n.store.Resolve(ctx, name); err == nil {
+		return nil, fmt.Errorf("image %q already exists (manifest %s); remove it with hoard image rm %s, or choose another --name", name, existing, name)
+	}
+	res, err := Import(ctx, n.store, src, ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy})
+	if err == nil {
+		n.advertiseLater(name, res.Manifest)
+	}
+	return res, err
+}
+
+// RemoveResult says what removing an image freed.
+type RemoveResult struct {
+	Name        string        `json:"name"`
+	Manifest    chunkstore.ID `json:"manifest"`
+	FreedChunks int           `json:"freed_chunks"`
+	FreedBytes  int64         `json:"freed_stored_bytes"`
+}
+
+// RemoveImage drops a name; when no other name uses its manifest, the manifest
+// goes too, with the chunks that no other manifest references or pins.
+func RemoveImage(ctx context.Context, st *chunkstore.Store, name string) (RemoveResult, error) {
+	id, err := st.Resolve(ctx, name)
+	if err != nil {
+		return RemoveResult{}, err
+	}
+	res := RemoveResult{Name: name, Manifest: id}
+	if err := st.DeleteName(ctx, name); err != nil {
+		return res, err
+	}
+	names, err := st.Names(ctx)
+	if err != nil {
+		return res, err
+	}
+	for _, n := range names {
+		if n.Manifest == id {
+			return res, nil // another name still uses the manifest
+		}
+	}
+	m, err := st.GetManifest(ctx, id)
+	if err != nil {
+		return res, err
+	}
+	if err := st.RemoveManifest(ctx, id); err != nil {
+		return res, err
+	}
+	before := st.Usage()
+	var garbage []chunkstore.ID
+	for _, c := range m.ChunkIDs() {
+		ref, err := st.Referenced(ctx, c)
+		if err != nil {
+			return res, err
+		}
+		pin, err := st.Pinned(ctx, c)
+		if err != nil {
+			return res, err
+		}
+		if !ref && !pin {
+			garbage = append(garbage, c)
+		}
+	}
+	if err := st.Delete(ctx, garbage...); err != nil {
+		return res, err
+	}
+	after := st.Usage()
+	res.FreedChunks = int(before.Chunks - after.Chunks)
+	res.FreedBytes = before.StoredBytes - after.StoredBytes
+	return res, nil
+}
+
+// RemoveImage removes an image from the node's store. An image with an open
+// export cannot be removed.
+func (n *Node) RemoveImage(ctx context.Context, name string) (RemoveResult, error) {
+	id, err := n.store.Resolve(ctx, name)
+	if err != nil {
+		return RemoveResult{}, err
+	}
+	if k := n.openExports(id); k > 0 {
+		return RemoveResult{}, fmt.Errorf("image %q has %d open %s; shut down the VMs using it first", name, k, plural(k, "export"))
+	}
+	res, err := RemoveImage(ctx, n.store, name)
+	if err == nil {
+		_, gerr := n.store.GetManifestBytes(ctx, id)
+		if gerr != nil {
+			n.mu.Lock()
+			delete(n.images, id)
+			n.mu.Unlock()
+		}
+		n.withdraw(name, id, gerr != nil)
+	}
+	return res, err
+}
+
+func plural(n int, w string) string {
+	if n == 1 {
+		return w
+	}
+	return w + "s"
+}
+
+// ProfileInfo is an image's boot profile, for display.
+type ProfileInfo struct {
+	Name     string         `json:"name"`
+	Manifest chunkstore.ID  `json:"manifest"`
+	Boots    int            `json:"boots"`
+	Chunks   int            `json:"chunks"`
+	Bytes    int64          `json:"bytes"`
+	Entries  []ProfileEntry `json:"entries"`
+}
+
+// ProfileEntry is one chunk of a profile, in first-read order.
+type ProfileEntry struct {
+	Index  int           `json:"index"`
+	Offset int64         `json:"offset"`
+	Length int64         `json:"length"`
+	ID     chunkstore.ID `json:"id"`
+}
+
+// Profile returns an image's boot profile (an empty one when none is recorded).
+func (n *Node) Profile(ctx context.Context, name string) (ProfileInfo, error) {
+	return ProfileOf(ctx, n.store, name)
+}
+
+// ProfileOf returns the boot profile of an image of st (an empty one when none is recorded).
+func ProfileOf(ctx context.Context, st *chunkstore.Store, name string) (ProfileInfo, error) {
+	id, err := st.Resolve(ctx, name)
+	if err != nil {
+		return ProfileInfo{}, err
+	}
+	m, err := st.GetManifest(ctx, id)
+	if err != nil {
+		return ProfileInfo{}, err
+	}
+	out := ProfileInfo{Name: name, Manifest: id, Entries: []ProfileEntry{}}
+	p, err := st.GetProfile(ctx, id, len(m.Entries))
+	if err != nil {
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			return out, nil
+		}
+		return out, err
+	}
+	out.Boots, out.Chunks = p.Boots, len(p.Chunks)
+	for _, i := range p.Chunks {
+		e := m.Entries[i]
+		out.Bytes += e.Length
+		out.Entries = append(out.Entries, ProfileEntry{Index: i, Offset: e.Offset, Length: e.Length, ID: e.ID})
+	}
+	return out, nil
+}

@@ -1,0 +1,306 @@
+package node
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/origin"
+)
+
+// testImage returns n bytes that look like a disk image: compressible data,
+// incompressible data and zero runs.
+func testImage(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, 99))
+	b := make([]byte, n)
+	for off := 0; off < n; {
+		l := min(n-off, 4096*(1+r.IntN(64)))
+		switch r.IntN(3) {
+		case 0: // zeros
+		case 1:
+			for i := off; i < off+l; i++ {
+				b[i] = byte(r.Uint32())
+			}
+		case 2:
+			word := []byte(fmt.Sprintf("file-%d ", r.IntN(1000)))
+			for i := off; i < off+l; i++ {
+				b[i] = word[(i-off)%len(word)]
+			}
+		}
+		off += l
+	}
+	return b
+}
+
+func openStore(t *testing.T, dir string) *chunkstore.Store {
+	t.Helper()
+	st, err := chunkstore.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+// readBack rebuilds an image from the store through its manifest.
+func readBack(t *testing.T, st *chunkstore.Store, id chunkstore.ID) []byte {
+	t.Helper()
+	m, err := st.GetManifest(t.Context(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	for _, e := range m.Entries {
+		if e.Zero {
+			out.Write(make([]byte, e.Length))
+			continue
+		}
+		b, err := st.Get(t.Context(), e.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out.Write(b)
+	}
+	return out.Bytes()
+}
+
+func writeFile(t *testing.T, data []byte) string {
+	p := filepath.Join(t.TempDir(), "image.raw")
+	if err := os.WriteFile(p, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestImportFileRoundTripAndDedup(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st := openStore(t, t.TempDir())
+	img := testImage(1, 8<<20)
+	for _, ck := range []chunkstore.Chunking{chunkstore.DefaultCDC, chunkstore.Fixed64K} {
+		src, err := origin.Open(ctx, writeFile(t, img), origin.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := Import(ctx, st, src, ImportOptions{Name: "a-" + ck.Kind, Chunking: ck, Pin: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := readBack(t, st, res.Manifest); !bytes.Equal(got, img) {
+			t.Fatalf("%s: image read back differs", ck.Kind)
+		}
+		if res.Size != int64(len(img)) || res.NonZeroBytes >= res.Size || res.NewChunks == 0 {
+			t.Fatalf("%s: result %+v", ck.Kind, res)
+		}
+	}
+	// A second image sharing most content: only the changed chunks are new.
+	before := st.Usage()
+	img2 := bytes.Clone(img)
+	copy(img2[3<<20:], bytes.Repeat([]byte("patched!"), 1024)) // 8 KiB changed
+	img2 = append([]byte("a 22-byte insertion..."), img2...)
+	src, _ := origin.Open(ctx, writeFile(t, img2), origin.Config{})
+	res, err := Import(ctx, st, src, ImportOptions{Name: "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	grew := st.Usage().RawBytes - before.RawBytes
+	if res.NewChunks > 6 || grew > 6*256<<10 {
+		t.Fatalf("second image added %d chunks (%d raw bytes); want only the few around the changes", res.NewChunks, grew)
+	}
+	if got := readBack(t, st, res.Manifest); !bytes.Equal(got, img2) {
+		t.Fatal("second image read back differs")
+	}
+	t.Logf("second image: %d new chunks, %d new raw bytes of %d non-zero", res.NewChunks, grew, res.NonZeroBytes)
+}
+
+func TestImportQcow2Detected(t *testing.T) {
+	t.Parallel()
+	img := append([]byte("QFI\xfb\x00\x00\x00\x03"), testImage(2, 1<<20)...)
+	st := openStore(t, t.TempDir())
+	src, _ := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
+	res, err := Import(t.Context(), st, src, ImportOptions{Name: "q"})
+	if err != nil || res.Format != chunkstore.FormatQcow2 {
+		t.Fatalf("format %q, err %v; want qcow2", res.Format, err)
+	}
+}
+
+func TestImportLazyStoresNoChunks(t *testing.T) {
+	t.Parallel()
+	st := openStore(t, t.TempDir())
+	src, _ := origin.Open(t.Context(), writeFile(t, testImage(3, 2<<20)), origin.Config{})
+	res, err := Import(t.Context(), st, src, ImportOptions{Name: "lazy", Lazy: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := st.Usage(); u.Chunks != 0 || res.UniqueChunks == 0 {
+		t.Fatalf("lazy import stored %d chunks (manifest has %d)", u.Chunks, res.UniqueChunks)
+	}
+	if _, err := st.Resolve(t.Context(), "lazy"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// assertNothingRegistered checks that a failed import left no image and no chunks.
+func assertNothingRegistered(t *testing.T, st *chunkstore.Store) {
+	t.Helper()
+	names, _ := st.Names(t.Context())
+	ms, _ := st.Manifests(t.Context())
+	if len(names) != 0 || len(ms) != 0 {
+		t.Fatalf("failed import registered %d names, %d manifests", len(names), len(ms))
+	}
+	if u := st.Usage(); u.Chunks != 0 {
+		t.Fatalf("failed import left %d chunks behind", u.Chunks)
+	}
+	res, err := st.Verify(t.Context(), nil)
+	if err != nil || len(res.Corrupt) != 0 {
+		t.Fatalf("store inconsistent after failed import: %+v %v", res, err)
+	}
+}
+
+func TestImportBadInput(t *testing.T) {
+	t.Parallel()
+	img := testImage(4, 4<<20)
+	sum := sha256.Sum256(img)
+	for _, tc := range []struct {
+		name    string
+		handler http.HandlerFunc
+		frag    string
+		want    error
+		wantMsg string
+	}{
+		{"404", func(w http.ResponseWriter, r *http.Request) { http.NotFound(w, r) }, "", origin.ErrNotFound, "404"},
+		{"500", func(w http.ResponseWriter, r *http.Request) { http.Error(w, "boom", 500) }, "", origin.ErrUnavailable, "500"},
+		{"short", func(w http.ResponseWriter, r *http.Request) {
+			// Announces the full size but the body always ends early.
+			w.Header().Set("Accept-Ranges", "bytes")
+			if r.Method == http.MethodHead {
+				w.Header().Set("Content-Length", fmt.Sprint(len(img)))
+				return
+			}
+			start := 0
+			if rg := r.Header.Get("Range"); rg != "" {
+				fmt.Sscanf(rg, "bytes=%d-", &start)
+				w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, len(img)-1, len(img)))
+				w.Header().Set("Content-Length", fmt.Sprint(len(img)-start))
+				w.WriteHeader(http.StatusPartialContent)
+			}
+			end := min(len(img), 3<<20)
+			if start < end {
+				w.Write(img[start:end])
+			}
+		}, "", origin.ErrShort, "truncated"},
+		{"checksum", func(w http.ResponseWriter, r *http.Request) {
+			http.ServeContent(w, r, "x", time.Time{}, bytes.NewReader(img))
+		}, "#sha256=" + strings.Repeat("0", 64), origin.ErrChecksum, "checksum"},
+		{"reset", func(w http.ResponseWriter, r *http.Request) {
+			// Every connection dies after 1 MiB: the origin resumes with Range
+			// requests and the import succeeds.
+			rs := &cutReader{r: bytes.NewReader(img), left: 1 << 20}
+			http.ServeContent(w, r, "x", time.Time{}, rs)
+		}, "#sha256=" + hex.EncodeToString(sum[:]), nil, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			srv := httptest.NewServer(tc.handler)
+			defer srv.Close()
+			st := openStore(t, t.TempDir())
+			cfg := origin.Config{RetryBase: 1}
+			src, err := origin.Open(t.Context(), srv.URL+"/image.raw"+tc.frag, cfg)
+			if err == nil {
+				var res *ImportResult
+				res, err = Import(t.Context(), st, src, ImportOptions{Name: "x"})
+				if err == nil && tc.want == nil {
+					if got := readBack(t, st, res.Manifest); !bytes.Equal(got, img) {
+						t.Fatal("image differs after resumed download")
+					}
+					return
+				}
+			}
+			if tc.want == nil {
+				t.Fatalf("import failed: %v", err)
+			}
+			if !errors.Is(err, tc.want) || !strings.Contains(strings.ToLower(err.Error()), tc.wantMsg) {
+				t.Fatalf("error %q: want %v mentioning %q", err, tc.want, tc.wantMsg)
+			}
+			t.Logf("as users see it: %v", err)
+			assertNothingRegistered(t, st)
+		})
+	}
+}
+
+func TestImportMissingFile(t *testing.T) {
+	t.Parallel()
+	_, err := origin.Open(t.Context(), filepath.Join(t.TempDir(), "nope.raw"), origin.Config{})
+	if !errors.Is(err, origin.ErrNotFound) || !strings.Contains(err.Error(), "check the path") {
+		t.Fatalf("missing file: %v", err)
+	}
+}
+
+// TestImportDiskFull fills a small tmpfs: the import fails naming the full
+// disk, registers nothing, and the store stays consistent and usable.
+func TestImportDiskFull(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs to fill (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	st, err := chunkstore.Open(filepath.Join(dir, "store"), chunkstore.WithQuota(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	big := make([]byte, 48<<20)
+	r := rand.New(rand.NewPCG(5, 5))
+	for i := range big {
+		big[i] = byte(r.Uint32())
+	}
+	src, _ := origin.Open(t.Context(), writeFile(t, big), origin.Config{})
+	_, err = Import(t.Context(), st, src, ImportOptions{Name: "big"})
+	if err == nil || !strings.Contains(err.Error(), "disk holding the data dir is full") {
+		t.Fatalf("import onto a full disk: %v; want a message naming the full disk", err)
+	}
+	t.Logf("as users see it: %v", err)
+	assertNothingRegistered(t, st)
+	small := testImage(6, 1<<20)
+	src, _ = origin.Open(t.Context(), writeFile(t, small), origin.Config{})
+	res, err := Import(t.Context(), st, src, ImportOptions{Name: "small"})
+	if err != nil {
+		t.Fatalf("store unusable after ENOSPC: %v", err)
+	}
+	if got := readBack(t, st, res.Manifest); !bytes.Equal(got, small) {
+		t.Fatal("image differs")
+	}
+}
+
+type cutReader struct {
+	r    *bytes.Reader
+	left int
+}
+
+func (c *cutReader) Read(p []byte) (int, error) {
+	if c.left <= 0 {
+		panic(http.ErrAbortHandler) // drop the connection mid-body
+	}
+	p = p[:min(len(p), c.left)]
+	n, err := c.r.Read(p)
+	c.left -= n
+	return n, err
+}
+
+func (c *cutReader) Seek(off int64, whence int) (int64, error) { return c.r.Seek(off, whence) }
+
+var _ io.ReadSeeker = (*cutReader)(nil)

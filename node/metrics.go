@@ -1,0 +1,131 @@
+package node
+
+import (
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// sources are the values of the "source" label, indexed by from* constants
+// (a chunk found in memory counts as local).
+var sourceNames = [...]string{fromMemory: "local", fromLocal: "local", fromPeer: "peer", fromOrigin: "origin"}
+
+// Counters are the node's read counters since it started.
+type Counters struct {
+	ReadBytes      map[string]int64 `json:"read_bytes"`  // bytes of data chunks served to NBD readers, by where the chunk came from
+	ReadChunks     map[string]int64 `json:"read_chunks"` // chunk reads, by source
+	ZeroBytes      int64            `json:"zero_bytes"`  // bytes of holes served
+	OriginBytes    int64            `json:"origin_bytes"`
+	OriginErrors   int64            `json:"origin_errors"`
+	PrefetchChunks map[string]int64 `json:"prefetch_chunks"` // chunks fetched in the background, by reason
+	ExportsOpen    int64            `json:"exports_open"`
+	// DesignatedFallbacks counts chunks whose designated fetcher (another
+	// peer) did not deliver in time, so this node went to the origin itself.
+	DesignatedFallbacks int64 `json:"designated_fallbacks"`
+}
+
+type stats struct {
+	readBytes    [3]atomic.Int64 // local, peer, origin
+	readChunks   [3]atomic.Int64
+	zeroBytes    atomic.Int64
+	originBytes  atomic.Int64
+	originErrors atomic.Int64
+	readahead    atomic.Int64
+	profile      atomic.Int64
+	exportsOpen  atomic.Int64
+
+	designatedFallbacks atomic.Int64
+}
+
+func slot(from int) int {
+	switch from {
+	case fromPeer:
+		return 1
+	case fromOrigin:
+		return 2
+	}
+	return 0
+}
+
+func (s *stats) read(from int, n int) {
+	s.readBytes[slot(from)].Add(int64(n))
+	s.readChunks[slot(from)].Add(1)
+}
+
+func (s *stats) snapshot() Counters {
+	c := Counters{ReadBytes: map[string]int64{}, ReadChunks: map[string]int64{}, PrefetchChunks: map[string]int64{}}
+	for i, name := range []string{"local", "peer", "origin"} {
+		c.ReadBytes[name] = s.readBytes[i].Load()
+		c.ReadChunks[name] = s.readChunks[i].Load()
+	}
+	c.ZeroBytes = s.zeroBytes.Load()
+	c.OriginBytes = s.originBytes.Load()
+	c.OriginErrors = s.originErrors.Load()
+	c.PrefetchChunks["readahead"] = s.readahead.Load()
+	c.PrefetchChunks["profile"] = s.profile.Load()
+	c.ExportsOpen = s.exportsOpen.Load()
+	c.DesignatedFallbacks = s.designatedFallbacks.Load()
+	return c
+}
+
+type metrics struct {
+	collectors   []prometheus.Collector
+	fetchSeconds *prometheus.HistogramVec
+	fetchErrors  *prometheus.CounterVec
+}
+
+func newMetrics(n *Node) *metrics {
+	s := &n.stats
+	m := &metrics{
+		fetchSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hoard_fetch_seconds",
+			Help:    "Time to fetch one missing chunk, by source.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}, []string{"source"}),
+		fetchErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hoard_fetch_errors_total",
+			Help: "Chunk fetches that failed, by source.",
+		}, []string{"source"}),
+	}
+	m.collectors = append(m.collectors, m.fetchSeconds, m.fetchErrors)
+	counter := func(name, help string, labels prometheus.Labels, v *atomic.Int64) {
+		m.collectors = append(m.collectors, prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: name, Help: help, ConstLabels: labels}, func() float64 { return float64(v.Load()) }))
+	}
+	for i, src := range []string{"local", "peer", "origin"} {
+		counter("hoard_read_bytes_total", "Bytes of data chunks served to NBD readers, by where the chunk came from.",
+			prometheus.Labels{"source": src}, &s.readBytes[i])
+		counter("hoard_read_chunks_total", "Chunk reads served to NBD readers, by where the chunk came from.",
+			prometheus.Labels{"source": src}, &s.readChunks[i])
+	}
+	counter("hoard_designated_fallbacks_total", "Chunks whose designated fetcher (another peer) did not deliver in time, so this node went to the origin.",
+		nil, &s.designatedFallbacks)
+	counter("hoard_read_zero_bytes_total", "Bytes of holes (zero runs) served.", nil, &s.zeroBytes)
+	counter("hoard_origin_bytes_total", "Bytes fetched from origins, for reads and prefetches.", nil, &s.originBytes)
+	counter("hoard_prefetch_chunks_total", "Chunks fetched into the store in the background, by reason.",
+		prometheus.Labels{"reason": "readahead"}, &s.readahead)
+	counter("hoard_prefetch_chunks_total", "Chunks fetched into the store in the background, by reason.",
+		prometheus.Labels{"reason": "profile"}, &s.profile)
+	m.collectors = append(m.collectors,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hoard_exports_open", Help: "NBD exports open now."},
+			func() float64 { return float64(s.exportsOpen.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hoard_store_stored_bytes", Help: "Bytes of chunk payloads on disk (compressed)."},
+			func() float64 { return float64(n.usage().StoredBytes) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hoard_store_raw_bytes", Help: "Uncompressed bytes of the stored chunks."},
+			func() float64 { return float64(n.usage().RawBytes) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hoard_store_chunks", Help: "Chunks in the store."},
+			func() float64 { return float64(n.usage().Chunks) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hoard_store_quota_bytes", Help: "Chunk store quota (0: unlimited)."},
+			func() float64 { return float64(n.cfg.StoreQuota) }),
+	)
+	return m
+}
+
+func (m *metrics) register(r prometheus.Registerer) error {
+	for _, c := range m.collectors {
+		if err := r.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,315 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/nbd"
+	"github.com/hoardvm/hoard/p2p"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/singleflight"
+)
+
+// Fetcher gets chunks from somewhere other than the local store and the
+// origin: peers (next issue). The node verifies what it returns against the
+// ID; a Fetcher need not.
+type Fetcher interface {
+	// Fetch returns the chunk's uncompressed bytes, or an error wrapping
+	// chunkstore.ErrNotFound when no peer has it. Called concurrently; it must
+	// return when ctx is done. The caller owns the returned slice.
+	Fetch(ctx context.Context, manifest chunkstore.ID, index int, id chunkstore.ID) ([]byte, error)
+}
+
+// Node is one hoard daemon. Create it with New and run it with Run.
+type Node struct {
+	cfg     Config
+	log     *slog.Logger
+	baseLog *slog.Logger
+	cl      *cluster // nil: standalone; set by Run before ready
+
+	reg      prometheus.Registerer
+	gatherer prometheus.Gatherer
+	m        *metrics
+
+	ready   chan struct{}
+	runOnce sync.Once
+
+	// Set by Run before ready is closed; read-only afterwards.
+	store   *chunkstore.Store
+	runCtx  context.Context
+	apiAddr net.Addr
+	nbdAddr net.Addr
+
+	cache     *memCache
+	flights   singleflight.Group
+	originSem chan struct{}
+	bgSem     chan struct{}
+	bg        sync.WaitGroup
+
+	mu     sync.Mutex
+	images map[chunkstore.ID]*image
+
+	live  liveSet
+	stats stats
+}
+
+// usage is the store's usage, zero before Run opened it.
+func (n *Node) usage() chunkstore.Usage {
+	select {
+	case <-n.ready:
+		return n.store.Usage()
+	default:
+		return chunkstore.Usage{}
+	}
+}
+
+// New checks cfg and builds a Node. It starts nothing and opens nothing.
+func New(cfg Config, log *slog.Logger) (*Node, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	n := &Node{
+		cfg:       cfg,
+		log:       log.With("component", "node"),
+		baseLog:   log,
+		ready:     make(chan struct{}),
+		cache:     newMemCache(cfg.MemCache),
+		originSem: make(chan struct{}, cfg.OriginConcurrency),
+		bgSem:     make(chan struct{}, cfg.PrefetchConcurrency),
+		images:    make(map[chunkstore.ID]*image),
+	}
+	n.reg, n.gatherer = cfg.Registerer, cfg.Gatherer
+	if n.reg == nil {
+		r := prometheus.NewRegistry()
+		n.reg, n.gatherer = r, r
+	}
+	n.m = newMetrics(n)
+	if err := n.m.register(n.reg); err != nil {
+		return nil, fmt.Errorf("node: register metrics: %w", err)
+	}
+	return n, nil
+}
+
+// APIAddrFile, in the data dir, holds the admin API address while a daemon runs.
+const APIAddrFile = "api.addr"
+
+// Ready is closed once Run has opened the store and its listeners.
+func (n *Node) Ready() <-chan struct{} { return n.ready }
+
+// Store is the node's chunk store; valid once Ready is closed and until Run returns.
+func (n *Node) Store() *chunkstore.Store { return n.store }
+
+// APIAddr is the address the admin API listens on (after Ready), nil if disabled.
+func (n *Node) APIAddr() net.Addr { return n.apiAddr }
+
+// NBDSocket is the NBD unix socket path, "" if disabled.
+func (n *Node) NBDSocket() string {
+	if n.cfg.NBDSocket == "-" {
+		return ""
+	}
+	return n.cfg.NBDSocket
+}
+
+// NBDAddr is the NBD TCP address (after Ready), nil if disabled.
+func (n *Node) NBDAddr() net.Addr { return n.nbdAddr }
+
+// Run opens the store and serves NBD and the admin API until ctx is cancelled;
+// it then stops serving, waits for every goroutine, persists profiles, closes
+// the store, and returns nil. It returns an error if something cannot start
+// or fails. Run may be called once.
+func (n *Node) Run(ctx context.Context) (err error) {
+	ran := true
+	n.runOnce.Do(func() { ran = false })
+	if ran {
+		return errors.New("node: Run called twice")
+	}
+	cfg := n.cfg
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return fmt.Errorf("create data dir: %w", err)
+	}
+	st, err := chunkstore.Open(filepath.Join(cfg.DataDir, "store"),
+		chunkstore.WithQuota(cfg.StoreQuota),
+		chunkstore.WithCodec(cfg.StoreCompression),
+		chunkstore.WithLogger(n.log.With("component", "chunkstore")),
+		chunkstore.WithEvictionPolicy(liveFilter{live: &n.live, next: chunkstore.LRU{}}))
+	if err != nil {
+		return err
+	}
+	n.store = st
+	defer func() {
+		if cerr := st.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close chunk store: %w", cerr)
+		}
+	}()
+
+	var lns []net.Listener
+	closeAll := func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}
+	var unixLn, tcpLn, apiLn net.Listener
+	if sock := n.NBDSocket(); sock != "" {
+		if unixLn, err = listenUnix(sock); err != nil {
+			return err
+		}
+		lns = append(lns, unixLn)
+	}
+	if cfg.NBDListen != "" {
+		if tcpLn, err = net.Listen("tcp", cfg.NBDListen); err != nil {
+			closeAll()
+			return fmt.Errorf("nbd.listen %s: %w", cfg.NBDListen, err)
+		}
+		lns = append(lns, tcpLn)
+		n.nbdAddr = tcpLn.Addr()
+		if ip := tcpLn.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+			n.log.Warn("NBD over TCP is not on loopback: anyone who can reach it can read every image", "addr", n.nbdAddr)
+		}
+	}
+	if cfg.APIListen != "-" {
+		if apiLn, err = net.Listen("tcp", cfg.APIListen); err != nil {
+			closeAll()
+			return fmt.Errorf("api.listen %s: %w (is another hoard daemon running? set api.listen / --api-listen)", cfg.APIListen, err)
+		}
+		lns = append(lns, apiLn)
+		n.apiAddr = apiLn.Addr()
+	}
+
+	var peer *p2p.Peer
+	if on, err := cfg.p2pEnabled(); err != nil {
+		closeAll()
+		return err
+	} else if on {
+		if peer, err = n.startP2P(ctx); err != nil {
+			closeAll()
+			return err
+		}
+	} else {
+		n.log.Info("running standalone (no cluster): to share chunks with peers, create a swarm key with hoard cluster keygen "+
+			cfg.P2P.SwarmKeyFile+", copy it to every node, and set p2p.bootstrap", "swarm_key_file", cfg.P2P.SwarmKeyFile)
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	n.runCtx = gctx
+	if peer != nil {
+		g.Go(func() error { return peer.Run(gctx) })
+		g.Go(func() error { n.cl.advertiseAll(gctx); return nil })
+		addrs := make([]string, 0)
+		for _, a := range peer.Addrs() {
+			addrs = append(addrs, a.String())
+		}
+		n.log.Info("cluster on", "peer_id", peer.ID().String(), "addrs", strings.Join(addrs, " "),
+			"bootstrap", strings.Join(cfg.P2P.Bootstrap, " "))
+	}
+	srv := &nbd.Server{Exporter: n, Log: n.log.With("component", "nbd")}
+	if unixLn != nil {
+		g.Go(func() error { return srv.Serve(gctx, unixLn) })
+		n.log.Info("serving NBD", "socket", n.NBDSocket(), "uri", "nbd+unix:///IMAGE?socket="+n.NBDSocket())
+	}
+	if tcpLn != nil {
+		g.Go(func() error { return srv.Serve(gctx, tcpLn) })
+		n.log.Info("serving NBD over TCP", "addr", n.nbdAddr.String(), "uri", "nbd://"+n.nbdAddr.String()+"/IMAGE")
+	}
+	if apiLn != nil {
+		hs := &http.Server{Handler: n.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		g.Go(func() error {
+			if err := hs.Serve(apiLn); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("admin API: %w", err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-gctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			return hs.Shutdown(sctx)
+		})
+		n.log.Info("serving admin API", "addr", n.apiAddr.String(), "token_required", cfg.APIToken != "")
+	}
+	if n.apiAddr != nil {
+		// Tell CLIs on this data dir where the API is (the store is locked).
+		af := filepath.Join(cfg.DataDir, APIAddrFile)
+		if err := os.WriteFile(af, []byte(n.apiAddr.String()+"\n"), 0o640); err != nil {
+			n.log.Warn("cannot write the API address file", "path", af, "err", err)
+		}
+		defer os.Remove(af)
+	}
+	u := st.Usage()
+	n.log.Info("hoard daemon ready", "data_dir", cfg.DataDir, "store_chunks", u.Chunks, "store_bytes", u.StoredBytes, "quota", cfg.StoreQuota)
+	close(n.ready)
+
+	err = g.Wait()
+	n.bg.Wait()
+	if peer != nil {
+		n.cl.stop()
+		if cerr := peer.Close(); cerr != nil {
+			n.log.Warn("close p2p", "err", cerr)
+		}
+	}
+	n.shutdownImages()
+	if err != nil && ctx.Err() == nil {
+		return err
+	}
+	return nil
+}
+
+// listenUnix listens on a unix socket, removing a stale socket file left by a
+// daemon that died (but never one a live daemon is serving).
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, fmt.Errorf("nbd.socket: %w", err)
+	}
+	if _, err := os.Stat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("nbd.socket %s: another daemon is serving it; stop it or set nbd.socket", path)
+		}
+		os.Remove(path)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("nbd.socket %s: %w", path, err)
+	}
+	// The socket is the local trust boundary: owner and group only.
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("nbd.socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// goBackground runs f in the background if a prefetch slot is free, and
+// reports whether it did. Run waits for it before closing the store.
+func (n *Node) goBackground(f func(ctx context.Context)) bool {
+	ctx := n.runCtx
+	if ctx == nil || ctx.Err() != nil {
+		return false
+	}
+	select {
+	case n.bgSem <- struct{}{}:
+	default:
+		return false
+	}
+	n.bg.Add(1)
+	go func() {
+		defer n.bg.Done()
+		defer func() { <-n.bgSem }()
+		f(ctx)
+	}()
+	return true
+}

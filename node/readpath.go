@@ -1,0 +1,312 @@
+package node
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/origin"
+	"github.com/hoardvm/hoard/p2p"
+)
+
+// ErrOrigin is wrapped by read errors caused by the origin (unreachable,
+// failing, too slow, or serving bytes that no longer match the manifest).
+var ErrOrigin = errors.New("origin fetch failed")
+
+// image is what the node keeps about one manifest while it serves it.
+type image struct {
+	id chunkstore.ID
+	m  *chunkstore.Manifest
+
+	mu     sync.Mutex
+	src    origin.Source // opened on the first miss, then reused
+	opens  int
+	rec    *recorder // profile being recorded, nil when none
+	exps   map[*export]struct{}
+	closed bool
+
+	haveMu sync.Mutex
+	have   p2p.Bitmap // entries in the local store, for peers; nil until asked
+	haveAt time.Time
+}
+
+// image returns the node's state for manifest id, loading the manifest once.
+func (n *Node) image(ctx context.Context, id chunkstore.ID) (*image, error) {
+	n.mu.Lock()
+	img := n.images[id]
+	n.mu.Unlock()
+	if img != nil {
+		return img, nil
+	}
+	m, err := n.store.GetManifest(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if img := n.images[id]; img != nil {
+		return img, nil
+	}
+	img = &image{id: id, m: m, exps: make(map[*export]struct{})}
+	n.images[id] = img
+	return img, nil
+}
+
+// source opens the image's origin on first use. Failures are not cached, so
+// an origin that comes back is used again.
+func (n *Node) source(ctx context.Context, img *image) (origin.Source, error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	if img.src != nil {
+		return img.src, nil
+	}
+	s := img.m.Source
+	ref := s.Location
+	switch s.Kind {
+	case "glance":
+		ref = "glance://" + s.Location
+	case "file", "http":
+	default:
+		return nil, fmt.Errorf("%w: image %s has origin kind %q, which this hoard cannot fetch from", ErrOrigin, img.id, s.Kind)
+	}
+	src, err := origin.Open(ctx, ref, n.cfg.Origin)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrOrigin, err)
+	}
+	if src.Size() != img.m.Size {
+		src.Close()
+		return nil, fmt.Errorf("%w: %s is now %d bytes, the manifest says %d: the image changed at the origin; re-add it (hoard image rm, hoard image add)",
+			ErrOrigin, s.Location, src.Size(), img.m.Size)
+	}
+	img.src = src
+	return src, nil
+}
+
+// Where a chunk came from.
+const (
+	fromMemory = iota
+	fromLocal
+	fromPeer
+	fromOrigin
+)
+
+// Why a chunk is wanted; background fetches are counted by reason.
+const (
+	forRead = iota
+	forReadahead
+	forProfile
+	forCache // NBD_CMD_CACHE
+	forPeer  // a peer asked this node, its designated fetcher
+)
+
+// chunk returns the verified bytes of entry idx of img. The returned slice is
+// shared (cached): callers must not modify it.
+func (n *Node) chunk(ctx context.Context, img *image, idx int, why int) ([]byte, int, error) {
+	e := img.m.Entries[idx]
+	if b, ok := n.cache.get(e.ID); ok {
+		return b, fromMemory, nil
+	}
+	b, err := n.store.Get(ctx, e.ID)
+	if err == nil {
+		n.cache.add(e.ID, b)
+		return b, fromLocal, nil
+	}
+	if !errors.Is(err, chunkstore.ErrNotFound) && !errors.Is(err, chunkstore.ErrCorrupt) {
+		return nil, 0, err
+	}
+	// One fetch per chunk, whoever asks; it runs on the node's context so that
+	// a reader that goes away does not cancel it for the others.
+	ch := n.flights.DoChan(e.ID.String(), func() (any, error) {
+		return n.fetch(img, idx, why)
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return nil, 0, r.Err
+		}
+		f := r.Val.(fetched)
+		return f.b, f.from, nil
+	case <-ctx.Done():
+		return nil, 0, ctx.Err()
+	}
+}
+
+// warm loads a local chunk into the memory cache, if it is stored.
+func (n *Node) warm(ctx context.Context, id chunkstore.ID) {
+	if n.cache.has(id) {
+		return
+	}
+	if b, err := n.store.Get(ctx, id); err == nil {
+		n.cache.add(id, b)
+	}
+}
+
+type fetched struct {
+	b    []byte
+	from int
+}
+
+// fetch gets a missing chunk from the peers or the origin, verifies it,
+// stores it and caches it. It runs once per flight: background fetches are
+// counted here, by the reason of the caller that started the flight.
+func (n *Node) fetch(img *image, idx int, why int) (f fetched, err error) {
+	defer func() {
+		if err == nil && f.from != fromLocal {
+			switch why {
+			case forReadahead:
+				n.stats.readahead.Add(1)
+			case forProfile:
+				n.stats.profile.Add(1)
+			}
+		}
+	}()
+	e := img.m.Entries[idx]
+	ctx, cancel := context.WithTimeout(n.runCtx, n.cfg.OriginTimeout)
+	defer cancel()
+	// Another flight may have stored it since our miss.
+	if b, err := n.store.Get(ctx, e.ID); err == nil {
+		n.cache.add(e.ID, b)
+		return fetched{b, fromLocal}, nil
+	}
+	if f := n.fetcher(); f != nil {
+		start := time.Now()
+		fctx := ctx
+		if why == forPeer {
+			fctx = context.WithValue(ctx, designatedKey{}, true)
+		}
+		b, err := f.Fetch(fctx, img.id, idx, e.ID)
+		switch {
+		case err == nil && e.ID.Verify(b):
+			n.m.fetchSeconds.WithLabelValues("peer").Observe(time.Since(start).Seconds())
+			n.keep(ctx, e.ID, b)
+			img.markHave(idx)
+			return fetched{b, fromPeer}, nil
+		case err == nil:
+			n.log.Warn("peer sent a chunk that does not match its id; ignoring it", "chunk_id", e.ID.String(), "image", img.id.String())
+		case !errors.Is(err, chunkstore.ErrNotFound):
+			n.log.Debug("peer fetch failed", "chunk_id", e.ID.String(), "err", err)
+		}
+	}
+	b, err := n.fromOrigin(ctx, img, e)
+	if err != nil {
+		n.m.fetchErrors.WithLabelValues("origin").Inc()
+		n.stats.originErrors.Add(1)
+		n.log.Warn("origin fetch failed", "image", img.id.String(), "chunk", idx, "offset", e.Offset, "err", err)
+		return fetched{}, err
+	}
+	n.keep(ctx, e.ID, b)
+	img.markHave(idx)
+	return fetched{b, fromOrigin}, nil
+}
+
+// fetcher is Config.Fetcher, or the cluster when it is on.
+func (n *Node) fetcher() Fetcher {
+	if n.cfg.Fetcher != nil {
+		return n.cfg.Fetcher
+	}
+	if n.cl != nil {
+		return n.cl
+	}
+	return nil
+}
+
+func (n *Node) fromOrigin(ctx context.Context, img *image, e chunkstore.Entry) ([]byte, error) {
+	select {
+	case n.originSem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: chunk at offset %d: waited too long for an origin slot: %w", ErrOrigin, e.Offset, ctx.Err())
+	}
+	defer func() { <-n.originSem }()
+	src, err := n.source(ctx, img)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	b := make([]byte, e.Length)
+	if err := src.ReadAt(ctx, b, e.Offset); err != nil {
+		if ctx.Err() != nil && errors.Is(err, context.DeadlineExceeded) {
+			return nil, fmt.Errorf("%w: %s [%d, %d): no answer within %s: %w", ErrOrigin, img.m.Source.Location, e.Offset, e.End(), n.cfg.OriginTimeout, err)
+		}
+		return nil, fmt.Errorf("%w: %w", ErrOrigin, err)
+	}
+	n.m.fetchSeconds.WithLabelValues("origin").Observe(time.Since(start).Seconds())
+	n.stats.originBytes.Add(int64(len(b)))
+	if !e.ID.Verify(b) {
+		return nil, fmt.Errorf("%w: %s [%d, %d) does not match chunk %s: the image changed at the origin; re-add it (hoard image rm, hoard image add)",
+			ErrOrigin, img.m.Source.Location, e.Offset, e.End(), e.ID)
+	}
+	return b, nil
+}
+
+// keep stores a fetched chunk (copy-on-read) and caches it. A store failure
+// (full of pinned chunks, disk error) is logged: the bytes are still served.
+func (n *Node) keep(ctx context.Context, id chunkstore.ID, b []byte) {
+	if err := n.store.Put(context.WithoutCancel(ctx), id, b); err != nil {
+		n.log.Warn("cannot store fetched chunk; serving it anyway", "chunk_id", id.String(), "err", err)
+	}
+	n.cache.add(id, b)
+}
+
+// memCache is a byte-bounded LRU of verified, uncompressed chunks.
+type memCache struct {
+	max int64
+
+	mu   sync.Mutex
+	size int64
+	ll   *list.List
+	m    map[chunkstore.ID]*list.Element
+}
+
+type memEntry struct {
+	id chunkstore.ID
+	b  []byte
+}
+
+func newMemCache(max int64) *memCache {
+	return &memCache{max: max, ll: list.New(), m: make(map[chunkstore.ID]*list.Element)}
+}
+
+func (c *memCache) get(id chunkstore.ID) ([]byte, bool) {
+	if c.max <= 0 {
+		return nil, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if el, ok := c.m[id]; ok {
+		c.ll.MoveToFront(el)
+		return el.Value.(*memEntry).b, true
+	}
+	return nil, false
+}
+
+func (c *memCache) has(id chunkstore.ID) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.m[id]
+	return ok
+}
+
+func (c *memCache) add(id chunkstore.ID, b []byte) {
+	if c.max <= 0 || int64(len(b)) > c.max {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if el, ok := c.m[id]; ok {
+		c.ll.MoveToFront(el)
+		return
+	}
+	c.m[id] = c.ll.PushFront(&memEntry{id, b})
+	c.size += int64(len(b))
+	for c.size > c.max {
+		el := c.ll.Back()
+		e := el.Value.(*memEntry)
+		c.ll.Remove(el)
+		delete(c.m, e.id)
+		c.size -= int64(len(e.b))
+	}
+}

@@ -1,0 +1,457 @@
+package p2p
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"golang.org/x/sync/errgroup"
+)
+
+// ErrBadPeer is returned when a peer sent bytes that do not match their ID; the
+// peer is marked bad (see Peer.Bad).
+var ErrBadPeer = errors.New("peer sent bad data")
+
+// pool is a peer's long-lived chunk streams.
+type pool struct {
+	mu      sync.Mutex
+	conns   []*conn
+	opening int
+}
+
+func (pl *pool) size() int {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	return len(pl.conns)
+}
+
+func (pl *pool) remove(c *conn) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	for i, x := range pl.conns {
+		if x == c {
+			pl.conns = append(pl.conns[:i], pl.conns[i+1:]...)
+			return
+		}
+	}
+}
+
+func (pl *pool) closeAll() {
+	pl.mu.Lock()
+	conns := pl.conns
+	pl.conns = nil
+	pl.mu.Unlock()
+	for _, c := range conns {
+		c.s.Reset()
+	}
+}
+
+// conn is one long-lived stream with requests pipelined on it; a reader
+// goroutine hands reply frames to the calls by request ID.
+type conn struct {
+	s       network.Stream
+	wmu     sync.Mutex
+	w       *bufio.Writer
+	mu      sync.Mutex
+	pending map[uint64]*call
+	err     error
+}
+
+type call struct {
+	ch   chan *message // reply frames; closed after the last one or when the stream dies
+	done chan struct{} // closed by the caller when it stops listening
+	c    *conn
+	id   uint64
+}
+
+func (c *conn) inflight() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return 1 << 30
+	}
+	return len(c.pending)
+}
+
+func (c *conn) fail(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil {
+		c.err = err
+	}
+	for id, cl := range c.pending {
+		close(cl.ch)
+		delete(c.pending, id)
+	}
+}
+
+func (p *Peer) readLoop(remote peer.ID, pl *pool, c *conn) {
+	defer p.wg.Done()
+	r := bufio.NewReaderSize(c.s, 256<<10)
+	err := func() error {
+		for {
+			frame, err := readFrame(r, nil)
+			if err != nil {
+				return err
+			}
+			m, err := decodeMessage(frame)
+			if err != nil {
+				return err
+			}
+			if m.Type&0x80 == 0 {
+				return fmt.Errorf("%w: request type %#x from server", errProtocol, m.Type)
+			}
+			last := m.Type == msgEnd || m.Type == msgError || m.Type == msgBitmap || m.Type == msgID
+			c.mu.Lock()
+			cl := c.pending[m.ReqID]
+			if last {
+				delete(c.pending, m.ReqID)
+			}
+			c.mu.Unlock()
+			if cl == nil {
+				continue // cancelled
+			}
+			select {
+			case cl.ch <- m:
+			case <-cl.done:
+			}
+			if last {
+				close(cl.ch)
+			}
+		}
+	}()
+	pl.remove(c)
+	c.s.Reset()
+	c.fail(fmt.Errorf("stream to %s: %w", remote, err))
+}
+
+func (p *Peer) poolFor(remote peer.ID) (*pool, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, errors.New("p2p node closed")
+	}
+	pl := p.pools[remote]
+	if pl == nil {
+		pl = &pool{}
+		p.pools[remote] = pl
+	}
+	return pl, nil
+}
+
+// getConn returns the pooled stream to remote with the fewest requests in
+// flight, opening another when all are busy and the pool is not full.
+func (p *Peer) getConn(ctx context.Context, remote peer.ID) (*conn, error) {
+	pl, err := p.poolFor(remote)
+	if err != nil {
+		return nil, err
+	}
+	pl.mu.Lock()
+	var best *conn
+	bestN := 0
+	for _, c := range pl.conns {
+		if n := c.inflight(); best == nil || n < bestN {
+			best, bestN = c, n
+		}
+	}
+	if best != nil && (bestN == 0 || len(pl.conns)+pl.opening >= p.o.streamsPerPeer) {
+		pl.mu.Unlock()
+		return best, nil
+	}
+	pl.opening++
+	pl.mu.Unlock()
+	s, err := p.host.NewStream(network.WithAllowLimitedConn(ctx, "hoard"), remote, ProtocolChunks)
+	pl.mu.Lock()
+	pl.opening--
+	if err != nil {
+		pl.mu.Unlock()
+		if best != nil {
+			return best, nil
+		}
+		return nil, fmt.Errorf("open chunk stream to %s: %w", remote, err)
+	}
+	c := &conn{s: s, w: bufio.NewWriterSize(s, 16<<10), pending: map[uint64]*call{}}
+	pl.conns = append(pl.conns, c)
+	pl.mu.Unlock()
+	p.mu.Lock()
+	closed := p.closed
+	if !closed {
+		p.wg.Add(1)
+	}
+	p.mu.Unlock()
+	if closed {
+		s.Reset()
+		return nil, errors.New("p2p node closed")
+	}
+	go p.readLoop(remote, pl, c)
+	return c, nil
+}
+
+// send registers a call and writes req on a pooled stream to remote.
+func (p *Peer) send(ctx context.Context, remote peer.ID, req *message) (*call, error) {
+	c, err := p.getConn(ctx, remote)
+	if err != nil {
+		return nil, err
+	}
+	req.ReqID = p.reqID.Add(1)
+	cl := &call{ch: make(chan *message, 16), done: make(chan struct{}), c: c, id: req.ReqID}
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return nil, err
+	}
+	c.pending[req.ReqID] = cl
+	c.mu.Unlock()
+	c.wmu.Lock()
+	_, err = c.w.Write(appendMessage(nil, req))
+	if err == nil {
+		err = c.w.Flush()
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.s.Reset()
+		cl.finish(false)
+		return nil, fmt.Errorf("send to %s: %w", remote, err)
+	}
+	return cl, nil
+}
+
+// finish stops listening; when the reply is incomplete it tells the server to
+// stop working on it.
+func (cl *call) finish(cancel bool) {
+	close(cl.done)
+	cl.c.mu.Lock()
+	_, still := cl.c.pending[cl.id]
+	delete(cl.c.pending, cl.id)
+	cl.c.mu.Unlock()
+	if still && cancel {
+		cl.c.wmu.Lock()
+		if _, err := cl.c.w.Write(appendMessage(nil, &message{Type: msgCancel, ReqID: cl.id})); err == nil {
+			cl.c.w.Flush()
+		}
+		cl.c.wmu.Unlock()
+	}
+}
+
+// next returns the next reply frame, or an error when the stream died or ctx ended.
+func (cl *call) next(ctx context.Context) (*message, error) {
+	select {
+	case m, ok := <-cl.ch:
+		if !ok {
+			cl.c.mu.Lock()
+			err := cl.c.err
+			cl.c.mu.Unlock()
+			if err == nil {
+				err = errors.New("stream closed")
+			}
+			return nil, err
+		}
+		if m.Type == msgError {
+			return nil, replyError(m.Data)
+		}
+		return m, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func replyError(b []byte) error {
+	if len(b) > 0 && b[0] == errCodeNotFound {
+		return chunkstore.ErrNotFound
+	}
+	if len(b) > 0 {
+		b = b[1:]
+	}
+	return fmt.Errorf("peer error: %s", b)
+}
+
+// Have asks remote which entries of manifest it holds. A peer that does not
+// know the manifest returns an empty bitmap.
+func (p *Peer) Have(ctx context.Context, remote peer.ID, manifest chunkstore.ID) (Bitmap, error) {
+	defer p.observe("have", time.Now())
+	cl, err := p.send(ctx, remote, &message{Type: msgHave, Manifest: manifest})
+	if err != nil {
+		return nil, err
+	}
+	m, err := cl.next(ctx)
+	cl.finish(err != nil)
+	if err != nil {
+		return nil, fmt.Errorf("have %s from %s: %w", manifest, remote, err)
+	}
+	if m.Type != msgBitmap {
+		return nil, fmt.Errorf("have %s from %s: %w: reply type %#x", manifest, remote, errProtocol, m.Type)
+	}
+	return Bitmap(bytes.Clone(m.Data)), nil
+}
+
+// Manifest fetches the encoded manifest id from remote and verifies it against
+// id; a peer that sends other bytes is marked bad.
+func (p *Peer) Manifest(ctx context.Context, remote peer.ID, id chunkstore.ID) ([]byte, error) {
+	defer p.observe("manifest", time.Now())
+	cl, err := p.send(ctx, remote, &message{Type: msgManifest, Manifest: id})
+	if err != nil {
+		return nil, err
+	}
+	var buf []byte
+	for {
+		m, err := cl.next(ctx)
+		if err != nil {
+			cl.finish(true)
+			return nil, fmt.Errorf("manifest %s from %s: %w", id, remote, err)
+		}
+		if m.Type == msgEnd {
+			break
+		}
+		if m.Type != msgData || len(buf)+len(m.Data) > maxManifestSize {
+			cl.finish(true)
+			p.markBad(remote, errProtocol)
+			return nil, fmt.Errorf("manifest %s from %s: %w", id, remote, errProtocol)
+		}
+		buf = append(buf, m.Data...)
+	}
+	cl.finish(false)
+	if sha256.Sum256(buf) != id.Digest() {
+		p.markBad(remote, chunkstore.ErrMismatch)
+		return nil, fmt.Errorf("manifest %s from %s: %w", id, remote, ErrBadPeer)
+	}
+	return buf, nil
+}
+
+// resolve asks remote which manifest name stands for.
+func (p *Peer) resolve(ctx context.Context, remote peer.ID, name string) (chunkstore.ID, error) {
+	defer p.observe("resolve", time.Now())
+	cl, err := p.send(ctx, remote, &message{Type: msgResolve, Name: name})
+	if err != nil {
+		return chunkstore.ID{}, err
+	}
+	m, err := cl.next(ctx)
+	cl.finish(err != nil)
+	if err != nil {
+		return chunkstore.ID{}, err
+	}
+	if m.Type != msgID {
+		return chunkstore.ID{}, fmt.Errorf("%w: reply type %#x", errProtocol, m.Type)
+	}
+	return m.Manifest, nil
+}
+
+func (p *Peer) observe(typ string, start time.Time) {
+	p.metrics.latency.WithLabelValues(typ).Observe(time.Since(start).Seconds())
+}
+
+// Want is a chunk to fetch: its entry index in the manifest and its ID, which
+// the received bytes are verified against.
+type Want struct {
+	Index int
+	ID    chunkstore.ID
+}
+
+// Chunk is a chunk received from a peer and verified.
+type Chunk struct {
+	Index  int
+	ID     chunkstore.ID
+	Stored chunkstore.Stored // as the peer sent it (its stored, compressed form)
+	Data   []byte            // the uncompressed bytes, verified against ID
+	From   peer.ID
+}
+
+// Fetch asks remote for wants (any number; sent as pipelined batches of up to
+// MaxBatch over the peer's pooled streams) and calls fn, never concurrently,
+// for each chunk as it arrives and verifies. With fetch, remote is asked as the
+// designated fetcher and may go to its origin. It returns the indices remote
+// answered NOTFOUND. A chunk that fails verification marks remote bad and ends
+// the fetch with ErrBadPeer; an error from fn ends it with that error. On any
+// error, chunks already passed to fn stay delivered.
+func (p *Peer) Fetch(ctx context.Context, remote peer.ID, manifest chunkstore.ID, wants []Want, fetch bool, fn func(Chunk) error) (notFound []int, err error) {
+	if len(wants) == 0 {
+		return nil, nil
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	var mu sync.Mutex // serializes fn and notFound
+	for len(wants) > 0 {
+		batch := wants[:min(len(wants), MaxBatch)]
+		wants = wants[len(batch):]
+		g.Go(func() error {
+			nf, err := p.fetchBatch(gctx, remote, manifest, batch, fetch, func(c Chunk) error {
+				mu.Lock()
+				defer mu.Unlock()
+				return fn(c)
+			})
+			mu.Lock()
+			notFound = append(notFound, nf...)
+			mu.Unlock()
+			return err
+		})
+	}
+	err = g.Wait()
+	return notFound, err
+}
+
+func (p *Peer) fetchBatch(ctx context.Context, remote peer.ID, manifest chunkstore.ID, wants []Want, fetch bool, fn func(Chunk) error) ([]int, error) {
+	defer p.observe("get", time.Now())
+	byIndex := make(map[int]chunkstore.ID, len(wants))
+	req := &message{Type: msgGet, Manifest: manifest, Fetch: fetch, Indices: make([]int, 0, len(wants))}
+	for _, w := range wants {
+		if _, dup := byIndex[w.Index]; !dup {
+			byIndex[w.Index] = w.ID
+			req.Indices = append(req.Indices, w.Index)
+		}
+	}
+	p.addLoad(remote, int64(len(byIndex)))
+	left := len(byIndex)
+	defer func() { p.addLoad(remote, -int64(left)) }()
+	cl, err := p.send(ctx, remote, req)
+	if err != nil {
+		return nil, err
+	}
+	var notFound []int
+	for {
+		m, err := cl.next(ctx)
+		if err != nil {
+			cl.finish(true)
+			return notFound, fmt.Errorf("fetch from %s: %w", remote, err)
+		}
+		if m.Type == msgEnd {
+			cl.finish(false)
+			for _, idx := range req.Indices {
+				if _, ok := byIndex[idx]; ok {
+					notFound = append(notFound, idx) // silently skipped (server cancelled)
+				}
+			}
+			return notFound, nil
+		}
+		id, ok := byIndex[m.Index]
+		if !ok || (m.Type != msgChunk && m.Type != msgNotFound) {
+			cl.finish(true)
+			p.markBad(remote, errProtocol)
+			return notFound, fmt.Errorf("fetch from %s: %w: unexpected reply", remote, ErrBadPeer)
+		}
+		delete(byIndex, m.Index)
+		left--
+		p.addLoad(remote, -1)
+		if m.Type == msgNotFound {
+			notFound = append(notFound, m.Index)
+			continue
+		}
+		raw, err := p.verify(id, m.Stored)
+		if err != nil {
+			cl.finish(true)
+			p.markBad(remote, fmt.Errorf("chunk %s (entry %d): %w", id, m.Index, err))
+			return notFound, fmt.Errorf("fetch entry %d from %s: %w", m.Index, remote, ErrBadPeer)
+		}
+		p.metrics.received.Add(float64(len(m.Stored.Payload)))
+		if err := fn(Chunk{Index: m.Index, ID: id, Stored: m.Stored, Data: raw, From: remote}); err != nil {
+			cl.finish(true)
+			return notFound, err
+		}
+	}
+}

@@ -1,0 +1,228 @@
+package p2p
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/libp2p/go-libp2p/core/network"
+)
+
+// Error codes, the first byte of a msgError body.
+const (
+	errCodeNotFound byte = 1
+	errCodeInternal byte = 2
+)
+
+// maxServerInflight bounds the requests one stream has in progress; the next
+// request is not read until one finishes (backpressure on the requester).
+const maxServerInflight = 16
+
+// frameWriter serializes frames of concurrent responses onto one stream.
+type frameWriter struct {
+	mu  sync.Mutex
+	w   *bufio.Writer
+	err error
+}
+
+func (fw *frameWriter) write(m *message, flush bool) error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if fw.err != nil {
+		return fw.err
+	}
+	var hdr [64]byte
+	if m.Type == msgChunk {
+		// Header then payload straight from the backend's buffer, no copy.
+		body := hdr[:0]
+		body = append(body, m.Type)
+		body = binary.AppendUvarint(body, m.ReqID)
+		body = binary.AppendUvarint(body, uint64(m.Index))
+		body = append(body, m.Stored.Codec)
+		body = binary.AppendUvarint(body, uint64(m.Stored.RawLen))
+		var lenBuf [binary.MaxVarintLen64]byte
+		n := binary.PutUvarint(lenBuf[:], uint64(len(body)+len(m.Stored.Payload)))
+		fw.w.Write(lenBuf[:n])
+		fw.w.Write(body)
+		_, fw.err = fw.w.Write(m.Stored.Payload)
+	} else {
+		_, fw.err = fw.w.Write(appendMessage(hdr[:0], m))
+	}
+	if fw.err == nil && flush {
+		fw.err = fw.w.Flush()
+	}
+	return fw.err
+}
+
+func (p *Peer) handleStream(s network.Stream) {
+	remote := s.Conn().RemotePeer()
+	if p.Bad(remote) {
+		s.Reset()
+		return
+	}
+	ctx, cancel := context.WithCancel(p.ctx)
+	defer cancel()
+	r := bufio.NewReaderSize(s, 32<<10)
+	fw := &frameWriter{w: bufio.NewWriterSize(s, 256<<10)}
+	sem := make(chan struct{}, maxServerInflight)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	cancels := map[uint64]context.CancelFunc{}
+	defer func() {
+		cancel()
+		wg.Wait()
+		s.Close()
+	}()
+	for {
+		frame, err := readFrame(r, nil)
+		if err != nil {
+			return
+		}
+		m, err := decodeMessage(frame)
+		if err != nil || m.Type&0x80 != 0 {
+			p.log.Debug("closing chunk stream: bad request", "peer_id", remote.String(), "cause", err)
+			s.Reset()
+			return
+		}
+		if m.Type == msgCancel {
+			mu.Lock()
+			if c := cancels[m.ReqID]; c != nil {
+				c()
+			}
+			mu.Unlock()
+			continue
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		rctx, rcancel := context.WithCancel(ctx)
+		mu.Lock()
+		cancels[m.ReqID] = rcancel
+		mu.Unlock()
+		wg.Add(1)
+		go func() {
+			defer func() {
+				mu.Lock()
+				delete(cancels, m.ReqID)
+				mu.Unlock()
+				rcancel()
+				<-sem
+				wg.Done()
+			}()
+			if err := p.serve(rctx, fw, m); err != nil {
+				s.Reset()
+			}
+		}()
+	}
+}
+
+// serve answers one request; an error means the stream is broken.
+func (p *Peer) serve(ctx context.Context, fw *frameWriter, req *message) error {
+	fail := func(err error) error {
+		code := errCodeInternal
+		text := err.Error()
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			code, text = errCodeNotFound, "not found"
+		}
+		if len(text) > maxErrorLen-1 {
+			text = text[:maxErrorLen-1]
+		}
+		return fw.write(&message{Type: msgError, ReqID: req.ReqID, Data: append([]byte{code}, text...)}, true)
+	}
+	b := p.o.backend
+	switch req.Type {
+	case msgResolve:
+		p.mu.Lock()
+		id, ok := p.names[req.Name]
+		p.mu.Unlock()
+		if !ok {
+			return fail(chunkstore.ErrNotFound)
+		}
+		return fw.write(&message{Type: msgID, ReqID: req.ReqID, Manifest: id}, true)
+	case msgHave:
+		if b == nil {
+			return fw.write(&message{Type: msgBitmap, ReqID: req.ReqID}, true)
+		}
+		bm, err := b.Have(ctx, req.Manifest)
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			bm, err = nil, nil
+		}
+		if err != nil {
+			return fail(err)
+		}
+		if len(bm) > MaxMessageSize-64 {
+			return fail(fmt.Errorf("have bitmap of %d bytes is too large", len(bm)))
+		}
+		return fw.write(&message{Type: msgBitmap, ReqID: req.ReqID, Data: bm}, true)
+	case msgManifest:
+		if b == nil {
+			return fail(chunkstore.ErrNotFound)
+		}
+		data, err := b.Manifest(ctx, req.Manifest)
+		if err != nil {
+			return fail(err)
+		}
+		for len(data) > 0 {
+			n := min(len(data), manifestPart)
+			if err := fw.write(&message{Type: msgData, ReqID: req.ReqID, Data: data[:n]}, false); err != nil {
+				return err
+			}
+			data = data[n:]
+		}
+		return fw.write(&message{Type: msgEnd, ReqID: req.ReqID}, true)
+	case msgGet:
+		for _, idx := range req.Indices {
+			if ctx.Err() != nil {
+				break
+			}
+			var st chunkstore.Stored
+			err := chunkstore.ErrNotFound
+			if b != nil {
+				st, err = b.Chunk(ctx, req.Manifest, idx, req.Fetch)
+			}
+			if err == nil && (len(st.Payload) > MaxMessageSize-64 || st.RawLen > chunkstore.MaxChunkSize) {
+				err = fmt.Errorf("chunk %d too large", idx)
+			}
+			if err != nil {
+				if !errors.Is(err, chunkstore.ErrNotFound) && ctx.Err() == nil {
+					p.log.Warn("cannot serve chunk", "manifest", req.Manifest.String(), "index", idx, "cause", err)
+				}
+				if err := fw.write(&message{Type: msgNotFound, ReqID: req.ReqID, Index: idx}, false); err != nil {
+					return err
+				}
+				continue
+			}
+			if err := p.waitUpload(ctx, len(st.Payload)); err != nil {
+				break
+			}
+			if err := fw.write(&message{Type: msgChunk, ReqID: req.ReqID, Index: idx, Stored: st}, true); err != nil {
+				return err
+			}
+			p.metrics.served.Add(float64(len(st.Payload)))
+		}
+		return fw.write(&message{Type: msgEnd, ReqID: req.ReqID}, true)
+	}
+	return fail(fmt.Errorf("unexpected request type %#x", req.Type))
+}
+
+// waitUpload takes n bytes from the upload token bucket, in pieces no larger
+// than its burst.
+func (p *Peer) waitUpload(ctx context.Context, n int) error {
+	if p.limiter == nil {
+		return nil
+	}
+	for n > 0 {
+		k := min(n, p.limiter.Burst())
+		if err := p.limiter.WaitN(ctx, k); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
+}
