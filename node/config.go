@@ -34,7 +34,9 @@ type Config struct {
 	// Origin configures the origin sources opened for lazy images.
 	Origin origin.Config
 	// OriginTimeout bounds one chunk fetch from an origin, retries included; a
-	// read that needs the chunk fails (EIO) when it runs out. Default 30s.
+	// read that needs the chunk fails (EIO) when it runs out. Asking the peers
+	// first has a budget of the same length, so a miss fails after at most
+	// twice this. Default 30s.
 	OriginTimeout time.Duration
 	// OriginConcurrency bounds concurrent origin requests. Default 8.
 	OriginConcurrency int

@@ -165,24 +165,26 @@ func (n *Node) fetch(img *image, idx int, why int) (f fetched, err error) {
 		}
 	}()
 	e := img.m.Entries[idx]
-	ctx, cancel := context.WithTimeout(n.runCtx, n.cfg.OriginTimeout)
-	defer cancel()
 	// Another flight may have stored it since our miss.
-	if b, err := n.store.Get(ctx, e.ID); err == nil {
+	if b, err := n.store.Get(n.runCtx, e.ID); err == nil {
 		n.cache.add(e.ID, b)
 		return fetched{b, fromLocal}, nil
 	}
 	if f := n.fetcher(); f != nil {
+		// The peers get a budget of their own, so that time spent waiting
+		// for a slow designated fetcher never eats the origin's.
+		pctx, pcancel := context.WithTimeout(n.runCtx, n.cfg.OriginTimeout)
 		start := time.Now()
-		fctx := ctx
+		fctx := pctx
 		if why == forPeer {
-			fctx = context.WithValue(ctx, designatedKey{}, true)
+			fctx = context.WithValue(pctx, designatedKey{}, true)
 		}
 		b, err := f.Fetch(fctx, img.id, idx, e.ID)
+		pcancel()
 		switch {
 		case err == nil && e.ID.Verify(b):
 			n.m.fetchSeconds.WithLabelValues("peer").Observe(time.Since(start).Seconds())
-			n.keep(ctx, e.ID, b)
+			n.keep(n.runCtx, e.ID, b)
 			img.markHave(idx)
 			return fetched{b, fromPeer}, nil
 		case err == nil:
@@ -191,6 +193,8 @@ func (n *Node) fetch(img *image, idx int, why int) (f fetched, err error) {
 			n.log.Debug("peer fetch failed", "chunk_id", e.ID.String(), "err", err)
 		}
 	}
+	ctx, cancel := context.WithTimeout(n.runCtx, n.cfg.OriginTimeout)
+	defer cancel()
 	b, err := n.fromOrigin(ctx, img, e)
 	if err != nil {
 		n.m.fetchErrors.WithLabelValues("origin").Inc()

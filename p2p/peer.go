@@ -31,6 +31,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/core/sec"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	tptu "github.com/libp2p/go-libp2p/p2p/net/upgrader"
 	"github.com/libp2p/go-libp2p/p2p/security/noise"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
@@ -62,6 +63,9 @@ func swarmNoise(psk []byte) func(id protocol.ID, priv crypto.PrivKey, muxers []t
 		return t.WithSessionOptions(noise.Prologue(prologue))
 	}
 }
+
+// dialTimeoutLocal bounds a dial to a private address (see newHost).
+const dialTimeoutLocal = 15 * time.Second
 
 // DHTPrefix is the protocol prefix of hoard's private DHT.
 const DHTPrefix protocol.ID = "/hoard"
@@ -208,6 +212,10 @@ func (p *Peer) newHost() (host.Host, error) {
 		libp2p.ResourceManager(rm),
 		libp2p.DisableRelay(),
 		libp2p.UserAgent("hoard"),
+		// go-libp2p gives dials to private addresses 5 s, public ones 15 s.
+		// hoard's peers are almost always on private networks, and a node
+		// busy booting VMs can take longer than 5 s to finish a handshake.
+		libp2p.SwarmOpts(swarm.WithDialTimeoutLocal(dialTimeoutLocal)),
 	}
 	if psk == nil {
 		hopts = append(hopts, libp2p.Security(noise.ID, noise.New), libp2p.Transport(quic.NewTransport))
