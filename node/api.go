@@ -22,6 +22,7 @@ type Status struct {
 	Quota     int64            `json:"store_quota"`
 	Images    int              `json:"images"`
 	Counters  Counters         `json:"counters"`
+	Hot       HotStats         `json:"hot_cache"`
 	Exports   []ExportStatus   `json:"exports"`
 	// Cluster is this node's p2p identity; nil when the cluster is off.
 	Cluster *ClusterStatus `json:"cluster,omitempty"`
@@ -67,7 +68,7 @@ type ExportStatus struct {
 func (n *Node) Status(r *http.Request) (Status, error) {
 	ctx := r.Context()
 	s := Status{DataDir: n.cfg.DataDir, NBDSocket: n.NBDSocket(), Store: n.store.Usage(), Quota: n.cfg.StoreQuota,
-		Counters: n.stats.snapshot(), Exports: []ExportStatus{}}
+		Counters: n.stats.snapshot(), Hot: n.hot.stats(), Exports: []ExportStatus{}}
 	if n.nbdAddr != nil {
 		s.NBDListen = n.nbdAddr.String()
 	}

@@ -49,6 +49,12 @@ type Config struct {
 	// MemCache is the size in bytes of the in-memory cache of verified,
 	// uncompressed chunks. Default 64 MiB; negative disables it.
 	MemCache int64
+	// HotCache is the disk, in bytes, of the hot tier: the decoded chunks of
+	// the images being read, in one sparse raw file per image under
+	// DataDir/hot, served like a raw file from the page cache (see hot.go).
+	// It is a cache of the running daemon, emptied at start. Default 4 GiB;
+	// negative disables it.
+	HotCache int64
 	// Readahead is how many chunks are prefetched ahead of a sequential
 	// reader. Default 8; negative disables readahead.
 	Readahead int
@@ -67,6 +73,9 @@ type Config struct {
 	// Gatherer is served on /metrics when Registerer is set.
 	Gatherer prometheus.Gatherer
 }
+
+// DefaultHotCache is the default size of the hot tier (Config.HotCache).
+const DefaultHotCache = 4 << 30
 
 // DefaultAPIListen is the default admin API address.
 const DefaultAPIListen = "127.0.0.1:7480"
@@ -89,6 +98,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.MemCache == 0 {
 		c.MemCache = 64 << 20
+	}
+	if c.HotCache == 0 {
+		c.HotCache = DefaultHotCache
 	}
 	if c.Readahead == 0 {
 		c.Readahead = 8

@@ -196,18 +196,36 @@ func (x *export) ReadAt(ctx context.Context, p []byte, off int64) error {
 		n.stats.read(from, int(hi-lo))
 		return nil
 	}
+	// Zero entries and entries in the hot tier are served here; the rest,
+	// several at once when a read spans many.
+	var misses []int
 	for i := first; i <= last; i++ {
-		if !m.Entries[i].Zero {
-			x.img.record(n, i) // in offset order, before the fetches race
+		e := m.Entries[i]
+		if e.Zero {
+			lo, hi := max(e.Offset, off), min(e.End(), end)
+			clear(p[lo-off : hi-off])
+			n.stats.zeroBytes.Add(hi - lo)
+			continue
 		}
+		x.img.record(n, i) // in offset order, before the fetches race
+		if n.hot != nil {
+			lo, hi := max(e.Offset, off), min(e.End(), end)
+			if n.hot.read(x.img.id, i, p[lo-off:hi-off], lo-e.Offset) {
+				n.stats.read(fromLocal, int(hi-lo))
+				continue
+			}
+		}
+		misses = append(misses, i)
 	}
 	var err error
-	if first == last {
-		err = fill(ctx, first)
-	} else {
+	switch len(misses) {
+	case 0:
+	case 1:
+		err = fill(ctx, misses[0])
+	default:
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(4)
-		for i := first; i <= last; i++ {
+		for _, i := range misses {
 			g.Go(func() error { return fill(gctx, i) })
 		}
 		err = g.Wait()
@@ -240,7 +258,7 @@ func (x *export) readahead(off, end int64, last int) {
 	}
 	var todo []int
 	for i := last + 1; i < len(m.Entries) && i <= last+2*want && len(todo) < want; i++ {
-		if e := m.Entries[i]; !e.Zero && !x.n.cache.has(e.ID) {
+		if e := m.Entries[i]; !e.Zero && !x.n.cache.has(e.ID) && (x.n.hot == nil || !x.n.hot.has(x.img.id, i)) {
 			todo = append(todo, i)
 		}
 	}
@@ -248,7 +266,7 @@ func (x *export) readahead(off, end int64, last int) {
 	for _, i := range todo {
 		x.n.goBackground(func(ctx context.Context) {
 			if !fetch {
-				x.n.warm(ctx, m.Entries[i].ID)
+				x.n.warm(ctx, x.img, i)
 				return
 			}
 			x.n.chunk(ctx, x.img, i, forReadahead)

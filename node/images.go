@@ -210,6 +210,9 @@ func (n *Node) RemoveImage(ctx context.Context, name string) (RemoveResult, erro
 			n.mu.Unlock()
 		}
 		n.withdraw(name, id, gerr != nil)
+		if gerr != nil && n.hot != nil {
+			n.hot.remove(id)
+		}
 	}
 	return res, err
 }

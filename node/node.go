@@ -52,6 +52,7 @@ type Node struct {
 	nbdAddr net.Addr
 
 	cache     *memCache
+	hot       *hotTier // nil: off
 	flights   singleflight.Group
 	originSem chan struct{}
 	bgSem     chan struct{}
@@ -156,6 +157,12 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			err = fmt.Errorf("close chunk store: %w", cerr)
 		}
 	}()
+	if n.hot, err = newHotTier(filepath.Join(cfg.DataDir, "hot"), cfg.HotCache, n.log.With("component", "hot")); err != nil {
+		return err
+	}
+	if n.hot != nil {
+		defer n.hot.close()
+	}
 
 	var lns []net.Listener
 	closeAll := func() {

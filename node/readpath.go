@@ -106,6 +106,15 @@ const (
 // chunk returns the verified bytes of entry idx of img. The returned slice is
 // shared (cached): callers must not modify it.
 func (n *Node) chunk(ctx context.Context, img *image, idx int, why int) ([]byte, int, error) {
+	b, from, err := n.chunk1(ctx, img, idx, why)
+	if err == nil && n.hot != nil && why != forPeer {
+		// A peer's request is no sign that this node will read the image.
+		n.hot.put(img.id, img.m, idx, b)
+	}
+	return b, from, err
+}
+
+func (n *Node) chunk1(ctx context.Context, img *image, idx int, why int) ([]byte, int, error) {
 	e := img.m.Entries[idx]
 	if b, ok := n.cache.get(e.ID); ok {
 		return b, fromMemory, nil
@@ -135,8 +144,24 @@ func (n *Node) chunk(ctx context.Context, img *image, idx int, why int) ([]byte,
 	}
 }
 
-// warm loads a local chunk into the memory cache, if it is stored.
-func (n *Node) warm(ctx context.Context, id chunkstore.ID) {
+// warm loads entry idx of img into the hot tier (or, without one, the memory
+// cache) if its chunk is stored locally; it never fetches.
+func (n *Node) warm(ctx context.Context, img *image, idx int) {
+	id := img.m.Entries[idx].ID
+	if n.hot != nil {
+		if n.hot.has(img.id, idx) {
+			return
+		}
+		b, ok := n.cache.get(id)
+		if !ok {
+			var err error
+			if b, err = n.store.Get(ctx, id); err != nil {
+				return
+			}
+		}
+		n.hot.put(img.id, img.m, idx, b)
+		return
+	}
 	if n.cache.has(id) {
 		return
 	}

@@ -46,7 +46,8 @@ Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
 	f.String("p2p-swarm-key-file", "", "cluster pre-shared key, written by hoard cluster keygen (config p2p.swarm_key_file; default <data_dir>/swarm.key; without it the node runs standalone)")
 	f.String("p2p-upload-limit", "", "bytes per second served to peers, e.g. 100MiB (config p2p.upload_limit; default unlimited)")
 	f.StringSlice("p2p-allow", nil, "only these peer IDs may connect (config p2p.allow; default any node with the swarm key)")
-	f.String("mem-cache", "64MiB", "memory for verified, uncompressed chunks (hot boot working sets); 0 for none (config cache.memory)")
+	f.String("mem-cache", "64MiB", "memory for verified, uncompressed chunks; 0 for none (config cache.memory)")
+	f.String("hot-cache", "4GiB", "disk under <data_dir>/hot for the decoded chunks of images being read, served from the page cache like a raw file; 0 for none (config cache.hot)")
 	return c
 }
 
@@ -67,6 +68,13 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 	}
 	if mem == 0 {
 		mem = -1 // none
+	}
+	hot, err := parseSize(v.GetString("cache.hot"))
+	if err != nil {
+		return node.Config{}, fmt.Errorf("cache.hot: %w", err)
+	}
+	if hot == 0 {
+		hot = -1 // none
 	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
@@ -93,6 +101,7 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		Origin:           g.originConfig(),
 		OriginTimeout:    v.GetDuration("origin.timeout"),
 		MemCache:         mem,
+		HotCache:         hot,
 		P2P: node.P2PConfig{
 			Listen:       splitList(v.GetStringSlice("p2p.listen")),
 			Bootstrap:    splitList(v.GetStringSlice("p2p.bootstrap")),

@@ -1,0 +1,211 @@
+package node
+
+import (
+	"bytes"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/hoardvm/hoard/chunkstore"
+)
+
+// hotManifest cuts data into entries of uneven, unaligned lengths, with a
+// zero entry, as content-defined chunking does.
+func hotManifest(t *testing.T, data []byte, seed uint64) *chunkstore.Manifest {
+	t.Helper()
+	r := rand.New(rand.NewPCG(seed, 1))
+	m := &chunkstore.Manifest{Size: int64(len(data))}
+	for off := 0; off < len(data); {
+		n := min(len(data)-off, 1000+r.IntN(20000))
+		e := chunkstore.Entry{Offset: int64(off), Length: int64(n)}
+		if chunkstore.IsZero(data[off : off+n]) {
+			e.Zero = true
+		} else {
+			e.ID = chunkstore.Sum(data[off : off+n])
+		}
+		m.Entries = append(m.Entries, e)
+		off += n
+	}
+	return m
+}
+
+func hotData(n int, seed uint64) []byte {
+	r := rand.New(rand.NewPCG(seed, 2))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	clear(b[n/3 : n/3+30000]) // a zero run
+	return b
+}
+
+func newTestHot(t *testing.T, max int64) *hotTier {
+	t.Helper()
+	h, err := newHotTier(filepath.Join(t.TempDir(), "hot"), max, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.close)
+	return h
+}
+
+func TestHotTierReadsBackEveryRange(t *testing.T) {
+	data := hotData(300_000, 1)
+	m := hotManifest(t, data, 1)
+	id := chunkstore.Sum([]byte("manifest 1"))
+	h := newTestHot(t, 1<<30)
+	for i, e := range m.Entries {
+		if e.Zero {
+			continue
+		}
+		if h.read(id, i, make([]byte, 1), 0) {
+			t.Fatalf("entry %d read before it was put", i)
+		}
+		h.put(id, m, i, data[e.Offset:e.End()])
+	}
+	r := rand.New(rand.NewPCG(3, 4))
+	for range 2000 {
+		i := r.IntN(len(m.Entries))
+		e := m.Entries[i]
+		if e.Zero {
+			if h.has(id, i) {
+				t.Fatalf("zero entry %d in the tier", i)
+			}
+			continue
+		}
+		lo := r.Int64N(e.Length)
+		hi := lo + 1 + r.Int64N(e.Length-lo)
+		dst := make([]byte, hi-lo)
+		if !h.read(id, i, dst, lo) {
+			t.Fatalf("entry %d [%d, %d) not served", i, lo, hi)
+		}
+		if !bytes.Equal(dst, data[e.Offset+lo:e.Offset+hi]) {
+			t.Fatalf("entry %d [%d, %d): wrong bytes", i, lo, hi)
+		}
+	}
+	if st := h.stats(); st.Images != 1 || st.Corrupt != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// A block changed on disk is never served: the read falls back, the entry is
+// dropped, and putting it again heals it.
+func TestHotTierDetectsCorruption(t *testing.T) {
+	data := hotData(200_000, 5)
+	m := hotManifest(t, data, 5)
+	id := chunkstore.Sum([]byte("manifest 2"))
+	h := newTestHot(t, 1<<30)
+	i := 0
+	for m.Entries[i].Zero || m.Entries[i].Length < 3*hotBlock {
+		i++
+	}
+	e := m.Entries[i]
+	h.put(id, m, i, data[e.Offset:e.End()])
+	f, err := os.OpenFile(h.file(id, nil, false).f.Name(), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{^data[e.Offset+hotBlock+7]}, e.Offset+hotBlock+7); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	// A read of the first block only still checks out.
+	if !h.read(id, i, make([]byte, 100), 10) {
+		t.Fatal("an intact block was not served")
+	}
+	if h.read(id, i, make([]byte, 100), hotBlock) {
+		t.Fatal("a corrupt block was served")
+	}
+	if h.has(id, i) || h.stats().Corrupt != 1 || h.stats().Bytes != 0 {
+		t.Fatalf("after corruption: has %v, stats %+v", h.has(id, i), h.stats())
+	}
+	h.put(id, m, i, data[e.Offset:e.End()])
+	dst := make([]byte, e.Length)
+	if !h.read(id, i, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
+		t.Fatal("the entry did not heal after a new put")
+	}
+}
+
+// Over its size, the tier drops the least recently read image's file.
+func TestHotTierEvictsLeastRecentlyRead(t *testing.T) {
+	data := hotData(100_000, 7)
+	m := hotManifest(t, data, 7)
+	var nonZero int64
+	for _, e := range m.Entries {
+		if !e.Zero {
+			nonZero += e.Length
+		}
+	}
+	h := newTestHot(t, nonZero*2+nonZero/2) // room for two images and a half
+	ids := []chunkstore.ID{chunkstore.Sum([]byte("a")), chunkstore.Sum([]byte("b")), chunkstore.Sum([]byte("c"))}
+	fill := func(id chunkstore.ID) {
+		for i, e := range m.Entries {
+			if !e.Zero {
+				h.put(id, m, i, data[e.Offset:e.End()])
+			}
+		}
+	}
+	first := 0
+	for m.Entries[first].Zero {
+		first++
+	}
+	fill(ids[0])
+	fill(ids[1])
+	h.read(ids[0], first, make([]byte, 10), 0) // a is now more recent than b
+	fill(ids[2])
+	if h.has(ids[1], first) {
+		t.Error("b, the least recently read, is still in the tier")
+	}
+	if !h.has(ids[0], first) || !h.has(ids[2], first) {
+		t.Error("a or c is missing")
+	}
+	if files, _ := filepath.Glob(filepath.Join(h.dir, ids[1].String()+".*")); len(files) != 0 {
+		t.Errorf("b's file is still on disk: %v", files)
+	}
+	st := h.stats()
+	if st.Bytes > h.max || st.Evictions != 1 || st.Images != 2 {
+		t.Fatalf("stats %+v, max %d", st, h.max)
+	}
+	h.remove(ids[0])
+	if h.stats().Bytes != nonZero || h.stats().Images != 1 {
+		t.Fatalf("after remove: %+v", h.stats())
+	}
+}
+
+// Concurrent puts, reads and evictions (run with -race).
+func TestHotTierConcurrent(t *testing.T) {
+	data := hotData(200_000, 9)
+	m := hotManifest(t, data, 9)
+	h := newTestHot(t, 150_000)
+	ids := []chunkstore.ID{chunkstore.Sum([]byte("x")), chunkstore.Sum([]byte("y"))}
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			r := rand.New(rand.NewPCG(uint64(w), 9))
+			for range 3000 {
+				id := ids[r.IntN(2)]
+				i := r.IntN(len(m.Entries))
+				e := m.Entries[i]
+				if e.Zero {
+					continue
+				}
+				if r.IntN(2) == 0 {
+					h.put(id, m, i, data[e.Offset:e.End()])
+					continue
+				}
+				dst := make([]byte, e.Length)
+				if h.read(id, i, dst, 0) && !bytes.Equal(dst, data[e.Offset:e.End()]) {
+					t.Errorf("entry %d: wrong bytes", i)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if st := h.stats(); st.Bytes > h.max || st.Bytes < 0 || st.Corrupt != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
