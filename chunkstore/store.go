@@ -584,16 +584,34 @@ func (s *Store) NewBatch(pinOwner string) *Batch {
 
 // Put verifies data against id, compresses it and writes its file if the
 // chunk is not stored yet. It returns the stored (compressed) size of a new
-// chunk, and 0 for one that is already stored or already in the batch.
+// chunk, and 0 for one that is already stored or already in the batch. Use it
+// for bytes whose ID came from elsewhere (a peer, a manifest); for bytes of
+// your own, Add hashes them once instead of twice.
 func (b *Batch) Put(ctx context.Context, id ID, data []byte) (int64, error) {
+	if len(data) <= MaxChunkSize && !id.Verify(data) {
+		return 0, fmt.Errorf("put chunk %s: %w", id, ErrMismatch)
+	}
+	return b.put(ctx, id, data)
+}
+
+// Add stores data as Put does and returns its ID, hashing it only once:
+// there is no ID to check it against. data is not retained.
+func (b *Batch) Add(ctx context.Context, data []byte) (ID, int64, error) {
+	if len(data) > MaxChunkSize {
+		return ID{}, 0, fmt.Errorf("add chunk: %d bytes is more than the %d-byte limit", len(data), MaxChunkSize)
+	}
+	id := Sum(data)
+	n, err := b.put(ctx, id, data)
+	return id, n, err
+}
+
+// put stores data, which the caller has checked hashes to id.
+func (b *Batch) put(ctx context.Context, id ID, data []byte) (int64, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
 	if len(data) > MaxChunkSize {
 		return 0, fmt.Errorf("put chunk %s: %d bytes is more than the %d-byte limit", id, len(data), MaxChunkSize)
-	}
-	if !id.Verify(data) {
-		return 0, fmt.Errorf("put chunk %s: %w", id, ErrMismatch)
 	}
 	s := b.s
 	if err := s.checkOpen(); err != nil {

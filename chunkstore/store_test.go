@@ -102,6 +102,37 @@ func TestPutGetDedup(t *testing.T) {
 	}
 }
 
+func TestBatchAdd(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	s := openT(t, t.TempDir())
+	r := rand.New(rand.NewPCG(3, 4))
+	a := randChunk(r, 70000)
+	b := s.NewBatch("")
+	id, n, err := b.Add(ctx, a)
+	if err != nil || id != Sum(a) || n <= 0 {
+		t.Fatalf("add: id %s (want %s), %d bytes, %v", id, Sum(a), n, err)
+	}
+	if id2, n, err := b.Add(ctx, a); err != nil || id2 != id || n != 0 {
+		t.Fatalf("add again in the batch: id %s, %d bytes, %v; want the same id and 0 bytes", id2, n, err)
+	}
+	if _, _, err := b.Add(ctx, make([]byte, MaxChunkSize+1)); err == nil {
+		t.Fatal("oversized chunk added")
+	}
+	if err := b.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Get(ctx, id); err != nil || !bytes.Equal(got, a) {
+		t.Fatalf("get %s: %v", id, err)
+	}
+	if _, n, err := s.NewBatch("").Add(ctx, a); err != nil || n != 0 {
+		t.Fatalf("add of a stored chunk: %d bytes, %v; want 0", n, err)
+	}
+	if _, err := s.NewBatch("").Put(ctx, id, randChunk(r, 100)); !errors.Is(err, ErrMismatch) {
+		t.Fatalf("batch put with wrong id: %v, want ErrMismatch", err)
+	}
+}
+
 func TestCodecs(t *testing.T) {
 	t.Parallel()
 	r := rand.New(rand.NewPCG(13, 14))

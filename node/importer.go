@@ -201,16 +201,18 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 			for j := range jobs {
 				r := result{length: int64(len(j.data)), zero: chunkstore.IsZero(j.data)}
 				var stored int64
-				if !r.zero {
+				switch {
+				case r.zero:
+				case o.Lazy:
 					r.id = chunkstore.Sum(j.data)
-					if !o.Lazy {
-						mu.Lock()
-						b := segs[j.seg].batch
-						mu.Unlock()
-						var err error
-						if stored, err = b.Put(gctx, r.id, j.data); err != nil {
-							return err
-						}
+				default:
+					mu.Lock()
+					b := segs[j.seg].batch
+					mu.Unlock()
+					var err error
+					// Add hashes the chunk once, for its ID and to store it.
+					if r.id, stored, err = b.Add(gctx, j.data); err != nil {
+						return err
 					}
 				}
 				pool.Put(j.buf)

@@ -304,3 +304,40 @@ func (c *cutReader) Read(p []byte) (int, error) {
 func (c *cutReader) Seek(off int64, whence int) (int64, error) { return c.r.Seek(off, whence) }
 
 var _ io.ReadSeeker = (*cutReader)(nil)
+
+// BenchmarkImportFile imports the image named by HOARD_BENCH_IMAGE (for
+// instance the one scripts/bench-import.sh builds) into a fresh store per
+// iteration, as `hoard image add` does; HOARD_BENCH_CODEC picks the codec.
+// Profile it with -cpuprofile.
+func BenchmarkImportFile(b *testing.B) {
+	img := os.Getenv("HOARD_BENCH_IMAGE")
+	if img == "" {
+		b.Skip("set HOARD_BENCH_IMAGE to an image file (scripts/bench-import.sh builds one)")
+	}
+	fi, err := os.Stat(img)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(fi.Size())
+	for b.Loop() {
+		b.StopTimer()
+		dir := b.TempDir()
+		st, err := chunkstore.Open(filepath.Join(dir, "store"), chunkstore.WithCodec(os.Getenv("HOARD_BENCH_CODEC")))
+		if err != nil {
+			b.Fatal(err)
+		}
+		src, err := origin.Open(b.Context(), img, origin.Config{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if _, err := Import(b.Context(), st, src, ImportOptions{Name: "bench"}); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		src.Close()
+		st.Close()
+		os.RemoveAll(dir)
+		b.StartTimer()
+	}
+}
