@@ -68,7 +68,7 @@ type ExportStatus struct {
 func (n *Node) Status(r *http.Request) (Status, error) {
 	ctx := r.Context()
 	s := Status{DataDir: n.cfg.DataDir, NBDSocket: n.NBDSocket(), Store: n.store.Usage(), Quota: n.cfg.StoreQuota,
-		Counters: n.stats.snapshot(), Hot: n.hot.stats(), Exports: []ExportStatus{}}
+		Counters: n.stats.snapshot(), Hot: n.hotStats(), Exports: []ExportStatus{}}
 	if n.nbdAddr != nil {
 		s.NBDListen = n.nbdAddr.String()
 	}

@@ -117,6 +117,14 @@ func newMetrics(n *Node) *metrics {
 			func() float64 { return float64(n.usage().Chunks) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hoard_store_quota_bytes", Help: "Chunk store quota (0: unlimited)."},
 			func() float64 { return float64(n.cfg.StoreQuota) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hoard_hot_bytes", Help: "Bytes of decoded chunks in the hot tier."},
+			func() float64 { return float64(n.hotStats().Bytes) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "hoard_hot_reads_total", Help: "Chunk reads served by the hot tier."},
+			func() float64 { return float64(n.hotStats().Hits) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "hoard_hot_corrupt_total", Help: "Hot tier entries that failed their CRC-32C and were served from the store."},
+			func() float64 { return float64(n.hotStats().Corrupt) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "hoard_hot_evictions_total", Help: "Images evicted from the hot tier."},
+			func() float64 { return float64(n.hotStats().Evictions) }),
 	)
 	return m
 }

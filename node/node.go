@@ -75,6 +75,16 @@ func (n *Node) usage() chunkstore.Usage {
 	}
 }
 
+// hotStats is the hot tier's state, zero before Run opened it.
+func (n *Node) hotStats() HotStats {
+	select {
+	case <-n.ready:
+		return n.hot.stats()
+	default:
+		return HotStats{}
+	}
+}
+
 // New checks cfg and builds a Node. It starts nothing and opens nothing.
 func New(cfg Config, log *slog.Logger) (*Node, error) {
 	cfg, err := cfg.withDefaults()

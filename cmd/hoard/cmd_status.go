@@ -49,6 +49,12 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 			}
 			fmt.Fprintf(tw, "store\t%d chunks, %s stored (%s raw), quota %s\n", s.Store.Chunks, formatSize(s.Store.StoredBytes), formatSize(s.Store.RawBytes), quota)
 			fmt.Fprintf(tw, "images\t%d\n", s.Images)
+			if h := s.Hot; h.MaxBytes > 0 {
+				fmt.Fprintf(tw, "hot tier\t%s of %s, %d images; %d reads served, %d corrupt blocks caught, %d evictions\n",
+					formatSize(h.Bytes), formatSize(h.MaxBytes), h.Images, h.Hits, h.Corrupt, h.Evictions)
+			} else {
+				fmt.Fprintf(tw, "hot tier\toff (cache.hot 0)\n")
+			}
 			if c := s.Cluster; c != nil {
 				fmt.Fprintf(tw, "peer id\t%s\n", c.PeerID)
 				for _, a := range c.Addrs {
