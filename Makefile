@@ -45,6 +45,7 @@ image: build
 
 testbed:
 	./scripts/testbed.sh up
+	./scripts/testbed.sh check
 
 bench:
 	./scripts/bench-import.sh
