@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
 )
@@ -54,7 +55,7 @@ type hotTier struct {
 	tick  atomic.Int64 // logical clock for LRU
 
 	hits, fills, corrupt, evictions atomic.Int64
-	failed                          atomic.Bool // a write failed: stop filling until a file is evicted
+	pausedUntil                     atomic.Int64 // unix nanos: a write failed, no filling until then (or an eviction)
 }
 
 type hotFile struct {
@@ -88,6 +89,11 @@ func newHotTier(dir string, max int64, log *slog.Logger) (*hotTier, error) {
 	return &hotTier{dir: dir, max: max, log: log, files: map[chunkstore.ID]*hotFile{}}, nil
 }
 
+// hotPause is how long the tier stops filling after a failed write.
+const hotPause = time.Minute
+
+func (t *hotTier) paused() bool { return time.Now().UnixNano() < t.pausedUntil.Load() }
+
 // file returns img's hot file, creating it when create is set.
 func (t *hotTier) file(id chunkstore.ID, m *chunkstore.Manifest, create bool) *hotFile {
 	t.mu.RLock()
@@ -101,7 +107,7 @@ func (t *hotTier) file(id chunkstore.ID, m *chunkstore.Manifest, create bool) *h
 	if hf := t.files[id]; hf != nil {
 		return hf
 	}
-	if t.failed.Load() {
+	if t.paused() {
 		return nil
 	}
 	// A name of its own: an evicted file of the same image may not be
@@ -135,9 +141,10 @@ func (t *hotTier) file(id chunkstore.ID, m *chunkstore.Manifest, create bool) *h
 }
 
 func (t *hotTier) fail(err error) {
-	if !t.failed.Swap(true) {
-		t.log.Warn("hot cache stops filling; reads are served from the chunk store (free disk space under the data dir or lower cache.hot)", "err", err)
+	if !t.paused() {
+		t.log.Warn("hot cache stops filling for a minute; reads are served from the chunk store meanwhile (free disk space under the data dir or lower cache.hot)", "err", err)
 	}
+	t.pausedUntil.Store(time.Now().Add(hotPause).UnixNano())
 }
 
 // read copies entry idx's bytes [lo, hi) (offsets within the entry) into dst
@@ -221,7 +228,7 @@ func (hf *hotFile) drop(idx int, why error) {
 
 // put writes entry idx's verified bytes b into the tier.
 func (t *hotTier) put(id chunkstore.ID, m *chunkstore.Manifest, idx int, b []byte) {
-	if t.failed.Load() {
+	if t.paused() {
 		return
 	}
 	hf := t.file(id, m, true)
@@ -308,7 +315,7 @@ func (hf *hotFile) evict() {
 		hf.t.log.Warn("remove hot cache file", "file", name, "err", err)
 	}
 	hf.t.used.Add(-hf.filled.Swap(0))
-	hf.t.failed.Store(false) // there is room again
+	hf.t.pausedUntil.Store(0) // there is room again
 }
 
 // remove drops an image's file (image removed).

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -207,5 +208,51 @@ func TestHotTierConcurrent(t *testing.T) {
 	wg.Wait()
 	if st := h.stats(); st.Bytes > h.max || st.Bytes < 0 || st.Corrupt != 0 {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+// A full disk pauses filling; what is in the tier still reads back, and
+// nothing is counted that was not written.
+func TestHotTierDiskFull(t *testing.T) {
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs to fill (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	h, err := newHotTier(filepath.Join(dir, "hot"), 1<<30, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.close()
+	data := hotData(2<<20, 11)
+	m := hotManifest(t, data, 11)
+	id := chunkstore.Sum([]byte("full"))
+	var filled []int
+	for i, e := range m.Entries {
+		if e.Zero {
+			continue
+		}
+		h.put(id, m, i, data[e.Offset:e.End()])
+		if h.has(id, i) {
+			filled = append(filled, i)
+		}
+	}
+	if !h.paused() {
+		t.Fatal("2 MiB went into a 256 KiB file system without an error")
+	}
+	if len(filled) == 0 {
+		t.Fatal("nothing was filled before the disk was full")
+	}
+	var sum int64
+	for _, i := range filled {
+		e := m.Entries[i]
+		sum += e.Length
+		dst := make([]byte, e.Length)
+		if !h.read(id, i, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
+			t.Fatalf("entry %d filled before the disk was full does not read back", i)
+		}
+	}
+	if st := h.stats(); st.Bytes != sum {
+		t.Fatalf("tier counts %d bytes, %d were written", st.Bytes, sum)
 	}
 }
