@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
 	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
@@ -165,11 +166,22 @@ func Open(dir string, opts ...Option) (*Store, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "packs"), 0o750); err != nil {
 		return nil, fmt.Errorf("open chunk store: %w", describeIOError(err))
 	}
-	db, err := pebble.Open(filepath.Join(dir, "index"), &pebble.Options{
-		CacheSize:    o.cacheSize,
-		MemTableSize: 4 << 20,
+	const memTable = 4 << 20
+	popts := &pebble.Options{
+		// pebble reserves room for its memtables (the mutable one and one
+		// being flushed) in the block cache; without adding it, an 8 MiB
+		// cache held no blocks at all and every lookup read the disk.
+		CacheSize:    o.cacheSize + 2*memTable,
+		MemTableSize: memTable,
 		Logger:       quietLogger{o.log},
-	})
+	}
+	// Bloom filters let a lookup of a chunk that is not stored (nearly every
+	// chunk of an import into a fresh store) skip reading index and data
+	// blocks of each table. Tables written without one stay readable.
+	for i := range popts.Levels {
+		popts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+	}
+	db, err := pebble.Open(filepath.Join(dir, "index"), popts)
 	if err != nil {
 		if errors.Is(err, unix.EAGAIN) || strings.Contains(err.Error(), "lock") {
 			return nil, fmt.Errorf("open chunk store %s: %w (the data dir is in use: is a hoard daemon running on it? use its API (HOARD_API), or stop it)", dir, err)
