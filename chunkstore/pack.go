@@ -130,16 +130,35 @@ func (ps *packSet) diskBytes() int64 {
 	return n
 }
 
-// append writes one entry to the current pack, starting a new pack when the
-// current one is full, and returns where it went. The entry is not durable
-// until the pack is synced; the caller must call p.done() once it has indexed
-// or given up the entry.
+// putEntryHeader writes an entry's header into b[:packHeaderSize].
+func putEntryHeader(b []byte, digest [32]byte, codec byte, rawLen, payloadLen int) {
+	copy(b, packMagic)
+	b[3] = codec
+	binary.LittleEndian.PutUint32(b[4:], uint32(rawLen))
+	binary.LittleEndian.PutUint32(b[8:], uint32(payloadLen))
+	copy(b[12:packHeaderSize], digest[:])
+}
+
+// append writes one entry to the current pack (see appendEntry).
 func (ps *packSet) append(digest [32]byte, codec byte, rawLen int, payload []byte) (*pack, int64, int64, error) {
-	n := int64(packHeaderSize + len(payload))
+	buf := make([]byte, packHeaderSize+len(payload))
+	putEntryHeader(buf, digest, codec, rawLen, len(payload))
+	copy(buf[packHeaderSize:], payload)
+	p, off, err := ps.appendEntry(buf)
+	return p, off, int64(len(buf)), err
+}
+
+// appendEntry writes one whole entry, header included, to the current pack,
+// starting a new pack when the current one is full, and returns where it
+// went. The entry is not durable until the pack is synced; the caller must
+// call p.done() once it has indexed or given up the entry. entry is not
+// retained.
+func (ps *packSet) appendEntry(entry []byte) (*pack, int64, error) {
+	n := int64(len(entry))
 	ps.mu.Lock()
 	if ps.packs == nil {
 		ps.mu.Unlock()
-		return nil, 0, 0, ErrClosed
+		return nil, 0, ErrClosed
 	}
 	p := ps.cur
 	if p != nil {
@@ -155,13 +174,13 @@ func (ps *packSet) append(digest [32]byte, codec byte, rawLen int, payload []byt
 		f, err := os.OpenFile(filepath.Join(ps.dir, packName(id)), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o640)
 		if err != nil {
 			ps.mu.Unlock()
-			return nil, 0, 0, err
+			return nil, 0, err
 		}
 		if err := syncDir(ps.dir); err != nil {
 			f.Close()
 			os.Remove(f.Name())
 			ps.mu.Unlock()
-			return nil, 0, 0, err
+			return nil, 0, err
 		}
 		ps.next++
 		p = &pack{id: id, f: f}
@@ -175,18 +194,11 @@ func (ps *packSet) append(digest [32]byte, codec byte, rawLen int, payload []byt
 	p.mu.Unlock()
 	ps.mu.Unlock()
 
-	buf := make([]byte, 0, n)
-	buf = append(buf, packMagic...)
-	buf = append(buf, codec)
-	buf = binary.LittleEndian.AppendUint32(buf, uint32(rawLen))
-	buf = binary.LittleEndian.AppendUint32(buf, uint32(len(payload)))
-	buf = append(buf, digest[:]...)
-	buf = append(buf, payload...)
-	if _, err := p.f.WriteAt(buf, off); err != nil {
+	if _, err := p.f.WriteAt(entry, off); err != nil {
 		p.done()
-		return nil, 0, 0, err
+		return nil, 0, err
 	}
-	return p, off, n, nil
+	return p, off, nil
 }
 
 // read returns the entry a record points to, checking its header against the

@@ -2,13 +2,15 @@ package chunkstore
 
 import (
 	"bytes"
-	"encoding/binary"
 	"context"
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // randChunk returns n bytes that compress like real image data: runs of words
@@ -470,5 +472,57 @@ func TestIndexCacheHoldsBlocks(t *testing.T) {
 	m := s.db.Metrics().BlockCache
 	if rate := float64(m.Hits) / float64(m.Hits+m.Misses); rate < 0.9 {
 		t.Fatalf("block cache hit rate %.2f (%d hits, %d misses, %d bytes cached); want >= 0.9", rate, m.Hits, m.Misses, m.Size)
+	}
+}
+
+// TestEntrySizesAndCodecs round-trips chunks of every codec, compressible or
+// not, smaller and larger than the pooled entry buffers.
+func TestEntrySizesAndCodecs(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r := rand.New(rand.NewPCG(5, 6))
+	for _, codec := range []string{"zstd", "s2", "none"} {
+		s := openT(t, t.TempDir(), WithCodec(codec), WithSync(false))
+		for _, n := range []int{0, 1, 5000, 256 << 10, 1 << 20, MaxChunkSize} {
+			rnd := make([]byte, n)
+			fillRandom(r, rnd)
+			for _, data := range [][]byte{randChunk(r, n), rnd} {
+				b := s.NewBatch("")
+				id, _, err := b.Add(ctx, data)
+				if err != nil {
+					t.Fatalf("%s %d bytes: %v", codec, n, err)
+				}
+				if err := b.Commit(ctx); err != nil {
+					t.Fatal(err)
+				}
+				got, err := s.Get(ctx, id)
+				if err != nil || !bytes.Equal(got, data) {
+					t.Fatalf("%s %d bytes: get: %v, equal %v", codec, n, err, bytes.Equal(got, data))
+				}
+				st, err := s.GetStored(ctx, id)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if compressed := st.Codec != CodecRaw; compressed && len(st.Payload) >= n-n/32 {
+					t.Fatalf("%s %d bytes: stored with codec %d in %d bytes, saving less than 1/32", codec, n, st.Codec, len(st.Payload))
+				}
+			}
+		}
+	}
+}
+
+// TestDecodesZstdWithChecksum: chunks written before the store dropped the
+// zstd frame checksum still decode.
+func TestDecodesZstdWithChecksum(t *testing.T) {
+	t.Parallel()
+	data := randChunk(rand.New(rand.NewPCG(7, 8)), 100000)
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithZeroFrames(true), zstd.WithEncoderCRC(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := openT(t, t.TempDir())
+	got, err := s.Decode(Stored{Codec: CodecZstd, RawLen: len(data), Payload: enc.EncodeAll(data, nil)})
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("decode: %v, equal %v", err, bytes.Equal(got, data))
 	}
 }
