@@ -1,7 +1,7 @@
 package node
 
 import (
-	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -86,18 +86,26 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 		return nil, err
 	}
 	defer rc.Close()
-	br := bufio.NewReaderSize(rc, 1<<20)
+	// The splitter reads in large blocks itself: no bufio in between, which
+	// only added a copy of every byte.
+	var r io.Reader = rc
 	format := ""
 	if f, ok := src.(origin.Formatter); ok {
 		format = f.Format()
 	}
 	if format == "" {
 		format = chunkstore.FormatRaw
-		if magic, _ := br.Peek(4); string(magic) == "QFI\xfb" {
+		var magic [4]byte
+		n, err := io.ReadFull(rc, magic[:])
+		if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, fmt.Errorf("import %s: %w", src.Ref().Location, err)
+		}
+		if string(magic[:n]) == "QFI\xfb" {
 			format = chunkstore.FormatQcow2
 		}
+		r = io.MultiReader(bytes.NewReader(magic[:n]), rc)
 	}
-	split, err := chunkstore.NewSplitter(br, o.Chunking)
+	split, err := chunkstore.NewSplitter(r, o.Chunking)
 	if err != nil {
 		return nil, err
 	}
