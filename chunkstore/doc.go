@@ -16,10 +16,12 @@
 //	packs/XXXXXXXX.pack   append-only pack files of chunk entries
 //	index/                a pebble database (the index)
 //
-// A pack entry is "HP\x01", codec (0 raw, 1 zstd), the raw length and the
-// payload length (4 bytes little-endian each), the 32-byte sha2-256 digest,
-// then the payload. Chunks are compressed with zstd and stored raw when that
-// saves less than 1/32. Packs are sealed at 64 MiB (quota/32 for small quotas)
+// A pack entry is "HP\x01", codec (0 raw, 1 zstd, 2 s2), the raw length and
+// the payload length (4 bytes little-endian each), the 32-byte sha2-256
+// digest, then the payload. Chunks are compressed with the store's codec (zstd
+// by default) and stored raw when that saves less than 1/32. zstd payloads
+// are single frames written without a content checksum (the sha2-256 check on
+// every read covers it); frames written with one by older versions decode too. Packs are sealed at 64 MiB (quota/32 for small quotas)
 // and a new one is started on every open.
 //
 // Index keys (one byte prefix, then binary fields):
