@@ -105,13 +105,16 @@ func (n *Node) prefetchProfile(img *image) {
 		}
 		return
 	}
+	// Missing chunks are fetched; with the hot tier on, stored ones are
+	// decoded into it too, so that the boot reads them as from a raw file.
 	var todo []int
 	for _, i := range p.Chunks {
 		e := img.m.Entries[i]
-		if e.Zero || n.cache.has(e.ID) {
+		if e.Zero {
 			continue
 		}
-		if ok, err := n.store.Has(context.Background(), e.ID); err == nil && ok {
+		inStore, err := n.store.Has(context.Background(), e.ID)
+		if err == nil && inStore && (n.hot == nil || n.hot.has(img.id, i)) {
 			continue
 		}
 		todo = append(todo, i)
