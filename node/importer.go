@@ -59,8 +59,9 @@ type importJob struct {
 
 type importSeg struct {
 	batch   *chunkstore.Batch
-	pending int  // chunks handed to workers and not finished
-	closed  bool // the reader has moved past this segment
+	pending int             // chunks handed to workers and not finished
+	closed  bool            // the reader has moved past this segment
+	written []chunkstore.ID // new chunks written by this segment, in inflight until it commits
 }
 
 // Import streams src once: it cuts it into chunks, hashes them, and (unless
@@ -125,7 +126,11 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 		newIDs    []chunkstore.ID
 		newRaw    int64
 		newStored int64
-		commitCh  = make(chan *chunkstore.Batch, 2)
+		commitCh  = make(chan *importSeg, 2)
+		// inflight holds the chunks written by segments not committed yet:
+		// the store cannot see them, so a chunk that recurs in the next
+		// segment would otherwise be written twice.
+		inflight = map[chunkstore.ID]struct{}{}
 	)
 	pool := sync.Pool{New: func() any { b := make([]byte, o.Chunking.Max); return &b }}
 	jobs := make(chan importJob, workers*4)
@@ -140,7 +145,7 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 		if s.closed && s.pending == 0 {
 			delete(segs, seg)
 			if !o.Lazy {
-				commitCh <- s.batch
+				commitCh <- s
 			}
 		}
 	}
@@ -214,14 +219,27 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 				case o.Lazy:
 					r.id = chunkstore.Sum(j.data)
 				default:
+					r.id = chunkstore.Sum(j.data)
 					mu.Lock()
-					b := segs[j.seg].batch
+					s := segs[j.seg]
+					_, dup := inflight[r.id]
+					inflight[r.id] = struct{}{}
 					mu.Unlock()
-					var err error
-					// Add hashes the chunk once, for its ID and to store it.
-					if r.id, stored, err = b.Add(gctx, j.data); err != nil {
-						return err
+					if !dup {
+						var err error
+						// The ID was just computed from these bytes: no second hash.
+						if stored, err = s.batch.PutHashed(gctx, r.id, j.data); err != nil {
+							return err
+						}
 					}
+					mu.Lock()
+					switch {
+					case stored > 0:
+						s.written = append(s.written, r.id)
+					case !dup:
+						delete(inflight, r.id) // already in the store
+					}
+					mu.Unlock()
 				}
 				pool.Put(j.buf)
 				mu.Lock()
@@ -243,15 +261,21 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 	// After a failure it keeps draining (aborting) so that no sender blocks.
 	g.Go(func() error {
 		var failed error
-		for b := range commitCh {
+		for s := range commitCh {
 			if failed != nil {
-				b.Abort()
+				s.batch.Abort()
 				continue
 			}
-			if err := b.Commit(gctx); err != nil {
+			if err := s.batch.Commit(gctx); err != nil {
 				failed = err
 				cancel(err)
+				continue
 			}
+			mu.Lock()
+			for _, id := range s.written {
+				delete(inflight, id)
+			}
+			mu.Unlock()
 		}
 		return failed
 	})

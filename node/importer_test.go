@@ -341,3 +341,44 @@ func BenchmarkImportFile(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// TestImportRecurringChunksWrittenOnce: an image whose chunks recur across
+// segments (several commits in flight) writes each distinct chunk once: the
+// result counts exactly the distinct chunks and no dead bytes are left in the
+// packs.
+func TestImportRecurringChunksWrittenOnce(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st := openStore(t, t.TempDir())
+	const distinct, blocks = 300, 3 * segmentChunks
+	pool := make([][]byte, distinct)
+	r := rand.New(rand.NewPCG(8, 8))
+	for i := range pool {
+		pool[i] = make([]byte, 64<<10)
+		for j := range pool[i] {
+			pool[i][j] = byte(r.Uint32())
+		}
+	}
+	img := make([]byte, 0, blocks*64<<10)
+	for i := range blocks {
+		img = append(img, pool[(i*7+i/distinct)%distinct]...)
+	}
+	src, err := origin.Open(ctx, writeFile(t, img), origin.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := Import(ctx, st, src, ImportOptions{Name: "recurring", Chunking: chunkstore.Fixed64K})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := st.Usage()
+	if res.NewChunks != distinct || u.Chunks != distinct {
+		t.Errorf("new chunks %d, store holds %d; want %d distinct", res.NewChunks, u.Chunks, distinct)
+	}
+	if u.DiskBytes != u.StoredBytes {
+		t.Errorf("pack files hold %d bytes, %d of them live: chunks were written twice", u.DiskBytes, u.StoredBytes)
+	}
+	if got := readBack(t, st, res.Manifest); !bytes.Equal(got, img) {
+		t.Fatal("image read back differs")
+	}
+}
