@@ -631,11 +631,43 @@ func (b *Batch) PutHashed(ctx context.Context, id ID, data []byte) (int64, error
 
 // put stores data, which the caller has checked hashes to id.
 func (b *Batch) put(ctx context.Context, id ID, data []byte) (int64, error) {
+	return b.write(ctx, id, len(data), func(buf []byte) ([]byte, byte) { return b.s.encodeEntry(buf, id.digest, data) })
+}
+
+// PutStored stores a chunk in the stored form st, as is: no compression. The
+// caller must have checked that st decodes to bytes that hash to id, as the
+// p2p layer does with every chunk a peer sends; every later read verifies
+// again, and drops the chunk if it does not.
+func (s *Store) PutStored(ctx context.Context, id ID, st Stored) error {
+	switch st.Codec {
+	case CodecRaw, CodecZstd, CodecS2:
+	default:
+		return fmt.Errorf("put chunk %s: unknown codec %d", id, st.Codec)
+	}
+	if st.Codec == CodecRaw && len(st.Payload) != st.RawLen {
+		return fmt.Errorf("put chunk %s: raw payload of %d bytes for a %d-byte chunk", id, len(st.Payload), st.RawLen)
+	}
+	b := s.NewBatch("")
+	_, err := b.write(ctx, id, st.RawLen, func(buf []byte) ([]byte, byte) {
+		buf = append(slices.Grow(buf[:0], packHeaderSize+len(st.Payload))[:packHeaderSize], st.Payload...)
+		putEntryHeader(buf, id.digest, st.Codec, st.RawLen, len(st.Payload))
+		return buf, st.Codec
+	})
+	if err != nil {
+		b.Abort()
+		return err
+	}
+	return b.Commit(ctx)
+}
+
+// write stores the chunk id of rawLen bytes unless it is stored already;
+// encode builds its pack entry in the buffer it is given.
+func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []byte) ([]byte, byte)) (int64, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	if len(data) > MaxChunkSize {
-		return 0, fmt.Errorf("put chunk %s: %d bytes is more than the %d-byte limit", id, len(data), MaxChunkSize)
+	if rawLen > MaxChunkSize || rawLen < 0 {
+		return 0, fmt.Errorf("put chunk %s: %d bytes is more than the %d-byte limit", id, rawLen, MaxChunkSize)
 	}
 	s := b.s
 	if err := s.checkOpen(); err != nil {
@@ -658,8 +690,8 @@ func (b *Batch) put(ctx context.Context, id ID, data []byte) (int64, error) {
 		return 0, nil
 	}
 	bp := entryBufs.Get().(*[]byte)
-	entry, codec := s.encodeEntry((*bp)[:0], id.digest, data)
-	rec := record{raw: int64(len(data)), codec: codec, atime: s.opts.now().UnixNano()}
+	entry, codec := encode((*bp)[:0])
+	rec := record{raw: int64(rawLen), codec: codec, atime: s.opts.now().UnixNano()}
 	p, off, err := s.packs.appendEntry(entry)
 	n := int64(len(entry))
 	if cap(entry) <= maxPooledEntry {

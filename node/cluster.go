@@ -324,6 +324,14 @@ func (c *cluster) refresh(ctx context.Context, manifest chunkstore.ID) *view {
 // origin) within Config.P2P.DesignatedTimeout; else ErrNotFound, and the
 // caller goes to the origin itself.
 func (c *cluster) Fetch(ctx context.Context, manifest chunkstore.ID, index int, id chunkstore.ID) ([]byte, error) {
+	b, _, err := c.FetchStored(ctx, manifest, index, id)
+	return b, err
+}
+
+// FetchStored is Fetch that also returns the chunk as the peer sent it
+// (compressed), to be stored as is. The p2p layer has verified it: decoded,
+// and hashed against id.
+func (c *cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index int, id chunkstore.ID) ([]byte, chunkstore.Stored, error) {
 	designated := ctx.Value(designatedKey{}) != nil
 	maxWait := time.Duration(math.MaxInt64)
 	if designated {
@@ -332,9 +340,10 @@ func (c *cluster) Fetch(ctx context.Context, manifest chunkstore.ID, index int, 
 	v := c.peerView(ctx, manifest, maxWait)
 	want := []p2p.Want{{Index: index, ID: id}}
 	var got []byte
+	var gotStored chunkstore.Stored
 	keep := func(ch p2p.Chunk) error {
-		if ch.ID == id && id.Verify(ch.Data) {
-			got = ch.Data
+		if ch.ID == id { // verified by p2p (WithVerify above)
+			got, gotStored = ch.Data, ch.Stored
 		}
 		return nil
 	}
@@ -359,10 +368,10 @@ func (c *cluster) Fetch(ctx context.Context, manifest chunkstore.ID, index int, 
 	}
 	if len(holders) > 0 {
 		if _, err := c.p.FetchFrom(ctx, manifest, want, holders, 1, keep); err != nil && ctx.Err() != nil {
-			return nil, err
+			return nil, chunkstore.Stored{}, err
 		}
 		if got != nil {
-			return got, nil
+			return got, gotStored, nil
 		}
 	}
 	live := make([]peer.ID, 0, len(v.haves)+1)
@@ -375,20 +384,20 @@ func (c *cluster) Fetch(ctx context.Context, manifest chunkstore.ID, index int, 
 	slices.Sort(live)
 	d := p2p.Designated(id, live)
 	if d == c.p.ID() {
-		return nil, fmt.Errorf("chunk %s: this node is its designated fetcher: %w", id, chunkstore.ErrNotFound)
+		return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: this node is its designated fetcher: %w", id, chunkstore.ErrNotFound)
 	}
 	dctx, cancel := context.WithTimeout(ctx, c.n.cfg.P2P.DesignatedTimeout)
 	defer cancel()
 	_, err := c.p.Fetch(dctx, d, manifest, want, true, keep)
 	if got != nil {
-		return got, nil
+		return got, gotStored, nil
 	}
 	if ctx.Err() != nil {
-		return nil, ctx.Err()
+		return nil, chunkstore.Stored{}, ctx.Err()
 	}
 	c.n.stats.designatedFallbacks.Add(1)
 	c.log.Debug("designated fetcher did not deliver; going to the origin", "chunk_id", id.String(), "peer_id", d.String(), "err", err)
-	return nil, fmt.Errorf("chunk %s: designated fetcher %s did not deliver (%v): %w", id, d, err, chunkstore.ErrNotFound)
+	return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: designated fetcher %s did not deliver (%v): %w", id, d, err, chunkstore.ErrNotFound)
 }
 
 // designatedKey marks the context of a fetch this node runs as a peer's

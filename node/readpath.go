@@ -204,12 +204,29 @@ func (n *Node) fetch(img *image, idx int, why int) (f fetched, err error) {
 		if why == forPeer {
 			fctx = context.WithValue(pctx, designatedKey{}, true)
 		}
-		b, err := f.Fetch(fctx, img.id, idx, e.ID)
+		var b []byte
+		var st chunkstore.Stored
+		var err error
+		verified := false
+		if sf, ok := f.(storedFetcher); ok {
+			b, st, err = sf.FetchStored(fctx, img.id, idx, e.ID)
+			verified = true
+		} else {
+			b, err = f.Fetch(fctx, img.id, idx, e.ID)
+		}
 		pcancel()
 		switch {
-		case err == nil && e.ID.Verify(b):
+		case err == nil && (verified || e.ID.Verify(b)):
 			n.m.fetchSeconds.WithLabelValues("peer").Observe(time.Since(start).Seconds())
-			n.keep(n.runCtx, e.ID, b)
+			if st.Payload != nil {
+				// As the peer stored it: no recompression.
+				if err := n.store.PutStored(n.runCtx, e.ID, st); err != nil {
+					n.log.Warn("cannot store fetched chunk; serving it anyway", "chunk_id", e.ID.String(), "err", err)
+				}
+				n.cache.add(e.ID, b)
+			} else {
+				n.keep(n.runCtx, e.ID, b)
+			}
 			img.markHave(idx)
 			return fetched{b, fromPeer}, nil
 		case err == nil:
@@ -230,6 +247,12 @@ func (n *Node) fetch(img *image, idx int, why int) (f fetched, err error) {
 	n.keep(ctx, e.ID, b)
 	img.markHave(idx)
 	return fetched{b, fromOrigin}, nil
+}
+
+// storedFetcher is a Fetcher that also hands over the chunk's stored form,
+// already verified (the cluster).
+type storedFetcher interface {
+	FetchStored(ctx context.Context, manifest chunkstore.ID, index int, id chunkstore.ID) ([]byte, chunkstore.Stored, error)
 }
 
 // fetcher is Config.Fetcher, or the cluster when it is on.
