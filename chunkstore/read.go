@@ -1,0 +1,183 @@
+package chunkstore
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/klauspost/compress/s2"
+)
+
+// Has reports whether the chunk is stored.
+func (s *Store) Has(ctx context.Context, id ID) (bool, error) {
+	if err := s.checkOpen(); err != nil {
+		return false, err
+	}
+	_, ok, err := s.getRecord(id.digest)
+	return ok, err
+}
+
+// Get returns the chunk's bytes, verified against id. A chunk whose bytes do not
+// match is dropped from the store and ErrCorrupt returned: it is never served.
+func (s *Store) Get(ctx context.Context, id ID) ([]byte, error) {
+	_, raw, err := s.load(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	s.touch(id.digest)
+	return raw, nil
+}
+
+// load reads a chunk and verifies it, dropping it when it fails; it does not
+// count as an access (Verify and compaction use it too).
+func (s *Store) load(ctx context.Context, id ID) (Stored, []byte, error) {
+	st, err := s.readStored(id)
+	if err != nil {
+		return Stored{}, nil, err
+	}
+	raw, err := s.verifyStored(id, st)
+	if err != nil {
+		return Stored{}, nil, s.corrupt(ctx, id, err)
+	}
+	return st, raw, nil
+}
+
+// verifyStored decodes st and checks the bytes against id.
+func (s *Store) verifyStored(id ID, st Stored) ([]byte, error) {
+	raw, err := s.decode(st)
+	if err == nil && !id.Verify(raw) {
+		err = ErrMismatch
+	}
+	return raw, err
+}
+
+// Stored is a chunk in its stored form: what peers are sent.
+type Stored struct {
+	Codec   byte
+	RawLen  int
+	Payload []byte
+}
+
+// GetStored returns the chunk as stored (compressed), after verifying it.
+func (s *Store) GetStored(ctx context.Context, id ID) (Stored, error) {
+	st, _, err := s.load(ctx, id)
+	if err != nil {
+		return Stored{}, err
+	}
+	s.touch(id.digest)
+	return st, nil
+}
+
+// Decode returns the uncompressed bytes of a stored chunk (for instance one a
+// peer sent). The caller verifies them against the ID.
+func (s *Store) Decode(st Stored) ([]byte, error) { return s.decode(st) }
+
+func (s *Store) decode(st Stored) ([]byte, error) {
+	switch st.Codec {
+	case CodecRaw:
+		if len(st.Payload) != st.RawLen {
+			return nil, fmt.Errorf("raw payload %d bytes, want %d", len(st.Payload), st.RawLen)
+		}
+		return st.Payload, nil
+	case CodecS2:
+		if n, err := s2.DecodedLen(st.Payload); err != nil || n != st.RawLen {
+			return nil, fmt.Errorf("s2 payload decodes to %d bytes, want %d (%v)", n, st.RawLen, err)
+		}
+		return s2.Decode(make([]byte, st.RawLen), st.Payload)
+	case CodecZstd:
+		if st.RawLen > MaxChunkSize || st.RawLen < 0 {
+			return nil, fmt.Errorf("chunk length %d out of range", st.RawLen)
+		}
+		out, err := s.dec.DecodeAll(st.Payload, make([]byte, 0, st.RawLen))
+		if err != nil {
+			return nil, err
+		}
+		if len(out) != st.RawLen {
+			return nil, fmt.Errorf("decompressed %d bytes, want %d", len(out), st.RawLen)
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("unknown codec %d", st.Codec)
+}
+
+func (s *Store) readStored(id ID) (Stored, error) {
+	if err := s.checkOpen(); err != nil {
+		return Stored{}, err
+	}
+	r, ok, err := s.getRecord(id.digest)
+	if err != nil {
+		return Stored{}, fmt.Errorf("get chunk %s: %w", id, err)
+	}
+	if !ok {
+		return Stored{}, fmt.Errorf("get chunk %s: %w", id, ErrNotFound)
+	}
+	st, err := s.packs.read(r, id.digest)
+	if err != nil {
+		return Stored{}, s.corrupt(context.Background(), id, err)
+	}
+	return st, nil
+}
+
+// corrupt drops a chunk that failed verification and returns the error to report.
+func (s *Store) corrupt(ctx context.Context, id ID, cause error) error {
+	s.opts.log.Warn("dropping corrupt chunk", "chunk_id", id.String(), "cause", cause)
+	s.evictLock.Lock()
+	_, err := s.deleteLocked(ctx, []ID{id}, false)
+	s.evictLock.Unlock()
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		s.opts.log.Error("drop corrupt chunk", "chunk_id", id.String(), "err", err)
+	}
+	return fmt.Errorf("get chunk %s: %w: %v (dropped; it will be fetched again)", id, ErrCorrupt, cause)
+}
+
+// touch records an access for LRU, in memory; flushAccess writes them.
+func (s *Store) touch(d [32]byte) {
+	s.mu.Lock()
+	s.atimes[d] = s.opts.now().UnixNano()
+	n := len(s.atimes)
+	s.mu.Unlock()
+	if n >= 4096 {
+		if err := s.flushAccess(); err != nil {
+			s.opts.log.Warn("flush access times", "err", err)
+		}
+	}
+}
+
+// flushAccess moves pending access times into the index (not synced: losing
+// them only makes eviction a little less exact).
+func (s *Store) flushAccess() error {
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
+	s.mu.Lock()
+	pending := s.atimes
+	s.atimes = make(map[[32]byte]int64)
+	closed := s.closed
+	s.mu.Unlock()
+	if len(pending) == 0 || closed {
+		return nil
+	}
+	b := s.db.NewBatch()
+	defer b.Close()
+	for d, t := range pending {
+		r, ok, err := s.getRecord(d)
+		if err != nil {
+			return err
+		}
+		if !ok || r.atime >= t {
+			continue
+		}
+		if err := b.Delete(accessKey(r.atime, d), nil); err != nil {
+			return err
+		}
+		r.atime = t
+		if err := b.Set(accessKey(t, d), binary.AppendUvarint(nil, uint64(r.stored)), nil); err != nil {
+			return err
+		}
+		if err := b.Set(chunkKey(d), r.encode(), nil); err != nil {
+			return err
+		}
+	}
+	return b.Commit(pebble.NoSync)
+}

@@ -1,0 +1,93 @@
+package chunkstore
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// record is a chunk's index entry: where its pack entry is and how big.
+type record struct {
+	stored, raw int64 // stored: the whole pack entry, header included
+	codec       byte
+	atime       int64
+	pack        uint32
+	off         int64
+}
+
+func (r record) encode() []byte {
+	b := make([]byte, 0, 32)
+	b = binary.AppendUvarint(b, uint64(r.stored))
+	b = binary.AppendUvarint(b, uint64(r.raw))
+	b = append(b, r.codec)
+	b = binary.AppendVarint(b, r.atime)
+	b = binary.AppendUvarint(b, uint64(r.pack))
+	return binary.AppendUvarint(b, uint64(r.off))
+}
+
+func decodeRecord(b []byte) (record, error) {
+	d := &decoder{b: b}
+	r := record{stored: int64(d.uvarint("stored")), raw: int64(d.uvarint("raw"))}
+	c := d.bytes(1, "codec")
+	if d.err != nil {
+		return r, d.err
+	}
+	r.codec = c[0]
+	v, n := binary.Varint(d.b)
+	if n <= 0 {
+		return r, errors.New("bad access time")
+	}
+	r.atime = v
+	d.b = d.b[n:]
+	r.pack = uint32(d.uvarint("pack"))
+	r.off = int64(d.uvarint("offset"))
+	return r, d.err
+}
+
+func chunkKey(d [32]byte) []byte { return append([]byte{pfxChunk}, d[:]...) }
+
+func accessKey(t int64, d [32]byte) []byte {
+	k := make([]byte, 0, 41)
+	k = append(k, pfxAccess)
+	k = binary.BigEndian.AppendUint64(k, uint64(t))
+	return append(k, d[:]...)
+}
+
+func prefixIter(p ...byte) *pebble.IterOptions {
+	return &pebble.IterOptions{LowerBound: p, UpperBound: prefixEnd(p)}
+}
+
+func prefixEnd(p []byte) []byte {
+	end := bytes.Clone(p)
+	for i := len(end) - 1; i >= 0; i-- {
+		end[i]++
+		if end[i] != 0 {
+			return end[:i+1]
+		}
+	}
+	return nil
+}
+
+func (s *Store) getRecord(d [32]byte) (record, bool, error) {
+	v, c, err := s.db.Get(chunkKey(d))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return record{}, false, nil
+	}
+	if err != nil {
+		return record{}, false, err
+	}
+	defer c.Close()
+	r, err := decodeRecord(v)
+	return r, err == nil, err
+}
+
+func (s *Store) hasPrefix(p []byte) (bool, error) {
+	it, err := s.db.NewIter(prefixIter(p...))
+	if err != nil {
+		return false, err
+	}
+	defer it.Close()
+	return it.First(), it.Error()
+}
