@@ -2,17 +2,45 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"html"
 	"net/url"
 	"os"
 	"os/exec"
 	"strings"
+	"time"
 )
 
-// OverlayBacking is the backing-file URI of an overlay on export image.
-func OverlayBacking(image, socket string) string {
+// ReconnectDelay is how long QEMU's NBD client keeps a guest's reads waiting
+// for the daemon to come back (a restart, an upgrade, a crash and a restart by
+// systemd) before it fails them with EIO. It is also how long a VM that starts
+// while the daemon is down waits for it at first open.
+const ReconnectDelay = 30 * time.Second
+
+// NBDURI is the export's address in NBD URI form (nbdinfo, qemu-img, qemu-io).
+func NBDURI(image, socket string) string {
 	return "nbd+unix:///" + url.PathEscape(image) + "?socket=" + socket
+}
+
+// OverlayBacking is the backing string of an overlay on export image: QEMU's
+// json: form, because only it can carry the NBD driver's reconnect-delay and
+// open-timeout (the nbd+unix URI cannot), so a guest's reads stall across a
+// daemon restart instead of failing. qemu-img info/rebase and libvirt parse it.
+func OverlayBacking(image, format, socket string) string {
+	secs := int(ReconnectDelay / time.Second)
+	b, _ := json.Marshal(map[string]any{
+		"driver": format,
+		"file": map[string]any{
+			"driver":          "nbd",
+			"server.type":     "unix",
+			"server.path":     socket,
+			"export":          image,
+			"reconnect-delay": secs,
+			"open-timeout":    secs,
+		},
+	})
+	return "json:" + string(b)
 }
 
 // CreateOverlay runs qemu-img create for a qcow2 overlay of the export.
@@ -24,7 +52,7 @@ func CreateOverlay(ctx context.Context, image, format, socket, path string) erro
 		return fmt.Errorf("%s already exists; remove it or choose another path", path)
 	}
 	out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", format,
-		"-b", OverlayBacking(image, socket), path).CombinedOutput()
+		"-b", OverlayBacking(image, format, socket), path).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("qemu-img create: %v: %s (is the hoard daemon running? hoard status)", err, strings.TrimSpace(string(out)))
 	}
@@ -41,10 +69,13 @@ func QemuCommand(path string) string {
 
 // LibvirtDisk is the libvirt <disk> element for the overlay. libvirt reads the
 // backing chain from the qcow2 header; the backingStore element documents it.
+// libvirt (9.0, Debian 12) has no NBD reconnect setting, so the disk's error
+// policies pause the guest on an I/O error instead of passing it on: after the
+// daemon is back, `virsh resume DOMAIN` retries the failed requests.
 func LibvirtDisk(image, format, socket, path string) string {
 	e := html.EscapeString
 	return fmt.Sprintf(`<disk type='file' device='disk'>
-  <driver name='qemu' type='qcow2' discard='unmap'/>
+  <driver name='qemu' type='qcow2' discard='unmap' error_policy='stop' rerror_policy='stop'/>
   <source file='%s'/>
   <backingStore type='network'>
     <format type='%s'/>

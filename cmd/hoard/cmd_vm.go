@@ -27,8 +27,13 @@ func newVMOverlayCommand(g *globalOptions) *cobra.Command {
 		Long: `Creates PATH.qcow2 with qemu-img, backed read-only by
 nbd+unix:///IMAGE?socket=<nbd.socket>, and prints the qemu command line that
 boots a VM on it (--libvirt: the libvirt <disk> element instead). The VM's
-writes go to the overlay; reads of unwritten blocks go to the daemon, which
-must be running while the VM runs.`,
+writes go to the overlay; reads of unwritten blocks go to the daemon.
+
+The backing is written in QEMU's json: form with the NBD driver's
+reconnect-delay and open-timeout (30 s), so a guest's reads wait across a
+restart or upgrade of the daemon instead of failing. Under libvirt, which
+builds its own NBD client settings, the printed <disk> pauses the guest on an
+I/O error instead (virsh resume DOMAIN once the daemon is back).`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -45,9 +50,11 @@ must be running while the VM runs.`,
 			}
 			if libvirt {
 				fmt.Print(node.LibvirtDisk(args[0], format, sock, path))
+				fmt.Fprintf(os.Stderr, "created %s; libvirt has no NBD reconnect, so the disk pauses the guest on an I/O error\n"+
+					"(error_policy=stop): if the hoard daemon restarts under a running guest, resume it with `virsh resume DOMAIN`\n", path)
 				return nil
 			}
-			fmt.Fprintf(os.Stderr, "created %s (backing: %s, format %s)\nstart a VM on it with:\n", path, node.OverlayBacking(args[0], sock), format)
+			fmt.Fprintf(os.Stderr, "created %s (backing: %s, format %s)\nstart a VM on it with:\n", path, node.NBDURI(args[0], sock), format)
 			fmt.Println(node.QemuCommand(path))
 			return nil
 		},
