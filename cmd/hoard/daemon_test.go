@@ -99,7 +99,7 @@ func TestCLIThroughDaemon(t *testing.T) {
 		t.Fatalf("vm overlay output:\n%s", out)
 	}
 	info, err := exec.Command("qemu-img", "info", ov).CombinedOutput()
-	if err != nil || !strings.Contains(string(info), "nbd+unix:///deb?socket="+sock) || !strings.Contains(string(info), "backing file format: raw") {
+	if err != nil || !strings.Contains(string(info), `"server.path":"`+sock+`"`) || !strings.Contains(string(info), "backing file format: raw") {
 		t.Fatalf("qemu-img info %s: %v\n%s", ov, err, info)
 	}
 	if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, img).CombinedOutput(); err != nil {
