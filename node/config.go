@@ -28,8 +28,12 @@ type Config struct {
 	NBDListen string
 	// APIListen is the admin HTTP API address; default 127.0.0.1:7480. "-" disables it.
 	APIListen string
-	// APIToken, when set, is the bearer token every API request but /healthz must carry.
+	// APIToken is the bearer token every API request but /healthz, /readyz
+	// and /metrics must carry. Empty (the default): Run creates a random one
+	// on first start in DataDir/api.token (mode 0600) and reuses it.
 	APIToken string
+	// apiTokenFile is where Run loaded APIToken from, "" when configured.
+	apiTokenFile string
 
 	// Origin configures the origin sources opened for lazy images.
 	Origin origin.Config
@@ -120,6 +124,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.P2P.ViewTTL <= 0 {
 		c.P2P.ViewTTL = 5 * time.Second
 	}
+	// Never export the daemon's own data or keys, whoever asks.
+	c.Origin.DenyPaths = append(c.Origin.DenyPaths[:len(c.Origin.DenyPaths):len(c.Origin.DenyPaths)], c.DataDir, c.P2P.SwarmKeyFile,
+		filepath.Join(c.DataDir, "identity.key"), filepath.Join(c.DataDir, APITokenFile))
 	if c.Origin.Log == nil {
 		c.Origin.Log = slog.New(slog.DiscardHandler)
 	}

@@ -153,6 +153,9 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("create data dir: %w", err)
 	}
+	if err := n.loadAPIToken(); err != nil {
+		return err
+	}
 	st, err := chunkstore.Open(filepath.Join(cfg.DataDir, "store"),
 		chunkstore.WithQuota(cfg.StoreQuota),
 		chunkstore.WithCodec(cfg.StoreCompression),
@@ -256,7 +259,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			defer cancel()
 			return hs.Shutdown(sctx)
 		})
-		n.log.Info("serving admin API", "addr", n.apiAddr.String(), "token_required", cfg.APIToken != "")
+		n.log.Info("serving admin API", "addr", n.apiAddr.String(), "token_file", n.cfg.apiTokenFile)
 	}
 	if n.apiAddr != nil {
 		// Tell CLIs on this data dir where the API is (the store is locked).

@@ -18,7 +18,10 @@ read-only NBD export (by name and by manifest CID) on the unix socket
 nbd.socket (default <data_dir>/nbd.sock) and, when set, over TCP on
 nbd.listen (keep it on loopback); fetches missing chunks from the image's
 origin (copy-on-read); learns boot profiles; and answers the admin API on
-api.listen (default 127.0.0.1:7480; bearer token api.token when set).
+api.listen (default 127.0.0.1:7480). Every API request but /healthz,
+/readyz and /metrics needs a bearer token: api.token when set, otherwise the
+random token the daemon creates on first start in <data_dir>/api.token (mode
+0600; the CLI reads it there). Whoever holds the token controls the daemon.
 
 While it runs, the other hoard commands on the same data dir go through its API.
 Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
@@ -39,7 +42,7 @@ Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
 	f.String("nbd-socket", "", "NBD unix socket (config nbd.socket; default <data_dir>/nbd.sock; - to disable)")
 	f.String("nbd-listen", "", "NBD over TCP, e.g. 127.0.0.1:10809 (config nbd.listen; default off)")
 	f.String("api-listen", node.DefaultAPIListen, "admin HTTP API address (config api.listen; - to disable)")
-	f.String("api-token", "", "bearer token the admin API requires (config api.token)")
+	f.String("api-token", "", "bearer token the admin API requires (config api.token; default: a random token kept in <data_dir>/api.token)")
 	f.Duration("origin-timeout", 30*time.Second, "bound on one chunk fetch from an origin; reads fail with EIO after it (config origin.timeout)")
 	f.StringSlice("p2p-listen", nil, "libp2p listen multiaddrs (config p2p.listen; default /ip4/0.0.0.0/tcp/4001; QUIC is off on a private network)")
 	f.StringSlice("p2p-bootstrap", nil, "peers to join: multiaddrs ending in /p2p/ID, or dns:NAME[:PORT] (config p2p.bootstrap)")
