@@ -8,7 +8,11 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/netutil"
+	"golang.org/x/sync/semaphore"
 )
 
 // Export is one opened export, for one client connection.
@@ -88,7 +92,31 @@ type Server struct {
 	MaxInflight int
 	// HandshakeTimeout bounds the whole option negotiation. Default 30s.
 	HandshakeTimeout time.Duration
+	// MaxConns caps the connections served at once on each listener; more
+	// wait in the listen backlog until one ends. Default DefaultMaxConns.
+	MaxConns int
+	// MaxBufferedBytes bounds the read buffers all connections of the
+	// Server hold at once (read data waiting to be sent), so that clients
+	// that pipeline READs and never read the replies cannot exhaust memory.
+	// A request waits to be read until its buffer fits. Each connection
+	// may hold at most a quarter of it (and at most 64 MiB), so a few such
+	// clients cannot starve the others. Default DefaultMaxBufferedBytes.
+	MaxBufferedBytes int64
+	// WriteTimeout drops a client that does not take a reply for this long,
+	// freeing what its connection holds. Default 60s.
+	WriteTimeout time.Duration
+
+	budgetOnce sync.Once
+	budget     *semaphore.Weighted
+	buffered   atomic.Int64 // bytes of the budget in use
 }
+
+// Defaults of the Server's limits.
+const (
+	DefaultMaxConns         = 1024
+	DefaultMaxBufferedBytes = 256 << 20
+	defaultWriteTimeout     = 60 * time.Second
+)
 
 const (
 	defaultMaxInflight      = 32
@@ -113,6 +141,42 @@ func (s *Server) maxInflight() int {
 	return defaultMaxInflight
 }
 
+func (s *Server) maxBuffered() int64 {
+	if s.MaxBufferedBytes > 0 {
+		return s.MaxBufferedBytes
+	}
+	return DefaultMaxBufferedBytes
+}
+
+func (s *Server) writeTimeout() time.Duration {
+	if s.WriteTimeout > 0 {
+		return s.WriteTimeout
+	}
+	return defaultWriteTimeout
+}
+
+// acquire takes n bytes of the Server's read buffer budget (all of it for a
+// request larger than the budget); it returns how much it took, 0 if ctx
+// ended first.
+func (s *Server) acquire(ctx context.Context, n int) int64 {
+	s.budgetOnce.Do(func() { s.budget = semaphore.NewWeighted(s.maxBuffered()) })
+	w := min(int64(n), s.maxBuffered())
+	if s.budget.Acquire(ctx, w) != nil {
+		return 0
+	}
+	s.buffered.Add(w)
+	return w
+}
+
+func (s *Server) releaseBudget(w int64) {
+	s.buffered.Add(-w)
+	s.budget.Release(w)
+}
+
+// Buffered returns the bytes of read buffers the Server's connections hold
+// now (at most MaxBufferedBytes).
+func (s *Server) Buffered() int64 { return s.buffered.Load() }
+
 func (s *Server) handshakeTimeout() time.Duration {
 	if s.HandshakeTimeout > 0 {
 		return s.HandshakeTimeout
@@ -131,6 +195,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	log := s.logger()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	maxConns := s.MaxConns
+	if maxConns <= 0 {
+		maxConns = DefaultMaxConns
+	}
+	ln = netutil.LimitListener(ln, maxConns)
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 
@@ -170,17 +239,17 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 	defer cancel()
 	// On server shutdown, unblock the reader at once and give in-flight
 	// replies a short grace period.
-	stop := context.AfterFunc(ctx, func() {
-		nc.SetReadDeadline(time.Unix(1, 0))
-		nc.SetWriteDeadline(time.Now().Add(shutdownGrace))
-	})
-	defer stop()
-
 	c := &conn{
 		srv: s,
 		log: log,
 		br:  bufio.NewReaderSize(nc, readBufSize),
 	}
+	stop := context.AfterFunc(ctx, func() {
+		c.closing.Store(true)
+		nc.SetReadDeadline(time.Unix(1, 0))
+		nc.SetWriteDeadline(time.Now().Add(shutdownGrace))
+	})
+	defer stop()
 	bw := bufio.NewWriter(nc)
 	c.hw = bw
 

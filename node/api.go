@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/pprof"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node/origin"
@@ -105,6 +107,34 @@ type apiError struct {
 	Error string `json:"error"`
 }
 
+// apiServer is the admin API's server. Requests have a minute to arrive and
+// a minute to be answered, idle connections are closed; the routes that run
+// long (imports, pulls, verify, gc, profiles) lift the deadlines once the
+// token was checked. Run caps the connections (Config.APIMaxConns).
+func (n *Node) apiServer() *http.Server {
+	return &http.Server{
+		Handler:           n.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       time.Minute,
+		WriteTimeout:      time.Minute,
+		IdleTimeout:       n.cfg.APIIdleTimeout,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(n.log.With("component", "api").Handler(), slog.LevelDebug),
+	}
+}
+
+// long lifts the server's read and write deadlines for a route that may run
+// for minutes. (A read deadline that passes while the handler runs would
+// cancel its context.)
+func long(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		rc.SetReadDeadline(time.Time{})
+		rc.SetWriteDeadline(time.Time{})
+		h(w, r)
+	}
+}
+
 // route is one admin API endpoint.
 type route struct {
 	pattern string // http.ServeMux pattern: "METHOD /path"
@@ -148,8 +178,8 @@ func (n *Node) routes() []route {
 		// Go profiles, for performance work (token needed, like the rest):
 		// curl -H "Authorization: Bearer $(cat DATA/api.token)" http://API/debug/pprof/profile > cpu.pprof
 		{"GET /debug/pprof/", pprof.Index},
-		{"GET /debug/pprof/profile", pprof.Profile},
-		{"GET /debug/pprof/trace", pprof.Trace},
+		{"GET /debug/pprof/profile", long(pprof.Profile)},
+		{"GET /debug/pprof/trace", long(pprof.Trace)},
 		{"GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 			s, err := n.Status(r)
 			reply(w, s, err)
@@ -158,7 +188,7 @@ func (n *Node) routes() []route {
 			l, err := n.Images(r.Context())
 			reply(w, l, err)
 		}},
-		{"POST /v1/images", func(w http.ResponseWriter, r *http.Request) {
+		{"POST /v1/images", long(func(w http.ResponseWriter, r *http.Request) {
 			var req ImportRequest
 			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
 				replyError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
@@ -166,7 +196,7 @@ func (n *Node) routes() []route {
 			}
 			res, err := n.AddImage(r.Context(), req)
 			reply(w, res, err)
-		}},
+		})},
 		{"GET /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
 			ctx := r.Context()
 			name := r.PathValue("name")
@@ -202,10 +232,10 @@ func (n *Node) routes() []route {
 			}
 			reply(w, n.cl.p.Peers(), nil)
 		}},
-		{"POST /v1/images/{name}/pull", func(w http.ResponseWriter, r *http.Request) {
+		{"POST /v1/images/{name}/pull", long(func(w http.ResponseWriter, r *http.Request) {
 			info, err := n.PullImage(r.Context(), r.PathValue("name"))
 			reply(w, info, err)
-		}},
+		})},
 	}
 	return append(rs, n.storeRoutes()...)
 }

@@ -19,14 +19,14 @@ func (n *Node) storeRoutes() []route {
 			s, err := n.store.Stats(r.Context())
 			reply(w, s, err)
 		}},
-		{"POST /v1/store/verify", func(w http.ResponseWriter, r *http.Request) {
+		{"POST /v1/store/verify", long(func(w http.ResponseWriter, r *http.Request) {
 			res, err := n.store.Verify(r.Context(), nil)
 			reply(w, res, err)
-		}},
-		{"POST /v1/store/gc", func(w http.ResponseWriter, r *http.Request) {
+		})},
+		{"POST /v1/store/gc", long(func(w http.ResponseWriter, r *http.Request) {
 			res, err := n.store.GC(r.Context())
 			reply(w, res, err)
-		}},
+		})},
 	}
 }
 

@@ -32,6 +32,18 @@ type Config struct {
 	// and /metrics must carry. Empty (the default): Run creates a random one
 	// on first start in DataDir/api.token (mode 0600) and reuses it.
 	APIToken string
+	// APIMaxConns caps the admin API's open connections; more wait to be
+	// accepted. Default 256.
+	APIMaxConns int
+	// APIIdleTimeout closes a keep-alive API connection idle this long.
+	// Default 30s.
+	APIIdleTimeout time.Duration
+	// NBDMaxConns caps the open NBD connections per listener; more wait to
+	// be accepted. Default nbd.DefaultMaxConns.
+	NBDMaxConns int
+	// NBDMaxBufferedBytes bounds the read replies all NBD connections
+	// together hold in memory. Default nbd.DefaultMaxBufferedBytes.
+	NBDMaxBufferedBytes int64
 	// apiTokenFile is where Run loaded APIToken from, "" when configured.
 	apiTokenFile string
 
@@ -93,6 +105,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.APIListen == "" {
 		c.APIListen = DefaultAPIListen
+	}
+	if c.APIMaxConns <= 0 {
+		c.APIMaxConns = 256
+	}
+	if c.APIIdleTimeout <= 0 {
+		c.APIIdleTimeout = 30 * time.Second
 	}
 	if c.OriginTimeout <= 0 {
 		c.OriginTimeout = 30 * time.Second

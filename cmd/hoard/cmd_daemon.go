@@ -41,6 +41,7 @@ Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
 	f := c.Flags()
 	f.String("nbd-socket", "", "NBD unix socket (config nbd.socket; default <data_dir>/nbd.sock; - to disable)")
 	f.String("nbd-listen", "", "NBD over TCP, e.g. 127.0.0.1:10809 (config nbd.listen; default off)")
+	f.String("nbd-max-buffered", "256MiB", "memory all NBD clients together may hold in read replies not yet sent (config nbd.max_buffered)")
 	f.String("api-listen", node.DefaultAPIListen, "admin HTTP API address (config api.listen; - to disable)")
 	f.String("api-token", "", "bearer token the admin API requires (config api.token; default: a random token kept in <data_dir>/api.token)")
 	f.Duration("origin-timeout", 30*time.Second, "bound on one chunk fetch from an origin; reads fail with EIO after it (config origin.timeout)")
@@ -79,6 +80,12 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 	if hot == 0 {
 		hot = -1 // none
 	}
+	var nbdBuf int64
+	if s := v.GetString("nbd.max_buffered"); s != "" {
+		if nbdBuf, err = parseSize(s); err != nil {
+			return node.Config{}, fmt.Errorf("nbd.max_buffered: %w", err)
+		}
+	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return node.Config{}, err
@@ -94,17 +101,18 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		}
 	}
 	return node.Config{
-		DataDir:          abs,
-		StoreQuota:       quota,
-		StoreCompression: v.GetString("store.compression"),
-		NBDSocket:        v.GetString("nbd.socket"),
-		NBDListen:        v.GetString("nbd.listen"),
-		APIListen:        v.GetString("api.listen"),
-		APIToken:         v.GetString("api.token"),
-		Origin:           g.originConfig(),
-		OriginTimeout:    v.GetDuration("origin.timeout"),
-		MemCache:         mem,
-		HotCache:         hot,
+		DataDir:             abs,
+		StoreQuota:          quota,
+		StoreCompression:    v.GetString("store.compression"),
+		NBDSocket:           v.GetString("nbd.socket"),
+		NBDListen:           v.GetString("nbd.listen"),
+		NBDMaxBufferedBytes: nbdBuf,
+		APIListen:           v.GetString("api.listen"),
+		APIToken:            v.GetString("api.token"),
+		Origin:              g.originConfig(),
+		OriginTimeout:       v.GetDuration("origin.timeout"),
+		MemCache:            mem,
+		HotCache:            hot,
 		P2P: node.P2PConfig{
 			Listen:       splitList(v.GetStringSlice("p2p.listen")),
 			Bootstrap:    splitList(v.GetStringSlice("p2p.bootstrap")),
