@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -16,7 +17,13 @@ import (
 // runNode runs a node on cfg until stop is called (or the test ends).
 func runNode(t *testing.T, cfg node.Config) (n *node.Node, stop func()) {
 	t.Helper()
-	n, err := node.New(cfg, nil)
+	return runNodeLog(t, cfg, nil)
+}
+
+// runNodeLog is runNode with a logger.
+func runNodeLog(t *testing.T, cfg node.Config, log *slog.Logger) (n *node.Node, stop func()) {
+	t.Helper()
+	n, err := node.New(cfg, log)
 	if err != nil {
 		t.Fatal(err)
 	}

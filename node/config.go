@@ -90,6 +90,11 @@ type Config struct {
 	Gatherer prometheus.Gatherer
 }
 
+// OriginCredentialsFile, in the data dir, keeps the real URLs of HTTP
+// origins with credentials or a query string; manifests (which peers
+// receive) record them redacted. Mode 0600, never sent anywhere.
+const OriginCredentialsFile = "origin-credentials.json"
+
 // DefaultHotCache is the default size of the hot tier (Config.HotCache).
 const DefaultHotCache = 4 << 30
 
@@ -141,6 +146,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.P2P.ViewTTL <= 0 {
 		c.P2P.ViewTTL = 5 * time.Second
+	}
+	if c.Origin.Credentials == nil {
+		c.Origin.Credentials = origin.NewCredentials(filepath.Join(c.DataDir, OriginCredentialsFile))
 	}
 	// Never export the daemon's own data or keys, whoever asks.
 	c.Origin.DenyPaths = append(c.Origin.DenyPaths[:len(c.Origin.DenyPaths):len(c.Origin.DenyPaths)], c.DataDir, c.P2P.SwarmKeyFile,

@@ -44,6 +44,7 @@ Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
 	f.String("nbd-max-buffered", "256MiB", "memory all NBD clients together may hold in read replies not yet sent (config nbd.max_buffered)")
 	f.String("api-listen", node.DefaultAPIListen, "admin HTTP API address (config api.listen; - to disable)")
 	f.String("api-token", "", "bearer token the admin API requires (config api.token; default: a random token kept in <data_dir>/api.token)")
+	f.Bool("origin-allow-loopback", false, "allow http(s) origins at loopback and link-local addresses (config origin.allow_loopback; off: a token holder cannot make the daemon fetch from the node's own services)")
 	f.Duration("origin-timeout", 30*time.Second, "bound on one chunk fetch from an origin; reads fail with EIO after it (config origin.timeout)")
 	f.StringSlice("p2p-listen", nil, "libp2p listen multiaddrs (config p2p.listen; default /ip4/0.0.0.0/tcp/4001; QUIC is off on a private network)")
 	f.StringSlice("p2p-bootstrap", nil, "peers to join: multiaddrs ending in /p2p/ID, or dns:NAME[:PORT] (config p2p.bootstrap)")
@@ -100,6 +101,10 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 			return node.Config{}, err
 		}
 	}
+	oc := g.originConfig()
+	// A daemon run by root must not fetch from the node's own services
+	// (SSRF) for whoever holds the API token, unless told to.
+	oc.BlockLoopback = !v.GetBool("origin.allow_loopback")
 	return node.Config{
 		DataDir:             abs,
 		StoreQuota:          quota,
@@ -109,7 +114,7 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		NBDMaxBufferedBytes: nbdBuf,
 		APIListen:           v.GetString("api.listen"),
 		APIToken:            v.GetString("api.token"),
-		Origin:              g.originConfig(),
+		Origin:              oc,
 		OriginTimeout:       v.GetDuration("origin.timeout"),
 		MemCache:            mem,
 		HotCache:            hot,

@@ -59,7 +59,7 @@ func (g *globalOptions) load(cmd *cobra.Command) error {
 		{"data-dir", "data_dir"}, {"store-quota", "store.quota"}, {"log-level", "log.level"},
 		{"store-compression", "store.compression"},
 		{"nbd-socket", "nbd.socket"}, {"nbd-listen", "nbd.listen"}, {"nbd-max-buffered", "nbd.max_buffered"}, {"api-listen", "api.listen"},
-		{"api-token", "api.token"}, {"origin-timeout", "origin.timeout"}, {"mem-cache", "cache.memory"}, {"hot-cache", "cache.hot"},
+		{"api-token", "api.token"}, {"origin-timeout", "origin.timeout"}, {"origin-allow-loopback", "origin.allow_loopback"}, {"mem-cache", "cache.memory"}, {"hot-cache", "cache.hot"},
 		{"p2p-listen", "p2p.listen"}, {"p2p-bootstrap", "p2p.bootstrap"}, {"p2p-swarm-key-file", "p2p.swarm_key_file"},
 		{"p2p-upload-limit", "p2p.upload_limit"}, {"p2p-allow", "p2p.allow"},
 	} {

@@ -3,11 +3,14 @@ package main
 import (
 	"bytes"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestUnprivilegedUserLockedOut (issue 7, item 15): user nobody, against a
@@ -92,4 +95,26 @@ func copyFile(t *testing.T, from, to string, mode os.FileMode) {
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestDaemonRefusesLoopbackOrigins (issue 7, item 15): by default the
+// daemon does not fetch from http origins on loopback (a local SSRF);
+// origin.allow_loopback lets it.
+func TestDaemonRefusesLoopbackOrigins(t *testing.T) {
+	t.Parallel()
+	img := imageBytes(9, 1<<20)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.ServeContent(w, r, "d.raw", time.Time{}, bytes.NewReader(img))
+	}))
+	t.Cleanup(srv.Close)
+	data := t.TempDir()
+	startDaemon(t, data, nil)
+	_, stderr, err := hoard(t, data, nil, "image", "add", srv.URL+"/d.raw", "--lazy", "--name", "local")
+	if err == nil || !strings.Contains(stderr, "loopback") || !strings.Contains(stderr, "origin.allow_loopback") {
+		t.Fatalf("lazy add of a loopback origin: %v %s; want refused, naming origin.allow_loopback", err, stderr)
+	}
+
+	allowed := t.TempDir()
+	startDaemon(t, allowed, nil, "--origin-allow-loopback")
+	mustHoard(t, allowed, nil, "image", "add", srv.URL+"/d.raw", "--lazy", "--name", "local")
 }

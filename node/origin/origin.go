@@ -95,6 +95,11 @@ type Config struct {
 	// Log receives retries and resumes at debug/warn level; nil discards.
 	Log *slog.Logger
 
+	// Credentials, when set, keeps the real URLs of HTTP origins with
+	// credentials or a query, which Ref (and so the manifest) records
+	// redacted, so that Open of the redacted URL works on this node.
+	Credentials *Credentials
+
 	// DenyPaths are files and directories a file source never opens (the
 	// daemon's data dir and keys), checked after symlinks are resolved.
 	// /proc, /sys and /dev (but block devices) are always refused.
@@ -185,7 +190,7 @@ func Open(ctx context.Context, ref string, cfg Config) (Source, error) {
 		return openFile(ctx, ref, s)
 	case strings.Contains(ref, "://"):
 		scheme, _, _ := strings.Cut(ref, "://")
-		return nil, fmt.Errorf("open image source %q: unknown scheme %q; use a path, file://, http(s):// or glance://", ref, scheme)
+		return nil, fmt.Errorf("open image source %q: unknown scheme %q; use a path, file://, http(s):// or glance://", Redact(ref), scheme)
 	default:
 		return openFile(ctx, ref, s)
 	}
