@@ -138,7 +138,7 @@ func defaultImageName(ref origin.Ref) string {
 	case "glance":
 		return ref.Location
 	}
-	base := ref.Location
+	base, _, _ := strings.Cut(ref.Location, "?") // a URL's (redacted) query
 	for i := len(base) - 1; i >= 0; i-- {
 		if base[i] == '/' {
 			base = base[i+1:]

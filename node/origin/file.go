@@ -66,6 +66,12 @@ func openFile(_ context.Context, ref string, st *settings) (Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("open image source %q: the file changed while it was opened; try again", ref)
 	}
+	// Reads of files and block devices never return EAGAIN, but leave no
+	// surprise for later: back to blocking mode.
+	if err := syscall.SetNonblock(int(f.Fd()), false); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open image source %q: %w", ref, err)
+	}
 	var size int64
 	if ofi.Mode().IsRegular() {
 		size = ofi.Size()
