@@ -58,6 +58,8 @@ func TestGlobalBufferBudget(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	t.Logf("%d clients pipelining %d MiB each: buffered peak %d MiB, heap growth peak %d MiB",
+		bad, perBad*readLen>>20, peakBuffered>>20, (int64(peak)-int64(base))>>20)
 	if peakBuffered > budget {
 		t.Errorf("buffered peaked at %d bytes, budget %d", peakBuffered, budget)
 	}

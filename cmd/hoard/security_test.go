@@ -118,3 +118,42 @@ func TestDaemonRefusesLoopbackOrigins(t *testing.T) {
 	startDaemon(t, allowed, nil, "--origin-allow-loopback")
 	mustHoard(t, allowed, nil, "image", "add", srv.URL+"/d.raw", "--lazy", "--name", "local")
 }
+
+// TestCLISendsTokenOnlyToItsDaemon: the CLI sends the data dir's token to
+// the daemon that wrote the data dir's api.addr, never to another address
+// HOARD_API names.
+func TestCLISendsTokenOnlyToItsDaemon(t *testing.T) {
+	t.Parallel()
+	got := make(chan string, 10)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/healthz" {
+			got <- r.Header.Get("Authorization")
+		}
+		w.Write([]byte("[]"))
+	}))
+	t.Cleanup(srv.Close)
+	addr := strings.TrimPrefix(srv.URL, "http://")
+	data := t.TempDir()
+	os.WriteFile(filepath.Join(data, "api.token"), []byte("local-secret\n"), 0o600)
+
+	os.WriteFile(filepath.Join(data, "api.addr"), []byte("127.0.0.1:1\n"), 0o600)
+	next := func() string {
+		t.Helper()
+		select {
+		case h := <-got:
+			return h
+		case <-time.After(10 * time.Second):
+			t.Fatal("the CLI sent no request")
+			return ""
+		}
+	}
+	hoard(t, data, []string{"HOARD_API=" + addr}, "image", "ls", "--json")
+	if h := next(); h != "" {
+		t.Errorf("the data dir's token went to HOARD_API=%s, another daemon: %q", addr, h)
+	}
+	os.WriteFile(filepath.Join(data, "api.addr"), []byte(addr+"\n"), 0o600)
+	hoard(t, data, nil, "image", "ls", "--json")
+	if h := next(); h != "Bearer local-secret" {
+		t.Errorf("the daemon of the data dir got Authorization %q, want its token", h)
+	}
+}
