@@ -157,3 +157,40 @@ func readFullConn(nc net.Conn, b []byte) (int, error) {
 	}
 	return n, nil
 }
+
+// TestStalledClientsDroppedUnderPressure (issue 7, item 13): when clients
+// that take no replies have filled MaxBufferedBytes, a client that needs
+// memory is served within about StallEvict, not after WriteTimeout: the
+// server drops the stalled connections holding the most.
+func TestStalledClientsDroppedUnderPressure(t *testing.T) {
+	t.Parallel()
+	img := newMemImage("disk", 64<<20, 6)
+	s := startServerWith(t, "unix", &Server{Exporter: newMemExporter(img), MaxInflight: 64,
+		MaxBufferedBytes: 16 << 20, WriteTimeout: time.Minute, StallEvict: 300 * time.Millisecond})
+	for range 6 {
+		c := dial(t, s)
+		c.open("disk", false)
+		for h := range 32 {
+			c.request(cmdRead, 0, uint64(h), uint64(h)<<20, 1<<20, nil)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for s.srv.Buffered() < 15<<20 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the stalled clients hold only %d bytes", s.srv.Buffered())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	good := dial(t, s)
+	good.open("disk", true)
+	start := time.Now()
+	good.nc.SetDeadline(time.Now().Add(10 * time.Second))
+	for i := range 8 {
+		if r := good.read(uint64(i), uint64(i)<<20, 1<<20); r.errno != 0 {
+			t.Fatalf("good client read %d: errno %d", i, r.errno)
+		}
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("good client served after %v with the budget full of stalled clients", d)
+	}
+}

@@ -105,10 +105,18 @@ type Server struct {
 	// WriteTimeout drops a client that does not take a reply for this long,
 	// freeing what its connection holds. Default 60s.
 	WriteTimeout time.Duration
+	// StallEvict: while a request waits for MaxBufferedBytes, a connection
+	// whose reply has made no progress for this long is dropped (the one
+	// holding most first), so clients that stop reading cannot keep the
+	// others waiting until WriteTimeout. Default 5s.
+	StallEvict time.Duration
 
 	budgetOnce sync.Once
 	budget     *semaphore.Weighted
 	buffered   atomic.Int64 // bytes of the budget in use
+
+	mu     sync.Mutex
+	active map[*transmission]struct{} // connections in transmission
 }
 
 // Defaults of the Server's limits.
@@ -116,6 +124,10 @@ const (
 	DefaultMaxConns         = 1024
 	DefaultMaxBufferedBytes = 256 << 20
 	defaultWriteTimeout     = 60 * time.Second
+	defaultStallEvict       = 5 * time.Second
+	// budgetWait is how long a request waits for the budget before the
+	// server looks for a stalled connection to drop.
+	budgetWait = 200 * time.Millisecond
 )
 
 const (
@@ -156,16 +168,63 @@ func (s *Server) writeTimeout() time.Duration {
 }
 
 // acquire takes n bytes of the Server's read buffer budget (all of it for a
-// request larger than the budget); it returns how much it took, 0 if ctx
-// ended first.
-func (s *Server) acquire(ctx context.Context, n int) int64 {
+// request larger than the budget) for t; it returns how much it took, 0 if
+// ctx ended first. While it waits it drops stalled connections (StallEvict).
+func (s *Server) acquire(ctx context.Context, t *transmission, n int) int64 {
 	s.budgetOnce.Do(func() { s.budget = semaphore.NewWeighted(s.maxBuffered()) })
 	w := min(int64(n), s.maxBuffered())
-	if s.budget.Acquire(ctx, w) != nil {
-		return 0
+	for !s.budget.TryAcquire(w) {
+		wctx, cancel := context.WithTimeout(ctx, budgetWait)
+		err := s.budget.Acquire(wctx, w)
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return 0
+		}
+		s.dropStalled(t)
 	}
 	s.buffered.Add(w)
 	return w
+}
+
+// dropStalled closes the connection (not self) that holds most of the budget
+// among those whose reply has made no progress for StallEvict.
+func (s *Server) dropStalled(self *transmission) {
+	evict := s.StallEvict
+	if evict <= 0 {
+		evict = defaultStallEvict
+	}
+	now := time.Now()
+	var victim *transmission
+	s.mu.Lock()
+	for t := range s.active {
+		if t != self && t.held.Load() > 0 && t.stalled(now) >= evict && (victim == nil || t.held.Load() > victim.held.Load()) {
+			victim = t
+		}
+	}
+	s.mu.Unlock()
+	if victim == nil {
+		return
+	}
+	victim.log.Warn("nbd client takes no replies while others wait for memory; disconnecting it",
+		"stalled", victim.stalled(now).Round(time.Millisecond), "held_bytes", victim.held.Load())
+	victim.cancel()
+	victim.nc.Close()
+}
+
+func (s *Server) track(t *transmission, on bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.active == nil {
+		s.active = make(map[*transmission]struct{})
+	}
+	if on {
+		s.active[t] = struct{}{}
+	} else {
+		delete(s.active, t)
+	}
 }
 
 func (s *Server) releaseBudget(w int64) {
@@ -282,6 +341,8 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		size:   exp.Size(),
 		cancel: cancel,
 	}
+	s.track(t, true)
 	t.run(ctx)
+	s.track(t, false)
 	log.Debug("nbd client disconnected", "export", name)
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -29,6 +30,10 @@ type transmission struct {
 
 	wmu  sync.Mutex // serialises reply frames
 	werr error      // first write error; later replies are dropped
+	// stalledSince is when the reply being written last made progress
+	// (unix ns), 0 when no write is under way.
+	stalledSince atomic.Int64
+	held         atomic.Int64 // bytes of the Server's budget held
 
 	bmu   sync.Mutex
 	bytes int           // read bytes in flight
@@ -62,15 +67,17 @@ func (t *transmission) reserve(ctx context.Context, n int) (global int64, ok boo
 			return 0, false
 		}
 	}
-	if global = t.srv.acquire(ctx, n); global == 0 {
+	if global = t.srv.acquire(ctx, t, n); global == 0 {
 		t.releaseLocal(n)
 		return 0, false
 	}
+	t.held.Add(global)
 	return global, true
 }
 
 // release gives back what reserve(n) took.
 func (t *transmission) release(n int, global int64) {
+	t.held.Add(-global)
 	t.srv.releaseBudget(global)
 	t.releaseLocal(bufSize(n))
 }
@@ -320,9 +327,29 @@ func (t *transmission) write(frame []byte) {
 			t.nc.SetWriteDeadline(time.Now().Add(shutdownGrace))
 		}
 	}
-	if _, err := t.nc.Write(frame); err != nil {
-		t.werr = err
-		t.cancel()
-		t.nc.Close()
+	// Written in pieces so that stalled() sees progress on a big reply.
+	defer t.stalledSince.Store(0)
+	for len(frame) > 0 {
+		t.stalledSince.Store(time.Now().UnixNano())
+		n := min(len(frame), writePiece)
+		if _, err := t.nc.Write(frame[:n]); err != nil {
+			t.werr = err
+			t.cancel()
+			t.nc.Close()
+			return
+		}
+		frame = frame[n:]
 	}
+}
+
+// writePiece is how much of a reply is written between progress marks.
+const writePiece = 256 << 10
+
+// stalled reports how long the connection's current write has made no
+// progress (0 when none is under way).
+func (t *transmission) stalled(now time.Time) time.Duration {
+	if since := t.stalledSince.Load(); since != 0 {
+		return now.Sub(time.Unix(0, since))
+	}
+	return 0
 }
