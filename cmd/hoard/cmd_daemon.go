@@ -43,7 +43,7 @@ Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
 	f.String("nbd-listen", "", "NBD over TCP, e.g. 127.0.0.1:10809 (config nbd.listen; default off)")
 	f.String("nbd-max-buffered", "256MiB", "memory all NBD clients together may hold in read replies not yet sent (config nbd.max_buffered)")
 	f.String("api-listen", node.DefaultAPIListen, "admin HTTP API address (config api.listen; - to disable)")
-	f.String("api-token", "", "bearer token the admin API requires (config api.token; default: a random token kept in <data_dir>/api.token)")
+	f.String("api-token", "", "bearer token the admin API requires (config api.token; default: a random token kept in <data_dir>/api.token); a flag is visible to every local user in ps: prefer HOARD_API_TOKEN or the default")
 	f.Bool("origin-allow-loopback", false, "allow http(s) origins at loopback and link-local addresses (config origin.allow_loopback; off: a token holder cannot make the daemon fetch from the node's own services)")
 	f.Duration("origin-timeout", 30*time.Second, "bound on one chunk fetch from an origin; reads fail with EIO after it (config origin.timeout)")
 	f.StringSlice("p2p-listen", nil, "libp2p listen multiaddrs (config p2p.listen; default /ip4/0.0.0.0/tcp/4001; QUIC is off on a private network)")
