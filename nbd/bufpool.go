@@ -47,3 +47,13 @@ func putBuf(bp *[]byte) {
 	}
 	bufPools[c].Put(bp)
 }
+
+// bufSize is the data capacity getBuf(n) allocates: n rounded up to its size
+// class (what a read of n bytes costs in memory).
+func bufSize(n int) int {
+	c := sizeClass(n)
+	if c >= numClasses {
+		return n
+	}
+	return 1 << (c + minClassShift)
+}

@@ -46,9 +46,18 @@
 // Requests on one connection are served concurrently (up to
 // [Server.MaxInflight] at a time, holding at most 64 MiB of read buffers) and
 // answered out of order, so a slow read does not hold up a fast one. Read
-// buffers come from per-size-class pools. Replies are written whole, one at a time, each with
-// a single write to the socket. When a client disconnects, the contexts of its
-// in-flight requests are cancelled and the export is closed once they return.
+// buffers come from per-size-class pools. Replies are written whole, one at a
+// time (in 256 KiB pieces, so progress is visible). When a client
+// disconnects, the contexts of its in-flight requests are cancelled and the
+// export is closed once they return.
+//
+// Limits against clients that misbehave: [Server.MaxConns] connections per
+// listener (more wait in the backlog); all connections together hold at most
+// [Server.MaxBufferedBytes] of read buffers, one connection at most a quarter
+// (a request waits to be read until its buffer fits); a client that takes no
+// reply for [Server.WriteTimeout] is dropped, and one whose reply has not
+// moved for [Server.StallEvict] is dropped as soon as another request waits
+// for buffer memory.
 //
 // Errors are reported in simple replies, or, once structured replies are
 // negotiated, as NBD_REPLY_TYPE_ERROR chunks carrying a message.

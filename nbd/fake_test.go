@@ -187,6 +187,12 @@ type testServer struct {
 // until the test ends, then checks that Serve returned nil.
 func startServer(t testing.TB, network string, x Exporter) *testServer {
 	t.Helper()
+	return startServerWith(t, network, &Server{Exporter: x, MaxInflight: 16})
+}
+
+// startServerWith is startServer with a Server of the test's own.
+func startServerWith(t testing.TB, network string, srv *Server) *testServer {
+	t.Helper()
 	var ln net.Listener
 	var err error
 	switch network {
@@ -203,7 +209,6 @@ func startServer(t testing.TB, network string, x Exporter) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &Server{Exporter: x, MaxInflight: 16}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, ln) }()

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync/atomic"
 )
 
 // conn is the state of one client connection negotiated during the
@@ -23,6 +24,10 @@ type conn struct {
 	metaAlloc  bool   // base:allocation selected ...
 	metaExport string // ... for this export name
 	optBuf     []byte
+
+	// closing is set when the server shuts down: the write deadline is then
+	// the shutdown grace, no longer extended per reply.
+	closing atomic.Bool
 }
 
 // errAbort ends a handshake after NBD_OPT_ABORT.

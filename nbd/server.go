@@ -8,7 +8,11 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/netutil"
+	"golang.org/x/sync/semaphore"
 )
 
 // Export is one opened export, for one client connection.
@@ -88,7 +92,43 @@ type Server struct {
 	MaxInflight int
 	// HandshakeTimeout bounds the whole option negotiation. Default 30s.
 	HandshakeTimeout time.Duration
+	// MaxConns caps the connections served at once on each listener; more
+	// wait in the listen backlog until one ends. Default DefaultMaxConns.
+	MaxConns int
+	// MaxBufferedBytes bounds the read buffers all connections of the
+	// Server hold at once (read data waiting to be sent), so that clients
+	// that pipeline READs and never read the replies cannot exhaust memory.
+	// A request waits to be read until its buffer fits. Each connection
+	// may hold at most a quarter of it (and at most 64 MiB), so a few such
+	// clients cannot starve the others. Default DefaultMaxBufferedBytes.
+	MaxBufferedBytes int64
+	// WriteTimeout drops a client that does not take a reply for this long,
+	// freeing what its connection holds. Default 60s.
+	WriteTimeout time.Duration
+	// StallEvict: while a request waits for MaxBufferedBytes, a connection
+	// whose reply has made no progress for this long is dropped (the one
+	// holding most first), so clients that stop reading cannot keep the
+	// others waiting until WriteTimeout. Default 5s.
+	StallEvict time.Duration
+
+	budgetOnce sync.Once
+	budget     *semaphore.Weighted
+	buffered   atomic.Int64 // bytes of the budget in use
+
+	mu     sync.Mutex
+	active map[*transmission]struct{} // connections in transmission
 }
+
+// Defaults of the Server's limits.
+const (
+	DefaultMaxConns         = 1024
+	DefaultMaxBufferedBytes = 256 << 20
+	defaultWriteTimeout     = 60 * time.Second
+	defaultStallEvict       = 5 * time.Second
+	// budgetWait is how long a request waits for the budget before the
+	// server looks for a stalled connection to drop.
+	budgetWait = 200 * time.Millisecond
+)
 
 const (
 	defaultMaxInflight      = 32
@@ -113,6 +153,89 @@ func (s *Server) maxInflight() int {
 	return defaultMaxInflight
 }
 
+func (s *Server) maxBuffered() int64 {
+	if s.MaxBufferedBytes > 0 {
+		return s.MaxBufferedBytes
+	}
+	return DefaultMaxBufferedBytes
+}
+
+func (s *Server) writeTimeout() time.Duration {
+	if s.WriteTimeout > 0 {
+		return s.WriteTimeout
+	}
+	return defaultWriteTimeout
+}
+
+// acquire takes n bytes of the Server's read buffer budget (all of it for a
+// request larger than the budget) for t; it returns how much it took, 0 if
+// ctx ended first. While it waits it drops stalled connections (StallEvict).
+func (s *Server) acquire(ctx context.Context, t *transmission, n int) int64 {
+	s.budgetOnce.Do(func() { s.budget = semaphore.NewWeighted(s.maxBuffered()) })
+	w := min(int64(n), s.maxBuffered())
+	for !s.budget.TryAcquire(w) {
+		wctx, cancel := context.WithTimeout(ctx, budgetWait)
+		err := s.budget.Acquire(wctx, w)
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return 0
+		}
+		s.dropStalled(t)
+	}
+	s.buffered.Add(w)
+	return w
+}
+
+// dropStalled closes the connection (not self) that holds most of the budget
+// among those whose reply has made no progress for StallEvict.
+func (s *Server) dropStalled(self *transmission) {
+	evict := s.StallEvict
+	if evict <= 0 {
+		evict = defaultStallEvict
+	}
+	now := time.Now()
+	var victim *transmission
+	s.mu.Lock()
+	for t := range s.active {
+		if t != self && t.held.Load() > 0 && t.stalled(now) >= evict && (victim == nil || t.held.Load() > victim.held.Load()) {
+			victim = t
+		}
+	}
+	s.mu.Unlock()
+	if victim == nil {
+		return
+	}
+	victim.log.Warn("nbd client takes no replies while others wait for memory; disconnecting it",
+		"stalled", victim.stalled(now).Round(time.Millisecond), "held_bytes", victim.held.Load())
+	victim.cancel()
+	victim.nc.Close()
+}
+
+func (s *Server) track(t *transmission, on bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.active == nil {
+		s.active = make(map[*transmission]struct{})
+	}
+	if on {
+		s.active[t] = struct{}{}
+	} else {
+		delete(s.active, t)
+	}
+}
+
+func (s *Server) releaseBudget(w int64) {
+	s.buffered.Add(-w)
+	s.budget.Release(w)
+}
+
+// Buffered returns the bytes of read buffers the Server's connections hold
+// now (at most MaxBufferedBytes).
+func (s *Server) Buffered() int64 { return s.buffered.Load() }
+
 func (s *Server) handshakeTimeout() time.Duration {
 	if s.HandshakeTimeout > 0 {
 		return s.HandshakeTimeout
@@ -131,6 +254,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	log := s.logger()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	maxConns := s.MaxConns
+	if maxConns <= 0 {
+		maxConns = DefaultMaxConns
+	}
+	ln = netutil.LimitListener(ln, maxConns)
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 
@@ -170,17 +298,17 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 	defer cancel()
 	// On server shutdown, unblock the reader at once and give in-flight
 	// replies a short grace period.
-	stop := context.AfterFunc(ctx, func() {
-		nc.SetReadDeadline(time.Unix(1, 0))
-		nc.SetWriteDeadline(time.Now().Add(shutdownGrace))
-	})
-	defer stop()
-
 	c := &conn{
 		srv: s,
 		log: log,
 		br:  bufio.NewReaderSize(nc, readBufSize),
 	}
+	stop := context.AfterFunc(ctx, func() {
+		c.closing.Store(true)
+		nc.SetReadDeadline(time.Unix(1, 0))
+		nc.SetWriteDeadline(time.Now().Add(shutdownGrace))
+	})
+	defer stop()
 	bw := bufio.NewWriter(nc)
 	c.hw = bw
 
@@ -213,6 +341,8 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		size:   exp.Size(),
 		cancel: cancel,
 	}
+	s.track(t, true)
 	t.run(ctx)
+	s.track(t, false)
 	log.Debug("nbd client disconnected", "export", name)
 }

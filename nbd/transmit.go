@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Reply header sizes. A read's data is read into a pooled buffer after
@@ -28,6 +30,10 @@ type transmission struct {
 
 	wmu  sync.Mutex // serialises reply frames
 	werr error      // first write error; later replies are dropped
+	// stalledSince is when the reply being written last made progress
+	// (unix ns), 0 when no write is under way.
+	stalledSince atomic.Int64
+	held         atomic.Int64 // bytes of the Server's budget held
 
 	bmu   sync.Mutex
 	bytes int           // read bytes in flight
@@ -35,30 +41,48 @@ type transmission struct {
 }
 
 // maxInflightBytes bounds the read buffers one connection holds at once, so
-// that a client cannot pin MaxInflight * 32 MiB. A single request of any
-// allowed length always proceeds.
+// that a client cannot pin MaxInflight * 32 MiB; so does a quarter of the
+// Server's MaxBufferedBytes when that is less. A single request of any
+// allowed length always proceeds as far as the connection is concerned.
 const maxInflightBytes = 64 << 20
 
-// reserve waits until n more read bytes fit in the connection's budget.
-// Only the reader goroutine calls it.
-func (t *transmission) reserve(ctx context.Context, n int) bool {
+// reserve waits until a read buffer for n bytes fits in the connection's
+// budget and then in the Server's; it returns the Server budget taken (to
+// give to release), or ok false when ctx ended. Only the reader goroutine
+// calls it.
+func (t *transmission) reserve(ctx context.Context, n int) (global int64, ok bool) {
+	n = bufSize(n)
+	limit := int(min(maxInflightBytes, t.srv.maxBuffered()/4))
 	for {
 		t.bmu.Lock()
-		if t.bytes == 0 || t.bytes+n <= maxInflightBytes {
+		if t.bytes == 0 || t.bytes+n <= limit {
 			t.bytes += n
 			t.bmu.Unlock()
-			return true
+			break
 		}
 		t.bmu.Unlock()
 		select {
 		case <-t.freed:
 		case <-ctx.Done():
-			return false
+			return 0, false
 		}
 	}
+	if global = t.srv.acquire(ctx, t, n); global == 0 {
+		t.releaseLocal(n)
+		return 0, false
+	}
+	t.held.Add(global)
+	return global, true
 }
 
-func (t *transmission) release(n int) {
+// release gives back what reserve(n) took.
+func (t *transmission) release(n int, global int64) {
+	t.held.Add(-global)
+	t.srv.releaseBudget(global)
+	t.releaseLocal(bufSize(n))
+}
+
+func (t *transmission) releaseLocal(n int) {
 	t.bmu.Lock()
 	t.bytes -= n
 	t.bmu.Unlock()
@@ -127,16 +151,19 @@ func (t *transmission) run(ctx context.Context) {
 			return
 		}
 		var n int
+		var global int64
 		if req.typ == cmdRead {
 			n = int(req.length)
-			if !t.reserve(ctx, n) {
+			var ok bool
+			if global, ok = t.reserve(ctx, n); !ok {
+				<-sem
 				return
 			}
 		}
 		wg.Go(func() {
 			defer func() {
 				if n > 0 {
-					t.release(n)
+					t.release(n, global)
 				}
 				<-sem
 			}()
@@ -292,9 +319,37 @@ func (t *transmission) write(frame []byte) {
 	if t.werr != nil {
 		return
 	}
-	if _, err := t.nc.Write(frame); err != nil {
-		t.werr = err
-		t.cancel()
-		t.nc.Close()
+	// A client that takes no reply for WriteTimeout is dropped. Re-checking
+	// closing after the set keeps the shutdown grace if it raced with us.
+	if !t.closing.Load() {
+		t.nc.SetWriteDeadline(time.Now().Add(t.srv.writeTimeout()))
+		if t.closing.Load() {
+			t.nc.SetWriteDeadline(time.Now().Add(shutdownGrace))
+		}
 	}
+	// Written in pieces so that stalled() sees progress on a big reply.
+	defer t.stalledSince.Store(0)
+	for len(frame) > 0 {
+		t.stalledSince.Store(time.Now().UnixNano())
+		n := min(len(frame), writePiece)
+		if _, err := t.nc.Write(frame[:n]); err != nil {
+			t.werr = err
+			t.cancel()
+			t.nc.Close()
+			return
+		}
+		frame = frame[n:]
+	}
+}
+
+// writePiece is how much of a reply is written between progress marks.
+const writePiece = 256 << 10
+
+// stalled reports how long the connection's current write has made no
+// progress (0 when none is under way).
+func (t *transmission) stalled(now time.Time) time.Duration {
+	if since := t.stalledSince.Load(); since != 0 {
+		return now.Sub(time.Unix(0, since))
+	}
+	return 0
 }

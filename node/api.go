@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/pprof"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/origin"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -104,83 +107,137 @@ type apiError struct {
 	Error string `json:"error"`
 }
 
-// Handler is the admin API.
+// apiServer is the admin API's server. Requests have a minute to arrive and
+// a minute to be answered, idle connections are closed; the routes that run
+// long (imports, pulls, verify, gc, profiles) lift the deadlines once the
+// token was checked. Run caps the connections (Config.APIMaxConns).
+func (n *Node) apiServer() *http.Server {
+	return &http.Server{
+		Handler:           n.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       time.Minute,
+		WriteTimeout:      time.Minute,
+		IdleTimeout:       n.cfg.APIIdleTimeout,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(n.log.With("component", "api").Handler(), slog.LevelDebug),
+	}
+}
+
+// long lifts the server's read and write deadlines for a route that may run
+// for minutes. (A read deadline that passes while the handler runs would
+// cancel its context.)
+func long(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		rc.SetReadDeadline(time.Time{})
+		rc.SetWriteDeadline(time.Time{})
+		h(w, r)
+	}
+}
+
+// route is one admin API endpoint.
+type route struct {
+	pattern string // http.ServeMux pattern: "METHOD /path"
+	h       http.HandlerFunc
+}
+
+// publicRoutes need no API token: liveness, readiness and metrics, which
+// reveal nothing an unprivileged local user could abuse.
+var publicRoutes = map[string]bool{"GET /healthz": true, "GET /readyz": true, "GET /metrics": true}
+
+// Handler is the admin API. Every route but publicRoutes needs the API token
+// (Config.APIToken, or the one Run keeps in DataDir/api.token).
 func (n *Node) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-n.ready:
-			w.Write([]byte("ready\n"))
-		default:
-			http.Error(w, "starting", http.StatusServiceUnavailable)
+	public := http.NewServeMux()
+	for _, rt := range n.routes() {
+		mux.HandleFunc(rt.pattern, rt.h)
+		if publicRoutes[rt.pattern] {
+			public.HandleFunc(rt.pattern, rt.h)
 		}
-	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(n.gatherer, promhttp.HandlerOpts{}))
-	// Go profiles, for performance work: go tool pprof http://API/debug/pprof/profile
-	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
-	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
-	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
-		s, err := n.Status(r)
-		reply(w, s, err)
-	})
-	mux.HandleFunc("GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
-		l, err := n.Images(r.Context())
-		reply(w, l, err)
-	})
-	mux.HandleFunc("POST /v1/images", func(w http.ResponseWriter, r *http.Request) {
-		var req ImportRequest
-		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
-			replyError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
-			return
-		}
-		res, err := n.AddImage(r.Context(), req)
-		reply(w, res, err)
-	})
-	mux.HandleFunc("GET /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
-		ctx := r.Context()
-		name := r.PathValue("name")
-		id, err := n.store.Resolve(ctx, name)
-		if err != nil {
-			reply(w, nil, err)
-			return
-		}
-		info, m, err := DescribeImage(ctx, n.store, chunkstore.Named{Name: name, Manifest: id})
-		if err != nil {
-			reply(w, nil, err)
-			return
-		}
-		info.OpenExports = n.openExports(id)
-		out := ImageDetail{ImageInfo: info, Chunking: m.Chunking, Checksum: m.Source.Checksum}
-		if r.URL.Query().Get("entries") != "" {
-			out.Entries = m.Entries
-		}
-		reply(w, out, nil)
-	})
-	mux.HandleFunc("DELETE /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
-		res, err := n.RemoveImage(r.Context(), r.PathValue("name"))
-		reply(w, res, err)
-	})
-	mux.HandleFunc("GET /v1/images/{name}/profile", func(w http.ResponseWriter, r *http.Request) {
-		p, err := n.Profile(r.Context(), r.PathValue("name"))
-		reply(w, p, err)
-	})
-	mux.HandleFunc("GET /v1/peers", func(w http.ResponseWriter, r *http.Request) {
-		if n.cl == nil {
-			replyError(w, http.StatusConflict, errors.New("the cluster is off on this node (no swarm key); create one with hoard cluster keygen"))
-			return
-		}
-		reply(w, n.cl.p.Peers(), nil)
-	})
-	mux.HandleFunc("POST /v1/images/{name}/pull", func(w http.ResponseWriter, r *http.Request) {
-		info, err := n.PullImage(r.Context(), r.PathValue("name"))
-		reply(w, info, err)
-	})
-	n.storeRoutes(mux)
-	return n.auth(mux)
+	}
+	return n.auth(public, mux)
+}
+
+// routes lists every admin API endpoint.
+func (n *Node) routes() []route {
+	metrics := promhttp.HandlerFor(n.gatherer, promhttp.HandlerOpts{})
+	rs := []route{
+		{"GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+			w.Write([]byte("ok\n"))
+		}},
+		{"GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+			select {
+			case <-n.ready:
+				w.Write([]byte("ready\n"))
+			default:
+				http.Error(w, "starting", http.StatusServiceUnavailable)
+			}
+		}},
+		{"GET /metrics", metrics.ServeHTTP},
+		// Go profiles, for performance work (token needed, like the rest):
+		// curl -H "Authorization: Bearer $(cat DATA/api.token)" http://API/debug/pprof/profile > cpu.pprof
+		{"GET /debug/pprof/", pprof.Index},
+		{"GET /debug/pprof/profile", long(pprof.Profile)},
+		{"GET /debug/pprof/trace", long(pprof.Trace)},
+		{"GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+			s, err := n.Status(r)
+			reply(w, s, err)
+		}},
+		{"GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
+			l, err := n.Images(r.Context())
+			reply(w, l, err)
+		}},
+		{"POST /v1/images", long(func(w http.ResponseWriter, r *http.Request) {
+			var req ImportRequest
+			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
+				replyError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
+				return
+			}
+			res, err := n.AddImage(r.Context(), req)
+			reply(w, res, err)
+		})},
+		{"GET /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
+			ctx := r.Context()
+			name := r.PathValue("name")
+			id, err := n.store.Resolve(ctx, name)
+			if err != nil {
+				reply(w, nil, err)
+				return
+			}
+			info, m, err := DescribeImage(ctx, n.store, chunkstore.Named{Name: name, Manifest: id})
+			if err != nil {
+				reply(w, nil, err)
+				return
+			}
+			info.OpenExports = n.openExports(id)
+			out := ImageDetail{ImageInfo: info, Chunking: m.Chunking, Checksum: m.Source.Checksum}
+			if r.URL.Query().Get("entries") != "" {
+				out.Entries = m.Entries
+			}
+			reply(w, out, nil)
+		}},
+		{"DELETE /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
+			res, err := n.RemoveImage(r.Context(), r.PathValue("name"))
+			reply(w, res, err)
+		}},
+		{"GET /v1/images/{name}/profile", func(w http.ResponseWriter, r *http.Request) {
+			p, err := n.Profile(r.Context(), r.PathValue("name"))
+			reply(w, p, err)
+		}},
+		{"GET /v1/peers", func(w http.ResponseWriter, r *http.Request) {
+			if n.cl == nil {
+				replyError(w, http.StatusConflict, errors.New("the cluster is off on this node (no swarm key); create one with hoard cluster keygen"))
+				return
+			}
+			reply(w, n.cl.p.Peers(), nil)
+		}},
+		{"POST /v1/images/{name}/pull", long(func(w http.ResponseWriter, r *http.Request) {
+			info, err := n.PullImage(r.Context(), r.PathValue("name"))
+			reply(w, info, err)
+		})},
+	}
+	return append(rs, n.storeRoutes()...)
 }
 
 // ImageDetail is the answer of GET /v1/images/{name}.
@@ -191,20 +248,33 @@ type ImageDetail struct {
 	Entries  []chunkstore.Entry  `json:"entries,omitempty"`
 }
 
-func (n *Node) auth(h http.Handler) http.Handler {
-	tok := n.cfg.APIToken
-	if tok == "" {
-		return h
-	}
-	want := []byte("Bearer " + tok)
+// auth serves public's routes to anyone and the rest only to requests that
+// carry the API token. The token is the node's (APIToken) once Run set it;
+// with none (a Handler used before Run), every private route is refused.
+func (n *Node) auth(public *http.ServeMux, private http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/healthz" && subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="hoard"`)
-			replyError(w, http.StatusUnauthorized, errors.New("missing or wrong API token; set api.token / HOARD_API_TOKEN to the daemon's token"))
+		if _, pattern := public.Handler(r); pattern != "" {
+			public.ServeHTTP(w, r)
 			return
 		}
-		h.ServeHTTP(w, r)
+		tok := n.APIToken()
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if tok == "" || !ok || subtle.ConstantTimeCompare([]byte(got), []byte(tok)) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="hoard"`)
+			replyError(w, http.StatusUnauthorized, errors.New(n.tokenHint()))
+			return
+		}
+		private.ServeHTTP(w, r)
 	})
+}
+
+// tokenHint tells a client without the right token where to find it.
+func (n *Node) tokenHint() string {
+	if n.cfg.apiTokenFile == "" {
+		return "missing or wrong API token; set HOARD_API_TOKEN (config api.token) to the daemon's api.token"
+	}
+	return fmt.Sprintf("missing or wrong API token; the token is in %s, readable only by the daemon's user "+
+		"(run the command as that user, e.g. with sudo, or set HOARD_API_TOKEN to its content)", n.APITokenFile())
 }
 
 func reply(w http.ResponseWriter, v any, err error) {
@@ -213,6 +283,8 @@ func reply(w http.ResponseWriter, v any, err error) {
 		switch {
 		case errors.Is(err, chunkstore.ErrNotFound):
 			code = http.StatusNotFound
+		case errors.Is(err, origin.ErrForbidden):
+			code = http.StatusForbidden
 		case strings.Contains(err.Error(), "already exists"), strings.Contains(err.Error(), "open export"):
 			code = http.StatusConflict
 		case strings.Contains(err.Error(), "invalid image name"), strings.Contains(err.Error(), "absolute path"):

@@ -13,19 +13,21 @@ import (
 //	GET  /v1/store/stats    chunkstore.Stats
 //	POST /v1/store/verify   chunkstore.VerifyResult
 //	POST /v1/store/gc       chunkstore.GCResult
-func (n *Node) storeRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/store/stats", func(w http.ResponseWriter, r *http.Request) {
-		s, err := n.store.Stats(r.Context())
-		reply(w, s, err)
-	})
-	mux.HandleFunc("POST /v1/store/verify", func(w http.ResponseWriter, r *http.Request) {
-		res, err := n.store.Verify(r.Context(), nil)
-		reply(w, res, err)
-	})
-	mux.HandleFunc("POST /v1/store/gc", func(w http.ResponseWriter, r *http.Request) {
-		res, err := n.store.GC(r.Context())
-		reply(w, res, err)
-	})
+func (n *Node) storeRoutes() []route {
+	return []route{
+		{"GET /v1/store/stats", func(w http.ResponseWriter, r *http.Request) {
+			s, err := n.store.Stats(r.Context())
+			reply(w, s, err)
+		}},
+		{"POST /v1/store/verify", long(func(w http.ResponseWriter, r *http.Request) {
+			res, err := n.store.Verify(r.Context(), nil)
+			reply(w, res, err)
+		})},
+		{"POST /v1/store/gc", long(func(w http.ResponseWriter, r *http.Request) {
+			res, err := n.store.GC(r.Context())
+			reply(w, res, err)
+		})},
+	}
 }
 
 // StoreStats returns GET /v1/store/stats.

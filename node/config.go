@@ -28,8 +28,24 @@ type Config struct {
 	NBDListen string
 	// APIListen is the admin HTTP API address; default 127.0.0.1:7480. "-" disables it.
 	APIListen string
-	// APIToken, when set, is the bearer token every API request but /healthz must carry.
+	// APIToken is the bearer token every API request but /healthz, /readyz
+	// and /metrics must carry. Empty (the default): Run creates a random one
+	// on first start in DataDir/api.token (mode 0600) and reuses it.
 	APIToken string
+	// APIMaxConns caps the admin API's open connections; more wait to be
+	// accepted. Default 256.
+	APIMaxConns int
+	// APIIdleTimeout closes a keep-alive API connection idle this long.
+	// Default 30s.
+	APIIdleTimeout time.Duration
+	// NBDMaxConns caps the open NBD connections per listener; more wait to
+	// be accepted. Default nbd.DefaultMaxConns.
+	NBDMaxConns int
+	// NBDMaxBufferedBytes bounds the read replies all NBD connections
+	// together hold in memory. Default nbd.DefaultMaxBufferedBytes.
+	NBDMaxBufferedBytes int64
+	// apiTokenFile is where Run loaded APIToken from, "" when configured.
+	apiTokenFile string
 
 	// Origin configures the origin sources opened for lazy images.
 	Origin origin.Config
@@ -74,6 +90,11 @@ type Config struct {
 	Gatherer prometheus.Gatherer
 }
 
+// OriginCredentialsFile, in the data dir, keeps the real URLs of HTTP
+// origins with credentials or a query string; manifests (which peers
+// receive) record them redacted. Mode 0600, never sent anywhere.
+const OriginCredentialsFile = "origin-credentials.json"
+
 // DefaultHotCache is the default size of the hot tier (Config.HotCache).
 const DefaultHotCache = 4 << 30
 
@@ -89,6 +110,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.APIListen == "" {
 		c.APIListen = DefaultAPIListen
+	}
+	if c.APIMaxConns <= 0 {
+		c.APIMaxConns = 256
+	}
+	if c.APIIdleTimeout <= 0 {
+		c.APIIdleTimeout = 30 * time.Second
 	}
 	if c.OriginTimeout <= 0 {
 		c.OriginTimeout = 30 * time.Second
@@ -120,6 +147,12 @@ func (c Config) withDefaults() (Config, error) {
 	if c.P2P.ViewTTL <= 0 {
 		c.P2P.ViewTTL = 5 * time.Second
 	}
+	if c.Origin.Credentials == nil {
+		c.Origin.Credentials = origin.NewCredentials(filepath.Join(c.DataDir, OriginCredentialsFile))
+	}
+	// Never export the daemon's own data or keys, whoever asks.
+	c.Origin.DenyPaths = append(c.Origin.DenyPaths[:len(c.Origin.DenyPaths):len(c.Origin.DenyPaths)], c.DataDir, c.P2P.SwarmKeyFile,
+		filepath.Join(c.DataDir, "identity.key"), filepath.Join(c.DataDir, APITokenFile))
 	if c.Origin.Log == nil {
 		c.Origin.Log = slog.New(slog.DiscardHandler)
 	}

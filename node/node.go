@@ -17,6 +17,7 @@ import (
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
 )
@@ -153,6 +154,9 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("create data dir: %w", err)
 	}
+	if err := n.loadAPIToken(); err != nil {
+		return err
+	}
 	st, err := chunkstore.Open(filepath.Join(cfg.DataDir, "store"),
 		chunkstore.WithQuota(cfg.StoreQuota),
 		chunkstore.WithCodec(cfg.StoreCompression),
@@ -233,7 +237,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		n.log.Info("cluster on", "peer_id", peer.ID().String(), "addrs", strings.Join(addrs, " "),
 			"bootstrap", strings.Join(cfg.P2P.Bootstrap, " "))
 	}
-	srv := &nbd.Server{Exporter: n, Log: n.log.With("component", "nbd")}
+	srv := &nbd.Server{Exporter: n, Log: n.log.With("component", "nbd"), MaxConns: cfg.NBDMaxConns, MaxBufferedBytes: cfg.NBDMaxBufferedBytes}
 	if unixLn != nil {
 		g.Go(func() error { return srv.Serve(gctx, unixLn) })
 		n.log.Info("serving NBD", "socket", n.NBDSocket(), "uri", "nbd+unix:///IMAGE?socket="+n.NBDSocket())
@@ -243,9 +247,9 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		n.log.Info("serving NBD over TCP", "addr", n.nbdAddr.String(), "uri", "nbd://"+n.nbdAddr.String()+"/IMAGE")
 	}
 	if apiLn != nil {
-		hs := &http.Server{Handler: n.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		hs := n.apiServer()
 		g.Go(func() error {
-			if err := hs.Serve(apiLn); !errors.Is(err, http.ErrServerClosed) {
+			if err := hs.Serve(netutil.LimitListener(apiLn, n.cfg.APIMaxConns)); !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("admin API: %w", err)
 			}
 			return nil
@@ -256,7 +260,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			defer cancel()
 			return hs.Shutdown(sctx)
 		})
-		n.log.Info("serving admin API", "addr", n.apiAddr.String(), "token_required", cfg.APIToken != "")
+		n.log.Info("serving admin API", "addr", n.apiAddr.String(), "token_file", n.cfg.apiTokenFile)
 	}
 	if n.apiAddr != nil {
 		// Tell CLIs on this data dir where the API is (the store is locked).

@@ -84,7 +84,7 @@ func startNode(t *testing.T, cfg node.Config) *testNode {
 	case <-time.After(10 * time.Second):
 		t.Fatal("node not ready after 10s")
 	}
-	return &testNode{Node: n, dir: cfg.DataDir, client: node.NewClient(n.APIAddr().String(), cfg.APIToken)}
+	return &testNode{Node: n, dir: cfg.DataDir, client: node.NewClient(n.APIAddr().String(), n.APIToken())}
 }
 
 func (tn *testNode) uri(export string) string {

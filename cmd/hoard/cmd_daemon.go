@@ -18,7 +18,10 @@ read-only NBD export (by name and by manifest CID) on the unix socket
 nbd.socket (default <data_dir>/nbd.sock) and, when set, over TCP on
 nbd.listen (keep it on loopback); fetches missing chunks from the image's
 origin (copy-on-read); learns boot profiles; and answers the admin API on
-api.listen (default 127.0.0.1:7480; bearer token api.token when set).
+api.listen (default 127.0.0.1:7480). Every API request but /healthz,
+/readyz and /metrics needs a bearer token: api.token when set, otherwise the
+random token the daemon creates on first start in <data_dir>/api.token (mode
+0600; the CLI reads it there). Whoever holds the token controls the daemon.
 
 While it runs, the other hoard commands on the same data dir go through its API.
 Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
@@ -38,8 +41,10 @@ Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
 	f := c.Flags()
 	f.String("nbd-socket", "", "NBD unix socket (config nbd.socket; default <data_dir>/nbd.sock; - to disable)")
 	f.String("nbd-listen", "", "NBD over TCP, e.g. 127.0.0.1:10809 (config nbd.listen; default off)")
+	f.String("nbd-max-buffered", "256MiB", "memory all NBD clients together may hold in read replies not yet sent (config nbd.max_buffered)")
 	f.String("api-listen", node.DefaultAPIListen, "admin HTTP API address (config api.listen; - to disable)")
-	f.String("api-token", "", "bearer token the admin API requires (config api.token)")
+	f.String("api-token", "", "bearer token the admin API requires (config api.token; default: a random token kept in <data_dir>/api.token); a flag is visible to every local user in ps: prefer HOARD_API_TOKEN or the default")
+	f.Bool("origin-allow-loopback", false, "allow http(s) origins at loopback and link-local addresses (config origin.allow_loopback; off: a token holder cannot make the daemon fetch from the node's own services)")
 	f.Duration("origin-timeout", 30*time.Second, "bound on one chunk fetch from an origin; reads fail with EIO after it (config origin.timeout)")
 	f.StringSlice("p2p-listen", nil, "libp2p listen multiaddrs (config p2p.listen; default /ip4/0.0.0.0/tcp/4001; QUIC is off on a private network)")
 	f.StringSlice("p2p-bootstrap", nil, "peers to join: multiaddrs ending in /p2p/ID, or dns:NAME[:PORT] (config p2p.bootstrap)")
@@ -76,6 +81,12 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 	if hot == 0 {
 		hot = -1 // none
 	}
+	var nbdBuf int64
+	if s := v.GetString("nbd.max_buffered"); s != "" {
+		if nbdBuf, err = parseSize(s); err != nil {
+			return node.Config{}, fmt.Errorf("nbd.max_buffered: %w", err)
+		}
+	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return node.Config{}, err
@@ -90,18 +101,23 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 			return node.Config{}, err
 		}
 	}
+	oc := g.originConfig()
+	// A daemon run by root must not fetch from the node's own services
+	// (SSRF) for whoever holds the API token, unless told to.
+	oc.BlockLoopback = !v.GetBool("origin.allow_loopback")
 	return node.Config{
-		DataDir:          abs,
-		StoreQuota:       quota,
-		StoreCompression: v.GetString("store.compression"),
-		NBDSocket:        v.GetString("nbd.socket"),
-		NBDListen:        v.GetString("nbd.listen"),
-		APIListen:        v.GetString("api.listen"),
-		APIToken:         v.GetString("api.token"),
-		Origin:           g.originConfig(),
-		OriginTimeout:    v.GetDuration("origin.timeout"),
-		MemCache:         mem,
-		HotCache:         hot,
+		DataDir:             abs,
+		StoreQuota:          quota,
+		StoreCompression:    v.GetString("store.compression"),
+		NBDSocket:           v.GetString("nbd.socket"),
+		NBDListen:           v.GetString("nbd.listen"),
+		NBDMaxBufferedBytes: nbdBuf,
+		APIListen:           v.GetString("api.listen"),
+		APIToken:            v.GetString("api.token"),
+		Origin:              oc,
+		OriginTimeout:       v.GetDuration("origin.timeout"),
+		MemCache:            mem,
+		HotCache:            hot,
 		P2P: node.P2PConfig{
 			Listen:       splitList(v.GetStringSlice("p2p.listen")),
 			Bootstrap:    splitList(v.GetStringSlice("p2p.bootstrap")),

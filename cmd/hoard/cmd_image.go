@@ -89,7 +89,7 @@ func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking s
 // addViaDaemon asks the running daemon to import the image.
 func addViaDaemon(ctx context.Context, cl *node.Client, req node.ImportRequest, jsonOut bool) error {
 	if !jsonOut {
-		fmt.Fprintf(os.Stderr, "importing %s through the running daemon\n", req.Source)
+		fmt.Fprintf(os.Stderr, "importing %s through the running daemon\n", origin.Redact(req.Source))
 	}
 	res, err := cl.AddImage(ctx, req)
 	if err != nil {
@@ -138,7 +138,7 @@ func defaultImageName(ref origin.Ref) string {
 	case "glance":
 		return ref.Location
 	}
-	base := ref.Location
+	base, _, _ := strings.Cut(ref.Location, "?") // a URL's (redacted) query
 	for i := len(base) - 1; i >= 0; i-- {
 		if base[i] == '/' {
 			base = base[i+1:]

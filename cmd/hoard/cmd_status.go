@@ -101,11 +101,38 @@ func (g *globalOptions) daemonAddr() string {
 // daemon returns a client for a running daemon, or an error saying how to start one.
 func (g *globalOptions) daemon(ctx context.Context) (*node.Client, error) {
 	addr := g.daemonAddr()
-	cl := node.NewClient(addr, g.v.GetString("api.token"))
+	cl := node.NewClient(addr, g.apiToken(addr))
 	if err := cl.Ping(ctx, 2*time.Second); err != nil {
 		return nil, fmt.Errorf("no hoard daemon answers at %s: start one with hoard daemon, or set HOARD_API to its api.listen address (%v)", addr, err)
 	}
 	return cl, nil
+}
+
+// apiToken is the token for the daemon at addr: api.token (HOARD_API_TOKEN)
+// when set, else what the daemon on the data dir keeps in
+// DATA_DIR/api.token, but only if addr is that daemon (HOARD_API unset, or
+// naming the address the daemon wrote): the token is root-equivalent and
+// must not go to whatever HOARD_API points at. Without a token, requests go
+// out bare and the daemon's 401 says where the token is.
+func (g *globalOptions) apiToken(addr string) string {
+	if t := g.v.GetString("api.token"); t != "" {
+		return t
+	}
+	dir := g.v.GetString("data_dir")
+	if dir == "" {
+		return ""
+	}
+	if a := g.v.GetString("api"); a != "" {
+		b, err := os.ReadFile(filepath.Join(dir, node.APIAddrFile))
+		if err != nil || strings.TrimSpace(string(b)) != strings.TrimPrefix(strings.TrimRight(a, "/"), "http://") {
+			return ""
+		}
+	}
+	t, err := node.ReadAPIToken(dir)
+	if err != nil {
+		return ""
+	}
+	return t
 }
 
 // backend returns a client when a daemon runs on the data dir (it wrote its

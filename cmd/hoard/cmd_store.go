@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/spf13/cobra"
 )
@@ -151,6 +153,9 @@ func (g *globalOptions) originConfig() origin.Config {
 		GlanceToken:   g.v.GetString("origin.glance.token"),
 		GlanceHeaders: parseHeaders(g.v.GetString("origin.glance.headers")),
 		Log:           g.logger(),
+		// The daemon's node.Config adds the same file; an image added here
+		// is then readable lazily by a daemon on this data dir.
+		Credentials: origin.NewCredentials(filepath.Join(g.v.GetString("data_dir"), node.OriginCredentialsFile)),
 	}
 }
 

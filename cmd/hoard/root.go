@@ -58,8 +58,8 @@ func (g *globalOptions) load(cmd *cobra.Command) error {
 	for _, b := range []struct{ flag, key string }{
 		{"data-dir", "data_dir"}, {"store-quota", "store.quota"}, {"log-level", "log.level"},
 		{"store-compression", "store.compression"},
-		{"nbd-socket", "nbd.socket"}, {"nbd-listen", "nbd.listen"}, {"api-listen", "api.listen"},
-		{"api-token", "api.token"}, {"origin-timeout", "origin.timeout"}, {"mem-cache", "cache.memory"}, {"hot-cache", "cache.hot"},
+		{"nbd-socket", "nbd.socket"}, {"nbd-listen", "nbd.listen"}, {"nbd-max-buffered", "nbd.max_buffered"}, {"api-listen", "api.listen"},
+		{"api-token", "api.token"}, {"origin-timeout", "origin.timeout"}, {"origin-allow-loopback", "origin.allow_loopback"}, {"mem-cache", "cache.memory"}, {"hot-cache", "cache.hot"},
 		{"p2p-listen", "p2p.listen"}, {"p2p-bootstrap", "p2p.bootstrap"}, {"p2p-swarm-key-file", "p2p.swarm_key_file"},
 		{"p2p-upload-limit", "p2p.upload_limit"}, {"p2p-allow", "p2p.allow"},
 	} {

@@ -45,7 +45,7 @@ func openGlance(ctx context.Context, id string, st *settings) (Source, error) {
 	s := &httpSource{
 		st:           st,
 		url:          imageURL,
-		name:         u.Redacted() + "/v2/images/" + url.PathEscape(id),
+		name:         Redact(u.String()) + "/v2/images/" + url.PathEscape(id),
 		headers:      headers,
 		notFoundHint: fmt.Sprintf("glance image %q does not exist (or is not visible to this project); check the id with: openstack image list", id),
 		deniedHint:   "Glance refused the request; check the token in origin.glance.token (HOARD_ORIGIN_GLANCE_TOKEN) and that its project can see the image",

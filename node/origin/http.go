@@ -23,6 +23,7 @@ type httpSource struct {
 	url     string // request URL, without fragment
 	name    string // URL for messages, password redacted
 	headers http.Header
+	client  *http.Client // nil: st.client
 	size    int64
 	ranges  bool   // the server honours Range requests
 	format  string // disk format when the origin says ("" for plain HTTP)
@@ -34,31 +35,59 @@ type httpSource struct {
 func openHTTP(ctx context.Context, ref string, st *settings) (Source, error) {
 	u, err := url.Parse(ref)
 	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("open image source %q: not a valid URL; want http(s)://host/path", ref)
+		return nil, fmt.Errorf("open image source %q: not a valid URL; want http(s)://host/path", Redact(ref))
 	}
 	var checksum string
 	if u.Fragment != "" {
 		algo, hexsum, ok := strings.Cut(u.Fragment, "=")
 		if !ok {
-			return nil, fmt.Errorf("open image source %s: URL fragment %q: want #sha256=<hex> (or #sha512=, #md5=)", u.Redacted(), u.Fragment)
+			return nil, fmt.Errorf("open image source %s: URL fragment %q: want #sha256=<hex> (or #sha512=, #md5=)", Redact(ref), u.Fragment)
 		}
 		checksum = strings.ToLower(algo) + ":" + strings.ToLower(hexsum)
 		if _, _, _, err := parseChecksum(checksum); err != nil {
-			return nil, fmt.Errorf("open image source %s: URL fragment: %w", u.Redacted(), err)
+			return nil, fmt.Errorf("open image source %s: URL fragment: %w", Redact(ref), err)
 		}
 		u.Fragment, u.RawFragment = "", ""
+	}
+	if isRedacted(u) {
+		// A manifest's reference (the secrets were left out): the real URL
+		// is in this node's local credentials, if it was opened here.
+		real, ok := "", false
+		if st.Credentials != nil {
+			if real, ok, err = st.Credentials.get(u.String()); err != nil {
+				return nil, fmt.Errorf("open image source %s: %w", u, err)
+			}
+		}
+		if !ok {
+			return nil, mark(ErrDenied, "open image source %s: the URL's credentials are not recorded in the manifest (peers never get them), "+
+				"and this node has none for it; add the image on this node with its full URL", u)
+		}
+		if u, err = url.Parse(real); err != nil {
+			return nil, fmt.Errorf("open image source %s: recorded URL: %w", Redact(real), err)
+		}
 	}
 	s := &httpSource{
 		st:           st,
 		url:          u.String(),
-		name:         u.Redacted(),
+		name:         Redact(u.String()),
 		headers:      http.Header{},
 		notFoundHint: "the image is not there; check the URL",
 		deniedHint:   "access denied; check the URL and its credentials",
 	}
-	s.ref = Ref{Kind: "http", Location: s.url, Checksum: checksum}
+	s.ref = Ref{Kind: "http", Location: s.name, Checksum: checksum}
+	if st.BlockLoopback {
+		if err := checkHostAllowed(ctx, u.Hostname()); err != nil {
+			return nil, fmt.Errorf("open image source %s: %w", s.name, err)
+		}
+		s.client = st.guardedClient()
+	}
 	if err := s.probe(ctx); err != nil {
 		return nil, fmt.Errorf("open image source: %w", err)
+	}
+	if s.name != s.url && st.Credentials != nil {
+		if err := st.Credentials.put(s.name, s.url); err != nil {
+			return nil, fmt.Errorf("open image source %s: keep its credentials for later reads: %w", s.name, err)
+		}
 	}
 	st.log.Debug("origin opened", "url", s.name, "size", s.size, "ranges", s.ranges)
 	return s, nil
@@ -164,7 +193,11 @@ func (s *httpSource) send(ctx context.Context, method, rng string) (*http.Respon
 	reqCtx, cancel := context.WithCancel(ctx)
 	w := &watchdog{d: s.st.StallTimeout, cancel: cancel}
 	w.t = time.AfterFunc(w.d, w.fire)
-	resp, err := s.st.client.Do(req.WithContext(reqCtx))
+	client := s.client
+	if client == nil {
+		client = s.st.client
+	}
+	resp, err := client.Do(req.WithContext(reqCtx))
 	w.t.Stop()
 	if err == nil {
 		resp.Body = &watchedBody{ReadCloser: resp.Body, w: w}
@@ -191,6 +224,8 @@ func (s *httpSource) send(ctx context.Context, method, rng string) (*http.Respon
 	var unknownCA x509.UnknownAuthorityError
 	var hostErr x509.HostnameError
 	switch {
+	case errors.Is(err, ErrForbidden):
+		return nil, fmt.Errorf("%s %s: %w", method, s.name, err)
 	case errors.As(err, &dnsErr) && dnsErr.IsNotFound:
 		return nil, fmt.Errorf("%s %s: host %q does not exist; check the URL: %w", method, s.name, dnsErr.Name, err)
 	case errors.As(err, &certErr), errors.As(err, &unknownCA), errors.As(err, &hostErr):

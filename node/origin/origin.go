@@ -27,6 +27,10 @@ var (
 	ErrLong = errors.New("origin sent more bytes than announced")
 	// ErrChecksum: the bytes do not hash to the checksum the origin announced.
 	ErrChecksum = errors.New("image checksum mismatch")
+	// ErrForbidden: hoard refuses this source whoever asks: its own data dir
+	// and keys, /proc, /sys, /dev (but block devices), or a loopback HTTP
+	// origin when Config.BlockLoopback is set.
+	ErrForbidden = errors.New("image source not allowed")
 	// ErrUnavailable: the origin cannot serve now (transient failures outlasted the retries,
 	// a Glance image not active yet); trying again later may work.
 	ErrUnavailable = errors.New("origin unavailable")
@@ -90,6 +94,22 @@ type Config struct {
 	StallTimeout time.Duration
 	// Log receives retries and resumes at debug/warn level; nil discards.
 	Log *slog.Logger
+
+	// Credentials, when set, keeps the real URLs of HTTP origins with
+	// credentials or a query, which Ref (and so the manifest) records
+	// redacted, so that Open of the redacted URL works on this node.
+	Credentials *Credentials
+
+	// DenyPaths are files and directories a file source never opens (the
+	// daemon's data dir and keys), checked after symlinks are resolved.
+	// /proc, /sys and /dev (but block devices) are always refused.
+	DenyPaths []string
+	// BlockLoopback refuses HTTP(S) origins at loopback, link-local and
+	// unspecified addresses (checked on every connection, so a DNS name or
+	// a redirect cannot get around it): a daemon reachable by others must
+	// not become a proxy to services that trust localhost. Glance
+	// (GlanceURL, set by the operator) is exempt.
+	BlockLoopback bool
 }
 
 const (
@@ -170,7 +190,7 @@ func Open(ctx context.Context, ref string, cfg Config) (Source, error) {
 		return openFile(ctx, ref, s)
 	case strings.Contains(ref, "://"):
 		scheme, _, _ := strings.Cut(ref, "://")
-		return nil, fmt.Errorf("open image source %q: unknown scheme %q; use a path, file://, http(s):// or glance://", ref, scheme)
+		return nil, fmt.Errorf("open image source %q: unknown scheme %q; use a path, file://, http(s):// or glance://", Redact(ref), scheme)
 	default:
 		return openFile(ctx, ref, s)
 	}
