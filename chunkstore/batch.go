@@ -317,7 +317,7 @@ func (b *Batch) Commit(ctx context.Context) error {
 // syncFiles makes the batch's pack entries durable: one fdatasync per pack.
 func (b *Batch) syncFiles() error {
 	for p := range b.packs {
-		if err := p.sync(); err != nil {
+		if err := b.s.packs.sync(p); err != nil {
 			return err
 		}
 	}

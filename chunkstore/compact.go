@@ -90,7 +90,7 @@ func (s *Store) compactPack(ctx context.Context, p *pack) error {
 		moves = append(moves, move{d: d, from: r, to: np, off: off})
 	}
 	for np := range touched {
-		if err := np.sync(); err != nil {
+		if err := s.packs.sync(np); err != nil {
 			return describeIOError(err)
 		}
 	}

@@ -53,7 +53,15 @@ func (p *pack) done() {
 	p.mu.Unlock()
 }
 
-func (p *pack) sync() error { return unix.Fdatasync(int(p.f.Fd())) }
+// sync makes what was appended to p durable.
+func (ps *packSet) sync(p *pack) error {
+	if h := ps.faults.sync; h != nil {
+		if err := h(p.id); err != nil {
+			return err
+		}
+	}
+	return unix.Fdatasync(int(p.f.Fd()))
+}
 
 type packSet struct {
 	dir    string
@@ -62,6 +70,16 @@ type packSet struct {
 	packs  map[uint32]*pack
 	cur    *pack
 	next   uint32
+
+	faults faults // test hooks
+}
+
+// faults are test hooks that force interleavings and inject I/O errors. All
+// are nil outside tests; tests set them before the store is used concurrently.
+type faults struct {
+	afterLookup func(d [32]byte)                               // a read, between its index lookup and its pack read
+	readAt      func(pack uint32, off int64, buf []byte) error // a pack read fails with this error when not nil
+	sync        func(pack uint32) error                        // a pack fdatasync fails with this error when not nil
 }
 
 func packName(id uint32) string { return fmt.Sprintf("%08x.pack", id) }
@@ -213,6 +231,8 @@ func (ps *packSet) read(r record, digest [32]byte) (Stored, error) {
 	var err error
 	if p == nil {
 		err = fmt.Errorf("pack %s missing", packName(r.pack))
+	} else if h := ps.faults.readAt; h != nil && h(r.pack, r.off, buf) != nil {
+		err = h(r.pack, r.off, buf)
 	} else {
 		_, err = p.f.ReadAt(buf, r.off)
 	}

@@ -113,6 +113,9 @@ func (s *Store) readStored(id ID) (Stored, error) {
 	if !ok {
 		return Stored{}, fmt.Errorf("get chunk %s: %w", id, ErrNotFound)
 	}
+	if h := s.packs.faults.afterLookup; h != nil {
+		h(id.digest)
+	}
 	st, err := s.packs.read(r, id.digest)
 	if err != nil {
 		return Stored{}, s.corrupt(context.Background(), id, err)
