@@ -142,7 +142,7 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 	bp := entryBufs.Get().(*[]byte)
 	entry, codec := encode((*bp)[:0])
 	rec := record{raw: int64(rawLen), codec: codec, atime: s.opts.now().UnixNano()}
-	p, off, err := s.packs.appendEntry(entry)
+	p, off, err := s.packs.appendEntry(entry, 0)
 	n := int64(len(entry))
 	if cap(entry) <= maxPooledEntry {
 		*bp = entry

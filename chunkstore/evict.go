@@ -151,7 +151,12 @@ func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (in
 	defer pb.Close()
 	var delta Usage
 	var gone []record
+	seen := make(map[[32]byte]struct{}, len(ids))
 	for _, id := range ids {
+		if _, dup := seen[id.digest]; dup {
+			continue // counted once: a repeated ID made usage drift below the index
+		}
+		seen[id.digest] = struct{}{}
 		r, ok, err := s.getRecord(id.digest)
 		if err != nil {
 			return 0, err

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 
 	"github.com/cockroachdb/pebble/v2"
 )
@@ -90,4 +91,27 @@ func (s *Store) hasPrefix(p []byte) (bool, error) {
 	}
 	defer it.Close()
 	return it.First(), it.Error()
+}
+
+// countIndex derives usage (without DiskBytes) and the live bytes of each
+// pack from the chunk records: what the in-memory accounting must equal.
+func (s *Store) countIndex() (Usage, map[uint32]int64, error) {
+	var u Usage
+	live := map[uint32]int64{}
+	it, err := s.db.NewIter(prefixIter(pfxChunk))
+	if err != nil {
+		return u, nil, err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		r, err := decodeRecord(it.Value())
+		if err != nil {
+			return u, nil, fmt.Errorf("index record %x: %w", it.Key()[1:], err)
+		}
+		u.Chunks++
+		u.StoredBytes += r.stored
+		u.RawBytes += r.raw
+		live[r.pack] += r.stored
+	}
+	return u, live, it.Error()
 }
