@@ -16,11 +16,18 @@ import (
 // Put stores one chunk, verifying data against id. Storing a chunk that is
 // already there only refreshes its access time.
 func (s *Store) Put(ctx context.Context, id ID, data []byte) error {
-	b := s.NewBatch("")
-	if _, err := b.Put(ctx, id, data); err != nil {
-		return err
+	for attempt := 0; ; attempt++ {
+		b := s.NewBatch("")
+		if _, err := b.Put(ctx, id, data); err != nil {
+			b.Abort()
+			return err
+		}
+		err := b.Commit(ctx)
+		if !errors.Is(err, errVanished) || attempt > 0 {
+			return err
+		}
+		// The stored copy was deleted before the commit: write this one.
 	}
-	return b.Commit(ctx)
 }
 
 // Batch writes many chunks with one durable commit: Put writes payload files,
@@ -38,8 +45,40 @@ type Batch struct {
 
 type pendingChunk struct {
 	rec     record
-	written bool // false: already stored, only pin/touch it
+	written bool // false: already stored (a dedup hit, held until Commit or Abort), only pin it
 	p       *pack
+}
+
+// errVanished: a chunk a batch found stored (and so did not write) was
+// deleted before the batch committed.
+var errVanished = errors.New("was deleted before the batch committed")
+
+// holdIfStored reports whether the chunk is stored and, if it is, holds it:
+// eviction skips held chunks, so a dedup hit stays until its batch commits
+// (and pins it) or aborts. The lookup and the hold are one step under the
+// shared eviction lock, so no eviction falls between them.
+func (s *Store) holdIfStored(d [32]byte) (bool, error) {
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
+	_, ok, err := s.getRecord(d)
+	if err != nil || !ok {
+		return false, err
+	}
+	s.mu.Lock()
+	if s.holds == nil {
+		s.holds = make(map[[32]byte]int)
+	}
+	s.holds[d]++
+	s.mu.Unlock()
+	return true, nil
+}
+
+func (s *Store) unhold(d [32]byte) {
+	s.mu.Lock()
+	if s.holds[d]--; s.holds[d] <= 0 {
+		delete(s.holds, d)
+	}
+	s.mu.Unlock()
 }
 
 // NewBatch starts a batch. When pinOwner is not empty, every chunk put in the
@@ -97,6 +136,9 @@ func (s *Store) PutStored(ctx context.Context, id ID, st Stored) error {
 	if st.Codec == CodecRaw && len(st.Payload) != st.RawLen {
 		return fmt.Errorf("put chunk %s: raw payload of %d bytes for a %d-byte chunk", id, len(st.Payload), st.RawLen)
 	}
+	if packHeaderSize+len(st.Payload) > maxEntrySize {
+		return fmt.Errorf("put chunk %s: a %d-byte payload is more than a chunk can take", id, len(st.Payload))
+	}
 	b := s.NewBatch("")
 	_, err := b.write(ctx, id, st.RawLen, func(buf []byte) ([]byte, byte) {
 		buf = append(slices.Grow(buf[:0], packHeaderSize+len(st.Payload))[:packHeaderSize], st.Payload...)
@@ -129,12 +171,14 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 	if dup {
 		return 0, nil
 	}
-	if _, ok, err := s.getRecord(id.digest); err != nil {
+	if ok, err := s.holdIfStored(id.digest); err != nil {
 		return 0, fmt.Errorf("put chunk %s: %w", id, err)
 	} else if ok {
 		b.mu.Lock()
 		if _, dup := b.items[id.digest]; !dup {
 			b.items[id.digest] = pendingChunk{}
+		} else {
+			s.unhold(id.digest)
 		}
 		b.mu.Unlock()
 		return 0, nil
@@ -142,11 +186,14 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 	bp := entryBufs.Get().(*[]byte)
 	entry, codec := encode((*bp)[:0])
 	rec := record{raw: int64(rawLen), codec: codec, atime: s.opts.now().UnixNano()}
-	p, off, err := s.packs.appendEntry(entry, 0)
+	p, off, err := s.appendAdmitted(ctx, entry)
 	n := int64(len(entry))
 	if cap(entry) <= maxPooledEntry {
 		*bp = entry
 		entryBufs.Put(bp)
+	}
+	if errors.Is(err, ErrFull) {
+		return 0, fmt.Errorf("put chunk %s: %w", id, err)
 	}
 	if err != nil {
 		return 0, fmt.Errorf("put chunk %s: %w", id, describeIOError(err))
@@ -161,6 +208,27 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 	}
 	b.items[id.digest] = pendingChunk{rec: rec, written: true, p: p}
 	return n, nil
+}
+
+// appendAdmitted appends a new entry to the packs, within the quota: when
+// it does not fit, room is made (eviction, compaction) and it is tried once
+// more; ErrFull when it still does not fit. Reserving the room and appending
+// are one step (appendEntry), so concurrent writers cannot overshoot.
+func (s *Store) appendAdmitted(ctx context.Context, entry []byte) (*pack, int64, error) {
+	q := s.opts.quota
+	p, off, err := s.packs.appendEntry(entry, q)
+	if !errors.Is(err, errNoRoom) {
+		return p, off, err
+	}
+	n := int64(len(entry))
+	if err := s.makeRoom(ctx, n); err != nil {
+		return nil, 0, err
+	}
+	p, off, err = s.packs.appendEntry(entry, q)
+	if errors.Is(err, errNoRoom) {
+		return nil, 0, s.fullError(n)
+	}
+	return p, off, err
 }
 
 // encodeEntry builds data's pack entry in buf (reusing its capacity): the
@@ -199,7 +267,8 @@ func describeIOError(err error) error {
 	return err
 }
 
-// Abort removes the files of chunks that the batch wrote and did not commit.
+// Abort gives the batch up: the entries it wrote become dead bytes, which
+// compaction reclaims, and the chunks it found stored are no longer held.
 func (b *Batch) Abort() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -209,17 +278,22 @@ func (b *Batch) Abort() {
 // release ends the batch's claim on the packs it wrote to; entries that were
 // not indexed are dead bytes there, reclaimed by compaction.
 func (b *Batch) release() {
-	for _, it := range b.items {
+	for d, it := range b.items {
 		if it.written {
 			it.p.done()
+		} else {
+			b.s.unhold(d)
 		}
 	}
 	b.items = map[[32]byte]pendingChunk{}
 }
 
-// Commit makes the batch's files durable and indexes them in one atomic,
-// synced index write. On error nothing of the batch is indexed and its new
-// files are removed.
+// Commit makes the batch's new entries durable and indexes them, with the
+// pins of all its chunks, in one atomic, synced index write. On error nothing
+// of the batch is indexed; its new entries are dead bytes that compaction
+// reclaims. A chunk the batch found already stored is held from eviction
+// until then; if something else deleted it meanwhile (garbage collection, a
+// corrupt copy dropped) Commit fails (errVanished): put it again.
 func (b *Batch) Commit(ctx context.Context) error {
 	s := b.s
 	b.mu.Lock()
@@ -227,11 +301,9 @@ func (b *Batch) Commit(ctx context.Context) error {
 	if len(b.items) == 0 {
 		return nil
 	}
-	var newBytes int64
-	for _, it := range b.items {
-		newBytes += it.rec.stored
-	}
-	if err := s.makeRoom(ctx, newBytes); err != nil {
+	// The new entries are within the quota already (appendAdmitted); this
+	// keeps live bytes under the high watermark for the next writers.
+	if err := s.makeRoom(ctx, 0); err != nil && !errors.Is(err, ErrFull) {
 		b.release()
 		return err
 	}
@@ -263,6 +335,12 @@ func (b *Batch) Commit(ctx context.Context) error {
 			}
 		}
 		if !it.written {
+			// Held since Put, so not evicted; but Delete ignores holds.
+			if _, ok, err := s.getRecord(d); err != nil {
+				return err
+			} else if !ok {
+				return fmt.Errorf("commit chunks: chunk %s %w; retry", IDFromDigest(d), errVanished)
+			}
 			continue
 		}
 		s.mu.Lock()
@@ -298,6 +376,11 @@ func (b *Batch) Commit(ctx context.Context) error {
 		delta.StoredBytes += it.rec.stored
 		delta.RawBytes += it.rec.raw
 		indexed = append(indexed, d)
+	}
+	if h := s.packs.faults.commit; h != nil {
+		if err := h(); err != nil {
+			return fmt.Errorf("commit chunks: %w", err)
+		}
 	}
 	if err := pb.Commit(s.writeOpts()); err != nil {
 		return fmt.Errorf("commit chunks: %w", describeIOError(err))

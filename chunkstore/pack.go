@@ -88,6 +88,7 @@ type faults struct {
 	afterLookup func(d [32]byte)                               // a read, between its index lookup and its pack read
 	readAt      func(pack uint32, off int64, buf []byte) error // a pack read fails with this error when not nil
 	sync        func(pack uint32) error                        // a pack fdatasync fails with this error when not nil
+	commit      func() error                                   // a Batch.Commit's index write fails with this error when not nil
 }
 
 func packName(id uint32) string { return fmt.Sprintf("%08x.pack", id) }

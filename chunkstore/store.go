@@ -67,6 +67,8 @@ type Store struct {
 	mu         sync.Mutex
 	usage      Usage
 	committing map[[32]byte]struct{}
+	holds      map[[32]byte]int // dedup hits of open batches: not evictable (batch.go)
+	roomMu     sync.Mutex       // one makeRoom at a time (evict.go)
 	atimes     map[[32]byte]int64
 	closed     bool
 	unclean    bool
@@ -74,7 +76,11 @@ type Store struct {
 	packs packSet
 }
 
-// Usage is what the store holds.
+// Usage is what the store holds. DiskBytes stays within the quota plus a
+// slack of one pack (see "Quota and eviction" in doc.go): writes are admitted
+// only while they fit in the quota, and only compaction, which frees more than
+// it writes, may pass it, by at most the live bytes of the one pack it is
+// rewriting.
 type Usage struct {
 	Chunks      int64 `json:"chunks"`
 	StoredBytes int64 `json:"stored_bytes"` // live payload bytes (compressed), with their entry headers
