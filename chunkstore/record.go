@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/cockroachdb/pebble/v2"
 )
@@ -28,23 +29,32 @@ func (r record) encode() []byte {
 	return binary.AppendUvarint(b, uint64(r.off))
 }
 
+// decodeRecord decodes a chunk record, rejecting values no record can hold
+// (they would wrap around when converted). Bytes after the last field are
+// ignored: room for fields a later version adds.
 func decodeRecord(b []byte) (record, error) {
 	d := &decoder{b: b}
-	r := record{stored: int64(d.uvarint("stored")), raw: int64(d.uvarint("raw"))}
+	stored, raw := d.uvarint("stored"), d.uvarint("raw")
 	c := d.bytes(1, "codec")
 	if d.err != nil {
-		return r, d.err
+		return record{}, d.err
 	}
-	r.codec = c[0]
+	r := record{stored: int64(stored), raw: int64(raw), codec: c[0]}
 	v, n := binary.Varint(d.b)
 	if n <= 0 {
-		return r, errors.New("bad access time")
+		return record{}, errors.New("bad access time")
 	}
 	r.atime = v
 	d.b = d.b[n:]
-	r.pack = uint32(d.uvarint("pack"))
-	r.off = int64(d.uvarint("offset"))
-	return r, d.err
+	pack, off := d.uvarint("pack"), d.uvarint("offset")
+	if d.err != nil {
+		return record{}, d.err
+	}
+	if stored > maxEntrySize || raw > MaxChunkSize || pack > math.MaxUint32 || off > math.MaxInt64 {
+		return record{}, fmt.Errorf("record out of range: entry %d, raw %d, pack %d, offset %d", stored, raw, pack, off)
+	}
+	r.pack, r.off = uint32(pack), int64(off)
+	return r, nil
 }
 
 func chunkKey(d [32]byte) []byte { return append([]byte{pfxChunk}, d[:]...) }
