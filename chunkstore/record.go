@@ -29,9 +29,11 @@ func (r record) encode() []byte {
 	return binary.AppendUvarint(b, uint64(r.off))
 }
 
-// decodeRecord decodes a chunk record, rejecting values no record can hold
-// (they would wrap around when converted). Bytes after the last field are
-// ignored: room for fields a later version adds.
+// decodeRecord decodes a chunk record, rejecting values that would wrap
+// around when converted (lengths a read cannot accept are left to the read,
+// which drops the chunk, so that such a record never keeps the store from
+// opening). Bytes after the last field are ignored: room for fields a later
+// version adds.
 func decodeRecord(b []byte) (record, error) {
 	d := &decoder{b: b}
 	stored, raw := d.uvarint("stored"), d.uvarint("raw")
@@ -50,7 +52,7 @@ func decodeRecord(b []byte) (record, error) {
 	if d.err != nil {
 		return record{}, d.err
 	}
-	if stored > maxEntrySize || raw > MaxChunkSize || pack > math.MaxUint32 || off > math.MaxInt64 {
+	if stored > math.MaxInt64 || raw > math.MaxInt64 || pack > math.MaxUint32 || off > math.MaxInt64 {
 		return record{}, fmt.Errorf("record out of range: entry %d, raw %d, pack %d, offset %d", stored, raw, pack, off)
 	}
 	r.pack, r.off = uint32(pack), int64(off)
