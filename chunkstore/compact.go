@@ -57,12 +57,22 @@ func (s *Store) compact(ctx context.Context, frac float64) (int64, error) {
 // removePack deletes a compacted pack, once the index shows nothing in it:
 // the per-pack live count is only a cache of that.
 func (s *Store) removePack(p *pack) (int64, error) {
+	// Shared: deletes change the index and the count under the exclusive lock.
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
 	if used, err := s.hasPrefix(packIndexKey(p.id, [32]byte{})[:5]); err != nil {
 		return 0, err
 	} else if used {
 		s.opts.log.Error("pack still holds indexed chunks after compaction; keeping it", "pack", packName(p.id))
 		return 0, nil
 	}
+	p.mu.Lock()
+	if p.live != 0 {
+		// The count drifted from the index (a bug): the index is the truth.
+		s.opts.log.Error("pack live bytes drifted from the index; correcting", "pack", packName(p.id), "live_bytes", p.live)
+		p.live = 0
+	}
+	p.mu.Unlock()
 	n, _ := s.packs.remove(p)
 	return n, nil
 }

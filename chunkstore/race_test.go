@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -321,5 +322,36 @@ func assertAccounting(t *testing.T, s *Store) {
 		if s.packs.packs[id] == nil {
 			t.Errorf("index points into pack %s, which is gone", packName(id))
 		}
+	}
+}
+
+// A record that points into a pack that is not open is dropped only when the
+// pack's file is gone too; while the file is there the chunk is kept.
+func TestRecordIntoMissingPack(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	s := openT(t, t.TempDir())
+	id := putRandom(t, s, rand.New(rand.NewPCG(7, 8)), 1, 16<<10)[0]
+	r, _, _ := s.getRecord(id.digest)
+	s.packs.mu.Lock()
+	p := s.packs.packs[r.pack]
+	delete(s.packs.packs, r.pack) // as if the set lost it
+	s.packs.cur = nil
+	s.packs.mu.Unlock()
+	if _, err := s.Get(ctx, id); err == nil || errors.Is(err, ErrCorrupt) {
+		t.Fatalf("get with the pack file still on disk: %v, want an error that keeps the chunk", err)
+	}
+	if ok, _ := s.Has(ctx, id); !ok {
+		t.Fatal("dropped a chunk whose pack file is still there")
+	}
+	p.f.Close()
+	if err := os.Remove(p.f.Name()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(ctx, id); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("get of a chunk whose pack is gone: %v, want ErrCorrupt", err)
+	}
+	if ok, _ := s.Has(ctx, id); ok {
+		t.Fatal("a chunk whose pack is gone stays in the index")
 	}
 }
