@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -322,13 +323,22 @@ func (b *Batch) Commit(ctx context.Context) error {
 	defer func() {
 		s.mu.Lock()
 		for _, d := range claimed {
+			close(s.committing[d])
 			delete(s.committing, d)
 		}
 		s.mu.Unlock()
 	}()
 	pb := s.db.NewBatch()
 	defer pb.Close()
-	for d, it := range b.items {
+	// In digest order: commits claim chunks in one order, so two never wait
+	// for each other.
+	digests := make([][32]byte, 0, len(b.items))
+	for d := range b.items {
+		digests = append(digests, d)
+	}
+	slices.SortFunc(digests, func(x, y [32]byte) int { return bytes.Compare(x[:], y[:]) })
+	for _, d := range digests {
+		it := b.items[d]
 		if b.owner != "" {
 			if err := setPin(pb, d, b.owner); err != nil {
 				return err
@@ -343,21 +353,10 @@ func (b *Batch) Commit(ctx context.Context) error {
 			}
 			continue
 		}
-		s.mu.Lock()
-		_, busy := s.committing[d]
-		if !busy {
-			s.committing[d] = struct{}{}
-			claimed = append(claimed, d)
+		if err := s.claim(ctx, d); err != nil {
+			return err
 		}
-		closed := s.closed
-		s.mu.Unlock()
-		if closed {
-			return ErrClosed
-		}
-		if busy {
-			// another batch is indexing the same chunk right now
-			continue
-		}
+		claimed = append(claimed, d)
 		if _, ok, err := s.getRecord(d); err != nil {
 			return err
 		} else if ok {
@@ -395,6 +394,35 @@ func (b *Batch) Commit(ctx context.Context) error {
 		it.p.addLive(it.rec.stored)
 	}
 	return nil
+}
+
+// claim makes this commit the one indexing new chunk d. Another commit that
+// is indexing it now may yet fail, so claim waits for it to end (the caller
+// then looks the chunk up again) instead of counting on it.
+func (s *Store) claim(ctx context.Context, d [32]byte) error {
+	for {
+		s.mu.Lock()
+		closed := s.closed
+		wait, busy := s.committing[d]
+		if !busy && !closed {
+			s.committing[d] = make(chan struct{})
+		}
+		s.mu.Unlock()
+		switch {
+		case closed:
+			return ErrClosed
+		case !busy:
+			return nil
+		}
+		if h := s.packs.faults.claimWait; h != nil {
+			h(d)
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return fmt.Errorf("commit chunks: %w", ctx.Err())
+		}
+	}
 }
 
 // syncFiles makes the batch's pack entries durable: one fdatasync per pack.

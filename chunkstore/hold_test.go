@@ -1,9 +1,13 @@
 package chunkstore
 
 import (
+	"bytes"
 	"errors"
 	"math/rand/v2"
+	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // A chunk a batch found already stored (a dedup hit) is held from eviction
@@ -85,4 +89,64 @@ func mustGet(t *testing.T, s *Store, id ID) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// Two batches that both wrote a new chunk commit at once, and the first to
+// claim it fails: the second must index its own copy (it used to skip the
+// chunk as "being indexed by another batch" and report success without it).
+func TestConcurrentCommitsOfOneChunkWhenOneFails(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	s := openT(t, t.TempDir())
+	d := make([]byte, 16<<10)
+	fillRandom(rand.New(rand.NewPCG(31, 32)), d)
+	id := Sum(d)
+	a, b := s.NewBatch("image:a"), s.NewBatch("image:b")
+	for _, x := range []*Batch{a, b} {
+		if n, err := x.Put(ctx, id, d); err != nil || n == 0 {
+			t.Fatalf("put of a new chunk: %d, %v", n, err)
+		}
+	}
+	bWaiting := make(chan struct{}, 1)
+	s.packs.faults.claimWait = func([32]byte) {
+		select {
+		case bWaiting <- struct{}{}:
+		default:
+		}
+	}
+	bDone := make(chan error, 1)
+	var calls atomic.Int32
+	s.packs.faults.commit = func() error {
+		if calls.Add(1) != 1 {
+			return nil
+		}
+		// a is about to write the index: commit b now, then fail a.
+		go func() { bDone <- b.Commit(ctx) }()
+		select {
+		case <-bWaiting:
+		case err := <-bDone:
+			bDone <- err
+		case <-time.After(10 * time.Second):
+			t.Error("b's commit neither waited for a's nor finished")
+		}
+		return syscall.EIO
+	}
+	if err := a.Commit(ctx); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("a's commit: %v, want the injected EIO", err)
+	}
+	select {
+	case err := <-bDone:
+		if err != nil {
+			t.Fatalf("b's commit: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("b's commit never ended")
+	}
+	if got, err := s.Get(ctx, id); err != nil || !bytes.Equal(got, d) {
+		t.Fatalf("b committed but its chunk is not stored: %v", err)
+	}
+	if pinned, _ := s.Pinned(ctx, id); !pinned {
+		t.Fatal("b's chunk is not pinned")
+	}
+	assertAccounting(t, s)
 }

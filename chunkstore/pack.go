@@ -89,6 +89,7 @@ type faults struct {
 	readAt      func(pack uint32, off int64, buf []byte) error // a pack read fails with this error when not nil
 	sync        func(pack uint32) error                        // a pack fdatasync fails with this error when not nil
 	commit      func() error                                   // a Batch.Commit's index write fails with this error when not nil
+	claimWait   func(d [32]byte)                               // a commit starts waiting for another's claim on a chunk
 }
 
 func packName(id uint32) string { return fmt.Sprintf("%08x.pack", id) }

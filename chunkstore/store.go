@@ -66,7 +66,7 @@ type Store struct {
 
 	mu         sync.Mutex
 	usage      Usage
-	committing map[[32]byte]struct{}
+	committing map[[32]byte]chan struct{} // chunks a commit is indexing; closed when it ends (batch.go)
 	holds      map[[32]byte]int // dedup hits of open batches: not evictable (batch.go)
 	roomMu     sync.Mutex       // one makeRoom at a time (evict.go)
 	atimes     map[[32]byte]int64
@@ -205,7 +205,7 @@ func Open(dir string, opts ...Option) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{dir: dir, db: db, opts: o, enc: enc, dec: dec,
-		committing: make(map[[32]byte]struct{}), atimes: make(map[[32]byte]int64)}
+		committing: make(map[[32]byte]chan struct{}), atimes: make(map[[32]byte]int64)}
 	s.packs.dir = filepath.Join(dir, "packs")
 	s.packs.target = maxPackSize
 	if o.quota > 0 {
