@@ -66,9 +66,12 @@ type Store struct {
 
 	mu         sync.Mutex
 	usage      Usage
-	committing map[[32]byte]chan struct{} // chunks a commit is indexing; closed when it ends (batch.go)
-	holds      map[[32]byte]int // dedup hits of open batches: not evictable (batch.go)
-	roomMu     sync.Mutex       // one makeRoom at a time (evict.go)
+	// committing: chunks a commit is indexing, each closed when it ends;
+	// holds: dedup hits of open batches, not evictable (both batch.go);
+	// roomMu: one makeRoom at a time (evict.go).
+	committing map[[32]byte]chan struct{}
+	holds      map[[32]byte]int
+	roomMu     sync.Mutex
 	atimes     map[[32]byte]int64
 	closed     bool
 	unclean    bool
