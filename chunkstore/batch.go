@@ -34,7 +34,9 @@ func (s *Store) Put(ctx context.Context, id ID, data []byte) error {
 // Batch writes many chunks with one durable commit: Put writes payload files,
 // Commit makes them durable and indexes them together. Put is safe for
 // concurrent use; Commit must be called after all Puts return, and a Batch
-// must not be reused after Commit or Abort.
+// must not be reused after Commit or Abort. Every batch must end in Commit or
+// Abort: until then its new entries keep their packs from being compacted and
+// the chunks it found stored are held from eviction.
 type Batch struct {
 	s     *Store
 	owner string
@@ -91,7 +93,9 @@ func (s *Store) NewBatch(pinOwner string) *Batch {
 
 // Put verifies data against id, compresses it and writes its file if the
 // chunk is not stored yet. It returns the stored (compressed) size of a new
-// chunk, and 0 for one that is already stored or already in the batch. Use it
+// chunk, and 0 for one that is already stored (then held from eviction until
+// Commit or Abort) or already in the batch. It fails with ErrFull when the new
+// entry does not fit in the quota even after eviction and compaction. Use it
 // for bytes whose ID came from elsewhere (a peer, a manifest); for bytes of
 // your own, Add hashes them once instead of twice.
 func (b *Batch) Put(ctx context.Context, id ID, data []byte) (int64, error) {
