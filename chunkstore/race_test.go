@@ -289,8 +289,8 @@ func TestChurnNeverLosesKeptChunks(t *testing.T) {
 	if strings.Contains(logs.String(), "corrupt") {
 		t.Errorf("good chunks reported corrupt:\n%.2000s", logs.String())
 	}
-	if reads.Load() < 100 {
-		t.Errorf("only %d reads ran: the test tests nothing", reads.Load())
+	if reads.Load() < 100 || !strings.Contains(logs.String(), "evicted chunks") {
+		t.Errorf("%d reads ran, eviction ran: %v: the test tests nothing", reads.Load(), strings.Contains(logs.String(), "evicted chunks"))
 	}
 	t.Logf("%d reads of kept chunks, usage %+v", reads.Load(), s.Usage())
 	assertAccounting(t, s)
