@@ -3,6 +3,7 @@ package chunkstore
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"iter"
 	"time"
@@ -29,21 +30,21 @@ func (s *Store) makeRoom(ctx context.Context, incoming int64) error {
 		return nil // another writer made room meanwhile
 	}
 	if need := s.Usage().StoredBytes - low; need > 0 {
-		if _, err := s.Evict(ctx, need); err != nil {
+		if _, err := s.Evict(ctx, need); s.unreadable(err) != nil {
 			return err
 		}
 	}
 	if s.Usage().DiskBytes+incoming > high {
-		if _, err := s.compact(ctx, 1); err != nil {
+		if _, err := s.compact(ctx, 1); s.unreadable(err) != nil {
 			return err
 		}
 	}
 	if u := s.Usage(); u.DiskBytes+incoming > q {
 		// Entries of batches in flight hold the room: evict for them too.
-		if _, err := s.Evict(ctx, u.DiskBytes+incoming-low); err != nil {
+		if _, err := s.Evict(ctx, u.DiskBytes+incoming-low); s.unreadable(err) != nil {
 			return err
 		}
-		if _, err := s.compact(ctx, 1); err != nil {
+		if _, err := s.compact(ctx, 1); s.unreadable(err) != nil {
 			return err
 		}
 	}
@@ -51,6 +52,18 @@ func (s *Store) makeRoom(ctx context.Context, incoming int64) error {
 		return s.fullError(incoming)
 	}
 	return nil
+}
+
+// unreadable logs and swallows a compaction error that only means a pack
+// could not be read whole (that pack is kept; the others were compacted), so
+// that making room goes on; it returns any other error.
+func (s *Store) unreadable(err error) error {
+	var rerr *readError
+	if errors.As(err, &rerr) {
+		s.opts.log.Warn("compaction kept a pack it could not read", "err", err)
+		return nil
+	}
+	return err
 }
 
 // fullError says why n more bytes do not fit and what to do.

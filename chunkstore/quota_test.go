@@ -191,3 +191,43 @@ func TestChurnStaysWithinQuota(t *testing.T) {
 	t.Logf("%d commits, %d failed by injection; disk peaked at %d bytes (quota %d, pack %d); at the end %+v",
 		commits.Load(), injected.Load(), maxDisk.Load(), quota, s.packs.target, before)
 }
+
+// A pack that compaction cannot read whole is kept, and making room goes on
+// without it: writes under the quota do not fail because of it.
+func TestUnreadablePackDoesNotBlockWrites(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	s := openT(t, t.TempDir(), WithQuota(1<<20), WithWatermarks(0.9, 0.5))
+	r := rand.New(rand.NewPCG(41, 42))
+	ids := putRandom(t, s, r, 4, 16<<10)
+	bad := ids[0]
+	if err := s.Pin(ctx, "image:x", []ID{bad}); err != nil {
+		t.Fatal(err)
+	}
+	at, _, _ := s.getRecord(bad.digest)
+	var hits atomic.Int64
+	s.packs.faults.readAt = func(pack uint32, off int64, buf []byte) error {
+		if pack == at.pack && off == at.off {
+			hits.Add(1)
+			return syscall.EIO
+		}
+		return nil
+	}
+	s.Delete(ctx, ids[1:]...) // its compaction cannot read bad: an error, the pack stays
+	for i := range 64 {       // 2 MiB through a 1 MiB quota
+		d := make([]byte, 32<<10)
+		fillRandom(r, d)
+		if err := s.Put(ctx, Sum(d), d); err != nil {
+			t.Fatalf("put %d with one unreadable pack: %v", i, err)
+		}
+	}
+	if hits.Load() < 2 {
+		t.Fatalf("compaction read the bad entry %d times: the test tests nothing", hits.Load())
+	}
+	if ok, _ := s.Has(ctx, bad); !ok {
+		t.Fatal("the unreadable chunk was dropped")
+	}
+	if u := s.Usage(); u.DiskBytes > s.Quota()+s.packs.target {
+		t.Fatalf("usage %+v past the quota", u)
+	}
+}
