@@ -66,15 +66,16 @@ type Store struct {
 
 	mu         sync.Mutex
 	usage      Usage
-	// committing: chunks a commit is indexing, each closed when it ends;
-	// holds: dedup hits of open batches, not evictable (both batch.go);
-	// roomMu: one makeRoom at a time (evict.go).
 	committing map[[32]byte]chan struct{}
-	holds      map[[32]byte]int
-	roomMu     sync.Mutex
 	atimes     map[[32]byte]int64
 	closed     bool
 	unclean    bool
+
+	// committing (above): chunks a commit is indexing, each closed when it
+	// ends; holds: dedup hits of open batches, not evictable (both batch.go);
+	// roomMu: one makeRoom at a time (evict.go).
+	holds  map[[32]byte]int
+	roomMu sync.Mutex
 
 	packs packSet
 }
