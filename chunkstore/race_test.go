@@ -252,15 +252,21 @@ func TestChurnNeverLosesKeptChunks(t *testing.T) {
 			recentMu.Unlock()
 		})
 	}
-	run(func(r *rand.Rand) { // deleter: dead bytes for compaction
+	run(func(r *rand.Rand) { // deletes and evictions: dead bytes for compaction
 		recentMu.Lock()
 		var victims []ID
 		for range min(4, len(recent)) {
 			victims = append(victims, recent[r.IntN(len(recent))])
 		}
 		recentMu.Unlock()
-		if err := s.Delete(context.WithoutCancel(ctx), victims...); err != nil {
-			fail("delete: %v", err)
+		var err error
+		if r.IntN(2) == 0 {
+			err = s.Delete(context.WithoutCancel(ctx), victims...)
+		} else {
+			_, err = s.Evict(context.WithoutCancel(ctx), 32<<10)
+		}
+		if err != nil {
+			fail("delete/evict: %v", err)
 		}
 	})
 	for _, frac := range []float64{compactThreshold, 1} { // two compactors at once
