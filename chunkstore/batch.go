@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -16,17 +17,26 @@ import (
 // Put stores one chunk, verifying data against id. Storing a chunk that is
 // already there only refreshes its access time.
 func (s *Store) Put(ctx context.Context, id ID, data []byte) error {
-	b := s.NewBatch("")
-	if _, err := b.Put(ctx, id, data); err != nil {
-		return err
+	for attempt := 0; ; attempt++ {
+		b := s.NewBatch("")
+		if _, err := b.Put(ctx, id, data); err != nil {
+			b.Abort()
+			return err
+		}
+		err := b.Commit(ctx)
+		if !errors.Is(err, errVanished) || attempt > 0 {
+			return err
+		}
+		// The stored copy was deleted before the commit: write this one.
 	}
-	return b.Commit(ctx)
 }
 
 // Batch writes many chunks with one durable commit: Put writes payload files,
 // Commit makes them durable and indexes them together. Put is safe for
 // concurrent use; Commit must be called after all Puts return, and a Batch
-// must not be reused after Commit or Abort.
+// must not be reused after Commit or Abort. Every batch must end in Commit or
+// Abort: until then its new entries keep their packs from being compacted and
+// the chunks it found stored are held from eviction.
 type Batch struct {
 	s     *Store
 	owner string
@@ -38,8 +48,40 @@ type Batch struct {
 
 type pendingChunk struct {
 	rec     record
-	written bool // false: already stored, only pin/touch it
+	written bool // false: already stored (a dedup hit, held until Commit or Abort), only pin it
 	p       *pack
+}
+
+// errVanished: a chunk a batch found stored (and so did not write) was
+// deleted before the batch committed.
+var errVanished = errors.New("was deleted before the batch committed")
+
+// holdIfStored reports whether the chunk is stored and, if it is, holds it:
+// eviction skips held chunks, so a dedup hit stays until its batch commits
+// (and pins it) or aborts. The lookup and the hold are one step under the
+// shared eviction lock, so no eviction falls between them.
+func (s *Store) holdIfStored(d [32]byte) (bool, error) {
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
+	_, ok, err := s.getRecord(d)
+	if err != nil || !ok {
+		return false, err
+	}
+	s.mu.Lock()
+	if s.holds == nil {
+		s.holds = make(map[[32]byte]int)
+	}
+	s.holds[d]++
+	s.mu.Unlock()
+	return true, nil
+}
+
+func (s *Store) unhold(d [32]byte) {
+	s.mu.Lock()
+	if s.holds[d]--; s.holds[d] <= 0 {
+		delete(s.holds, d)
+	}
+	s.mu.Unlock()
 }
 
 // NewBatch starts a batch. When pinOwner is not empty, every chunk put in the
@@ -51,7 +93,9 @@ func (s *Store) NewBatch(pinOwner string) *Batch {
 
 // Put verifies data against id, compresses it and writes its file if the
 // chunk is not stored yet. It returns the stored (compressed) size of a new
-// chunk, and 0 for one that is already stored or already in the batch. Use it
+// chunk, and 0 for one that is already stored (then held from eviction until
+// Commit or Abort) or already in the batch. It fails with ErrFull when the new
+// entry does not fit in the quota even after eviction and compaction. Use it
 // for bytes whose ID came from elsewhere (a peer, a manifest); for bytes of
 // your own, Add hashes them once instead of twice.
 func (b *Batch) Put(ctx context.Context, id ID, data []byte) (int64, error) {
@@ -97,6 +141,9 @@ func (s *Store) PutStored(ctx context.Context, id ID, st Stored) error {
 	if st.Codec == CodecRaw && len(st.Payload) != st.RawLen {
 		return fmt.Errorf("put chunk %s: raw payload of %d bytes for a %d-byte chunk", id, len(st.Payload), st.RawLen)
 	}
+	if packHeaderSize+len(st.Payload) > maxEntrySize {
+		return fmt.Errorf("put chunk %s: a %d-byte payload is more than a chunk can take", id, len(st.Payload))
+	}
 	b := s.NewBatch("")
 	_, err := b.write(ctx, id, st.RawLen, func(buf []byte) ([]byte, byte) {
 		buf = append(slices.Grow(buf[:0], packHeaderSize+len(st.Payload))[:packHeaderSize], st.Payload...)
@@ -129,12 +176,14 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 	if dup {
 		return 0, nil
 	}
-	if _, ok, err := s.getRecord(id.digest); err != nil {
+	if ok, err := s.holdIfStored(id.digest); err != nil {
 		return 0, fmt.Errorf("put chunk %s: %w", id, err)
 	} else if ok {
 		b.mu.Lock()
 		if _, dup := b.items[id.digest]; !dup {
 			b.items[id.digest] = pendingChunk{}
+		} else {
+			s.unhold(id.digest)
 		}
 		b.mu.Unlock()
 		return 0, nil
@@ -142,11 +191,14 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 	bp := entryBufs.Get().(*[]byte)
 	entry, codec := encode((*bp)[:0])
 	rec := record{raw: int64(rawLen), codec: codec, atime: s.opts.now().UnixNano()}
-	p, off, err := s.packs.appendEntry(entry)
+	p, off, err := s.appendAdmitted(ctx, entry)
 	n := int64(len(entry))
 	if cap(entry) <= maxPooledEntry {
 		*bp = entry
 		entryBufs.Put(bp)
+	}
+	if errors.Is(err, ErrFull) {
+		return 0, fmt.Errorf("put chunk %s: %w", id, err)
 	}
 	if err != nil {
 		return 0, fmt.Errorf("put chunk %s: %w", id, describeIOError(err))
@@ -161,6 +213,27 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 	}
 	b.items[id.digest] = pendingChunk{rec: rec, written: true, p: p}
 	return n, nil
+}
+
+// appendAdmitted appends a new entry to the packs, within the quota: when
+// it does not fit, room is made (eviction, compaction) and it is tried once
+// more; ErrFull when it still does not fit. Reserving the room and appending
+// are one step (appendEntry), so concurrent writers cannot overshoot.
+func (s *Store) appendAdmitted(ctx context.Context, entry []byte) (*pack, int64, error) {
+	q := s.opts.quota
+	p, off, err := s.packs.appendEntry(entry, q)
+	if !errors.Is(err, errNoRoom) {
+		return p, off, err
+	}
+	n := int64(len(entry))
+	if err := s.makeRoom(ctx, n); err != nil {
+		return nil, 0, err
+	}
+	p, off, err = s.packs.appendEntry(entry, q)
+	if errors.Is(err, errNoRoom) {
+		return nil, 0, s.fullError(n)
+	}
+	return p, off, err
 }
 
 // encodeEntry builds data's pack entry in buf (reusing its capacity): the
@@ -199,7 +272,8 @@ func describeIOError(err error) error {
 	return err
 }
 
-// Abort removes the files of chunks that the batch wrote and did not commit.
+// Abort gives the batch up: the entries it wrote become dead bytes, which
+// compaction reclaims, and the chunks it found stored are no longer held.
 func (b *Batch) Abort() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -209,17 +283,22 @@ func (b *Batch) Abort() {
 // release ends the batch's claim on the packs it wrote to; entries that were
 // not indexed are dead bytes there, reclaimed by compaction.
 func (b *Batch) release() {
-	for _, it := range b.items {
+	for d, it := range b.items {
 		if it.written {
 			it.p.done()
+		} else {
+			b.s.unhold(d)
 		}
 	}
 	b.items = map[[32]byte]pendingChunk{}
 }
 
-// Commit makes the batch's files durable and indexes them in one atomic,
-// synced index write. On error nothing of the batch is indexed and its new
-// files are removed.
+// Commit makes the batch's new entries durable and indexes them, with the
+// pins of all its chunks, in one atomic, synced index write. On error nothing
+// of the batch is indexed; its new entries are dead bytes that compaction
+// reclaims. A chunk the batch found already stored is held from eviction
+// until then; if something else deleted it meanwhile (garbage collection, a
+// corrupt copy dropped) Commit fails (errVanished): put it again.
 func (b *Batch) Commit(ctx context.Context) error {
 	s := b.s
 	b.mu.Lock()
@@ -227,11 +306,9 @@ func (b *Batch) Commit(ctx context.Context) error {
 	if len(b.items) == 0 {
 		return nil
 	}
-	var newBytes int64
-	for _, it := range b.items {
-		newBytes += it.rec.stored
-	}
-	if err := s.makeRoom(ctx, newBytes); err != nil {
+	// The new entries are within the quota already (appendAdmitted); this
+	// keeps live bytes under the high watermark for the next writers.
+	if err := s.makeRoom(ctx, 0); err != nil && !errors.Is(err, ErrFull) {
 		b.release()
 		return err
 	}
@@ -250,36 +327,40 @@ func (b *Batch) Commit(ctx context.Context) error {
 	defer func() {
 		s.mu.Lock()
 		for _, d := range claimed {
+			close(s.committing[d])
 			delete(s.committing, d)
 		}
 		s.mu.Unlock()
 	}()
 	pb := s.db.NewBatch()
 	defer pb.Close()
-	for d, it := range b.items {
+	// In digest order: commits claim chunks in one order, so two never wait
+	// for each other.
+	digests := make([][32]byte, 0, len(b.items))
+	for d := range b.items {
+		digests = append(digests, d)
+	}
+	slices.SortFunc(digests, func(x, y [32]byte) int { return bytes.Compare(x[:], y[:]) })
+	for _, d := range digests {
+		it := b.items[d]
 		if b.owner != "" {
 			if err := setPin(pb, d, b.owner); err != nil {
 				return err
 			}
 		}
 		if !it.written {
+			// Held since Put, so not evicted; but Delete ignores holds.
+			if _, ok, err := s.getRecord(d); err != nil {
+				return err
+			} else if !ok {
+				return fmt.Errorf("commit chunks: chunk %s %w; retry", IDFromDigest(d), errVanished)
+			}
 			continue
 		}
-		s.mu.Lock()
-		_, busy := s.committing[d]
-		if !busy {
-			s.committing[d] = struct{}{}
-			claimed = append(claimed, d)
+		if err := s.claim(ctx, d); err != nil {
+			return err
 		}
-		closed := s.closed
-		s.mu.Unlock()
-		if closed {
-			return ErrClosed
-		}
-		if busy {
-			// another batch is indexing the same chunk right now
-			continue
-		}
+		claimed = append(claimed, d)
 		if _, ok, err := s.getRecord(d); err != nil {
 			return err
 		} else if ok {
@@ -299,6 +380,11 @@ func (b *Batch) Commit(ctx context.Context) error {
 		delta.RawBytes += it.rec.raw
 		indexed = append(indexed, d)
 	}
+	if h := s.packs.faults.commit; h != nil {
+		if err := h(); err != nil {
+			return fmt.Errorf("commit chunks: %w", err)
+		}
+	}
 	if err := pb.Commit(s.writeOpts()); err != nil {
 		return fmt.Errorf("commit chunks: %w", describeIOError(err))
 	}
@@ -314,10 +400,39 @@ func (b *Batch) Commit(ctx context.Context) error {
 	return nil
 }
 
+// claim makes this commit the one indexing new chunk d. Another commit that
+// is indexing it now may yet fail, so claim waits for it to end (the caller
+// then looks the chunk up again) instead of counting on it.
+func (s *Store) claim(ctx context.Context, d [32]byte) error {
+	for {
+		s.mu.Lock()
+		closed := s.closed
+		wait, busy := s.committing[d]
+		if !busy && !closed {
+			s.committing[d] = make(chan struct{})
+		}
+		s.mu.Unlock()
+		switch {
+		case closed:
+			return ErrClosed
+		case !busy:
+			return nil
+		}
+		if h := s.packs.faults.claimWait; h != nil {
+			h(d)
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return fmt.Errorf("commit chunks: %w", ctx.Err())
+		}
+	}
+}
+
 // syncFiles makes the batch's pack entries durable: one fdatasync per pack.
 func (b *Batch) syncFiles() error {
 	for p := range b.packs {
-		if err := p.sync(); err != nil {
+		if err := b.s.packs.sync(p); err != nil {
 			return err
 		}
 	}

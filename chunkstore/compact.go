@@ -2,6 +2,7 @@ package chunkstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -19,21 +20,61 @@ func (s *Store) Compact(ctx context.Context) (int64, error) {
 	return s.compact(ctx, compactThreshold)
 }
 
-// compact rewrites packs whose live fraction is below frac (1: any dead byte).
+// compact rewrites packs whose live fraction is below frac (1: any dead
+// byte). Compactions are serialized (packSet.compactMu): one owner picks,
+// copies and removes packs at a time. A pack with an entry that cannot be read
+// now stays, and the others are still compacted; the first such error is
+// returned.
 func (s *Store) compact(ctx context.Context, frac float64) (int64, error) {
+	s.packs.compactMu.Lock()
+	defer s.packs.compactMu.Unlock()
 	var reclaimed int64
+	var first error
 	for _, p := range s.packs.compactable(frac) {
 		if err := ctx.Err(); err != nil {
 			return reclaimed, err
 		}
-		if err := s.compactPack(ctx, p); err != nil {
+		err := s.compactPack(ctx, p)
+		var rerr *readError
+		if err != nil && !errors.As(err, &rerr) {
 			return reclaimed, fmt.Errorf("compact pack %s: %w", packName(p.id), err)
 		}
-		if n, ok := s.packs.remove(p); ok {
-			reclaimed += n
+		if err != nil {
+			if first == nil {
+				first = fmt.Errorf("compact pack %s: %w (the pack is kept; check the disk)", packName(p.id), err)
+			}
+			continue
 		}
+		n, err := s.removePack(p)
+		if err != nil {
+			return reclaimed, err
+		}
+		reclaimed += n
 	}
-	return reclaimed, nil
+	return reclaimed, first
+}
+
+// removePack deletes a compacted pack, once the index shows nothing in it:
+// the per-pack live count is only a cache of that.
+func (s *Store) removePack(p *pack) (int64, error) {
+	// Shared: deletes change the index and the count under the exclusive lock.
+	s.evictLock.RLock()
+	defer s.evictLock.RUnlock()
+	if used, err := s.hasPrefix(packIndexKey(p.id, [32]byte{})[:5]); err != nil {
+		return 0, err
+	} else if used {
+		s.opts.log.Error("pack still holds indexed chunks after compaction; keeping it", "pack", packName(p.id))
+		return 0, nil
+	}
+	p.mu.Lock()
+	if p.live != 0 {
+		// The count drifted from the index (a bug): the index is the truth.
+		s.opts.log.Error("pack live bytes drifted from the index; correcting", "pack", packName(p.id), "live_bytes", p.live)
+		p.live = 0
+	}
+	p.mu.Unlock()
+	n, _ := s.packs.remove(p)
+	return n, nil
 }
 
 type move struct {
@@ -43,6 +84,9 @@ type move struct {
 	off  int64
 }
 
+// compactPack copies the live entries of p to the current pack and commits
+// their new places. An entry whose bytes fail verification is dropped (as a
+// read would); one that cannot be read stays, and its *readError is returned.
 func (s *Store) compactPack(ctx context.Context, p *pack) error {
 	prefix := packIndexKey(p.id, [32]byte{})[:5]
 	it, err := s.db.NewIter(prefixIter(prefix...))
@@ -59,6 +103,7 @@ func (s *Store) compactPack(ctx context.Context, p *pack) error {
 		return err
 	}
 	var moves []move
+	var unread error
 	touched := map[*pack]struct{}{}
 	release := func() {
 		for _, m := range moves {
@@ -74,15 +119,24 @@ func (s *Store) compactPack(ctx context.Context, p *pack) error {
 		if !ok || r.pack != p.id {
 			continue
 		}
-		st, err := s.packs.read(r, d)
-		if err == nil {
-			_, err = s.verifyStored(IDFromDigest(d), st)
-		}
-		if err != nil {
-			s.corrupt(ctx, IDFromDigest(d), err)
+		id := IDFromDigest(d)
+		st, _, err := s.readEntry(id, r)
+		var rerr *readError
+		switch {
+		case errors.As(err, &rerr):
+			if unread == nil {
+				unread = fmt.Errorf("chunk %s: %w", id, err)
+			}
+			continue
+		case err != nil:
+			if _, err := s.dropIfAt(ctx, id, r, err); err != nil {
+				return err
+			}
 			continue
 		}
-		np, off, _, err := s.packs.append(d, st.Codec, st.RawLen, st.Payload)
+		// Compaction is the one writer exempt from the quota: it frees more
+		// than it writes, one pack at a time (see the slack in doc.go).
+		np, off, _, err := s.packs.append(d, st.Codec, st.RawLen, st.Payload, 0)
 		if err != nil {
 			return describeIOError(err)
 		}
@@ -90,12 +144,17 @@ func (s *Store) compactPack(ctx context.Context, p *pack) error {
 		moves = append(moves, move{d: d, from: r, to: np, off: off})
 	}
 	for np := range touched {
-		if err := np.sync(); err != nil {
+		if err := s.packs.sync(np); err != nil {
 			return describeIOError(err)
 		}
 	}
-	s.evictLock.RLock()
-	defer s.evictLock.RUnlock()
+	// Exclusive: flushAccess rewrites records under the shared lock, and a
+	// record it read before this commit must not overwrite the move.
+	s.evictLock.Lock()
+	defer s.evictLock.Unlock()
+	if err := s.checkOpen(); err != nil {
+		return err
+	}
 	b := s.db.NewBatch()
 	defer b.Close()
 	var applied []move
@@ -105,7 +164,7 @@ func (s *Store) compactPack(ctx context.Context, p *pack) error {
 			return err
 		}
 		if !ok || cur.pack != m.from.pack || cur.off != m.from.off {
-			continue // deleted or moved meanwhile: the copy is dead
+			continue // deleted meanwhile: the copy is dead
 		}
 		cur.pack, cur.off = m.to.id, m.off
 		b.Set(chunkKey(m.d), cur.encode(), nil)
@@ -119,6 +178,9 @@ func (s *Store) compactPack(ctx context.Context, p *pack) error {
 	for _, m := range applied {
 		p.addLive(-m.from.stored)
 		m.to.addLive(m.from.stored)
+	}
+	if unread != nil {
+		return unread
 	}
 	return nil
 }

@@ -37,8 +37,12 @@
 //	f manifest-digest         -> profile encoding
 //	xopen                     -> ""                (present while open: detects an unclean shutdown)
 //
-// Usage (chunks, bytes) is derived from the index at open and kept in memory,
-// so it cannot drift from what is stored.
+// Usage (chunks, bytes) and the live bytes of each pack are derived from the
+// index at open and then kept in memory, changed only in the same critical
+// section as the index write that changes them, so they equal what a recount
+// gives: records are moved by one compaction at a time, under the exclusive
+// lock; deletes count a repeated chunk once. A pack is removed only when the
+// index has nothing in it, whatever the counts say.
 //
 // # Crash safety
 //
@@ -46,18 +50,44 @@
 // pack, fdatasyncs each pack it wrote, and only then writes all index records in
 // one synced pebble batch. So an index record never points at bytes that are not
 // durable, and entries written but never indexed (a crash between the two
-// steps) are dead bytes that no one reads. After an unclean shutdown, packs with
+// steps) are dead bytes that no one reads; so are the entries of a commit that
+// failed or a batch that was aborted. After an unclean shutdown, packs with
 // nothing live are deleted at open; other dead bytes are reclaimed by
-// compaction, which copies the live entries of mostly dead packs into a new
-// pack, commits their new locations, then deletes the old pack.
+// compaction, which copies the live entries of mostly dead packs into the
+// current pack, commits their new locations, then deletes the old pack.
+// Compaction has one owner at a time.
+//
+// # Reads and corrupt chunks
+//
+// A read looks the chunk's record up, then reads the entry. If the entry is
+// gone or wrong and the record has changed meanwhile (compaction moved the
+// chunk and removed the pack), it looks again. A chunk is dropped only when
+// its bytes were read and failed verification (header, decoding or sha2-256)
+// and its record still points where they were read: the check and the delete
+// are one step under the lock every move takes. A read that fails (EIO,
+// ENOMEM, a short read of a pack whose file is long enough) keeps the chunk
+// and returns the error; compaction keeps a pack it cannot read whole.
 //
 // # Quota and eviction
 //
-// When the packs pass the high watermark (95% of the quota by default), live
-// bytes are evicted down to the low watermark (85%), least recently used first
-// (an EvictionPolicy can replace LRU), skipping every pinned chunk; then packs
-// are compacted. Access times are batched in memory and written to the index
-// every 4096 reads. A commit that cannot fit even after that fails with ErrFull.
+// A new entry is admitted only if the packs, with it, stay within the quota:
+// the room is reserved as the entry is appended, so concurrent writers cannot
+// overshoot. When it does not fit, and when a commit finds the packs past the
+// high watermark (95% of the quota by default), live bytes are evicted down to
+// the low watermark (85%), least recently used first (an EvictionPolicy can
+// replace LRU), skipping every pinned chunk and every chunk an open batch found
+// already stored (held until the batch commits and pins it, or aborts); then
+// packs are compacted; and if entries of batches in flight still leave no
+// room, more is evicted. A put that cannot fit even after that fails with
+// ErrFull. Access times are batched in memory and written to the index every
+// 4096 reads.
+//
+// The slack: the pack files (Usage.DiskBytes) stay within quota + S, where S
+// is the size of one pack, quota/32 clamped to [64 KiB, 64 MiB] (or one entry,
+// when a single chunk's entry is larger). Only compaction writes past the
+// quota: it copies the live bytes of one pack, which is less than the pack,
+// before it removes that pack. A pack that compaction cannot read whole stays
+// until it can, and its dead bytes with it.
 //
 // # References and pins
 //

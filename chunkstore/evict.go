@@ -3,43 +3,80 @@ package chunkstore
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"iter"
 	"time"
 )
 
-// makeRoom evicts when the pack files are past the high watermark, and fails
-// with ErrFull when it cannot get under the quota. The n bytes of the batch
-// being committed are already in the packs (and so in DiskBytes); n only
-// names them in the error.
-func (s *Store) makeRoom(ctx context.Context, n int64) error {
+// makeRoom keeps the packs under the high watermark with room for incoming
+// more bytes: it evicts live bytes down to the low watermark (least recently
+// used first, never pinned or held chunks) and compacts packs to give dead
+// bytes back; if entries of batches in flight still leave no room, it evicts
+// further. It fails with ErrFull when incoming bytes still do not fit in the
+// quota. One makeRoom runs at a time: two at once evicted twice as much.
+func (s *Store) makeRoom(ctx context.Context, incoming int64) error {
 	q := s.opts.quota
 	if q == 0 {
 		return nil
 	}
-	if float64(s.Usage().DiskBytes) <= s.opts.high*float64(q) {
+	high, low := int64(s.opts.high*float64(q)), int64(s.opts.low*float64(q))
+	if s.Usage().DiskBytes+incoming <= high {
 		return nil
 	}
-	// Evict live bytes down to the low watermark (Evict compacts mostly dead
-	// packs), then, if dead bytes still hold the disk above the high
-	// watermark, rewrite every pack that has any.
-	target := int64(s.opts.low * float64(q))
-	if need := s.Usage().StoredBytes - target; need > 0 {
-		if _, err := s.Evict(ctx, need); err != nil {
+	s.roomMu.Lock()
+	defer s.roomMu.Unlock()
+	if s.Usage().DiskBytes+incoming <= high {
+		return nil // another writer made room meanwhile
+	}
+	if need := s.Usage().StoredBytes - low; need > 0 {
+		if _, err := s.Evict(ctx, need); s.unreadable(err) != nil {
 			return err
 		}
 	}
-	if float64(s.Usage().DiskBytes) > s.opts.high*float64(q) {
-		if _, err := s.compact(ctx, 1); err != nil {
+	if s.Usage().DiskBytes+incoming > high {
+		if _, err := s.compact(ctx, 1); s.unreadable(err) != nil {
 			return err
 		}
 	}
-	if u := s.Usage(); u.DiskBytes > q {
-		return fmt.Errorf("store %d bytes: %w: %d of %d bytes used and the rest is pinned; raise store.quota or remove images (hoard image rm)",
-			n, ErrFull, u.DiskBytes, q)
+	if u := s.Usage(); u.DiskBytes+incoming > q {
+		// Entries of batches in flight hold the room: evict for them too.
+		if _, err := s.Evict(ctx, u.DiskBytes+incoming-low); s.unreadable(err) != nil {
+			return err
+		}
+		if _, err := s.compact(ctx, 1); s.unreadable(err) != nil {
+			return err
+		}
+	}
+	if s.Usage().DiskBytes+incoming > q {
+		return s.fullError(incoming)
 	}
 	return nil
 }
+
+// unreadable logs and swallows a compaction error that only means a pack
+// could not be read whole (that pack is kept; the others were compacted), so
+// that making room goes on; it returns any other error.
+func (s *Store) unreadable(err error) error {
+	var rerr *readError
+	if errors.As(err, &rerr) {
+		s.opts.log.Warn("compaction kept a pack it could not read", "err", err)
+		return nil
+	}
+	return err
+}
+
+// fullError says why n more bytes do not fit and what to do.
+func (s *Store) fullError(n int64) error {
+	u := s.Usage()
+	return fmt.Errorf("store %d bytes: %w: %d of %d bytes used (%d by stored chunks) and nothing more can be evicted: the rest is pinned or in use by imports in flight; raise store.quota or remove images (hoard image rm)",
+		n, ErrFull, u.DiskBytes, s.opts.quota, u.StoredBytes)
+}
+
+// diskSlack is how far compaction may take the packs past the quota: the live
+// bytes of the one pack it rewrites before removing it, so at most the pack
+// size (or one entry, when a single chunk's entry is larger than that).
+func (s *Store) diskSlack() int64 { return max(s.packs.target, maxEntrySize) }
 
 // Candidate is a chunk that may be evicted.
 type Candidate struct {
@@ -107,7 +144,7 @@ func (s *Store) evictLocked(ctx context.Context, need int64) (int64, int, error)
 			var d [32]byte
 			copy(d[:], k[9:])
 			pinned, err := s.hasPrefix(append([]byte{pfxPin}, d[:]...))
-			if err != nil || pinned {
+			if err != nil || pinned || s.held(d) {
 				continue
 			}
 			size, _ := binary.Uvarint(it.Value())
@@ -121,6 +158,13 @@ func (s *Store) evictLocked(ctx context.Context, need int64) (int64, int, error)
 	it.Close()
 	freed, err := s.deleteLocked(ctx, victims, true)
 	return freed, len(victims), err
+}
+
+// held reports whether an open batch holds the chunk (see holdIfStored).
+func (s *Store) held(d [32]byte) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.holds[d] > 0
 }
 
 // Delete removes chunks from the store whether pinned or not (it is used to
@@ -151,7 +195,12 @@ func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (in
 	defer pb.Close()
 	var delta Usage
 	var gone []record
+	seen := make(map[[32]byte]struct{}, len(ids))
 	for _, id := range ids {
+		if _, dup := seen[id.digest]; dup {
+			continue // counted once: a repeated ID made usage drift below the index
+		}
+		seen[id.digest] = struct{}{}
 		r, ok, err := s.getRecord(id.digest)
 		if err != nil {
 			return 0, err
@@ -160,7 +209,7 @@ func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (in
 			continue
 		}
 		if skipPinned {
-			if pinned, err := s.hasPrefix(append([]byte{pfxPin}, id.digest[:]...)); err != nil || pinned {
+			if pinned, err := s.hasPrefix(append([]byte{pfxPin}, id.digest[:]...)); err != nil || pinned || s.held(id.digest) {
 				continue
 			}
 		}

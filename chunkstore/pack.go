@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -53,15 +54,42 @@ func (p *pack) done() {
 	p.mu.Unlock()
 }
 
-func (p *pack) sync() error { return unix.Fdatasync(int(p.f.Fd())) }
+// sync makes what was appended to p durable.
+func (ps *packSet) sync(p *pack) error {
+	if h := ps.faults.sync; h != nil {
+		if err := h(p.id); err != nil {
+			return err
+		}
+	}
+	return unix.Fdatasync(int(p.f.Fd()))
+}
 
 type packSet struct {
 	dir    string
 	target int64        // seal a pack once it reaches this size
-	mu     sync.RWMutex // guards packs and cur; readers hold it shared while reading
+	mu     sync.RWMutex // guards packs, cur and total; readers hold it shared while reading
 	packs  map[uint32]*pack
 	cur    *pack
 	next   uint32
+	total  int64 // the sum of the packs' sizes: DiskBytes
+
+	// compactMu makes compaction single-owner: one goroutine at a time picks
+	// packs, copies their live entries and removes them. Two compactions of
+	// one pack both committed a move (the live-byte accounting drifted) and
+	// one removed the pack under the other's reads.
+	compactMu sync.Mutex
+
+	faults faults // test hooks
+}
+
+// faults are test hooks that force interleavings and inject I/O errors. All
+// are nil outside tests; tests set them before the store is used concurrently.
+type faults struct {
+	afterLookup func(d [32]byte)                               // a read, between its index lookup and its pack read
+	readAt      func(pack uint32, off int64, buf []byte) error // a pack read fails with this error when not nil
+	sync        func(pack uint32) error                        // a pack fdatasync fails with this error when not nil
+	commit      func() error                                   // a Batch.Commit's index write fails with this error when not nil
+	claimWait   func(d [32]byte)                               // a commit starts waiting for another's claim on a chunk
 }
 
 func packName(id uint32) string { return fmt.Sprintf("%08x.pack", id) }
@@ -87,6 +115,7 @@ func (ps *packSet) open() error {
 			return err
 		}
 		ps.packs[id] = &pack{id: id, f: f, size: fi.Size()}
+		ps.total += fi.Size()
 		if id >= ps.next {
 			ps.next = id + 1
 		}
@@ -121,14 +150,11 @@ func (ps *packSet) moveLiveToDead(id uint32, n int64) { ps.addLive(id, -n) }
 func (ps *packSet) diskBytes() int64 {
 	ps.mu.RLock()
 	defer ps.mu.RUnlock()
-	var n int64
-	for _, p := range ps.packs {
-		p.mu.Lock()
-		n += p.size
-		p.mu.Unlock()
-	}
-	return n
+	return ps.total
 }
+
+// errNoRoom: an append would take the packs past the limit it was given.
+var errNoRoom = errors.New("no room in the quota")
 
 // putEntryHeader writes an entry's header into b[:packHeaderSize].
 func putEntryHeader(b []byte, digest [32]byte, codec byte, rawLen, payloadLen int) {
@@ -140,11 +166,11 @@ func putEntryHeader(b []byte, digest [32]byte, codec byte, rawLen, payloadLen in
 }
 
 // append writes one entry to the current pack (see appendEntry).
-func (ps *packSet) append(digest [32]byte, codec byte, rawLen int, payload []byte) (*pack, int64, int64, error) {
+func (ps *packSet) append(digest [32]byte, codec byte, rawLen int, payload []byte, limit int64) (*pack, int64, int64, error) {
 	buf := make([]byte, packHeaderSize+len(payload))
 	putEntryHeader(buf, digest, codec, rawLen, len(payload))
 	copy(buf[packHeaderSize:], payload)
-	p, off, err := ps.appendEntry(buf)
+	p, off, err := ps.appendEntry(buf, limit)
 	return p, off, int64(len(buf)), err
 }
 
@@ -152,13 +178,19 @@ func (ps *packSet) append(digest [32]byte, codec byte, rawLen int, payload []byt
 // starting a new pack when the current one is full, and returns where it
 // went. The entry is not durable until the pack is synced; the caller must
 // call p.done() once it has indexed or given up the entry. entry is not
-// retained.
-func (ps *packSet) appendEntry(entry []byte) (*pack, int64, error) {
+// retained. When limit is not 0 and the entry would take the packs past
+// limit bytes, nothing is written and the error is errNoRoom: reserving the
+// room here, under the lock, keeps concurrent writers from overshooting.
+func (ps *packSet) appendEntry(entry []byte, limit int64) (*pack, int64, error) {
 	n := int64(len(entry))
 	ps.mu.Lock()
 	if ps.packs == nil {
 		ps.mu.Unlock()
 		return nil, 0, ErrClosed
+	}
+	if limit > 0 && ps.total+n > limit {
+		ps.mu.Unlock()
+		return nil, 0, errNoRoom
 	}
 	p := ps.cur
 	if p != nil {
@@ -192,6 +224,7 @@ func (ps *packSet) appendEntry(entry []byte) (*pack, int64, error) {
 	p.size += n
 	p.pending++
 	p.mu.Unlock()
+	ps.total += n
 	ps.mu.Unlock()
 
 	if _, err := p.f.WriteAt(entry, off); err != nil {
@@ -201,30 +234,78 @@ func (ps *packSet) appendEntry(entry []byte) (*pack, int64, error) {
 	return p, off, nil
 }
 
+// errPackMissing: a record points into a pack that is not in the set. A
+// reader that sees it looks the record up again: compaction moves an entry
+// before it removes the pack the entry was in.
+var errPackMissing = errors.New("pack missing")
+
+// errBadEntry: an entry's bytes were read and do not match its record.
+var errBadEntry = errors.New("pack entry does not match the index")
+
+// readError is a failed read of an entry's bytes (EIO, ENOMEM, a short read):
+// it says nothing about the bytes, so it is never a reason to drop a chunk.
+type readError struct{ err error }
+
+func (e *readError) Error() string { return "read pack entry: " + e.err.Error() }
+func (e *readError) Unwrap() error { return e.err }
+
+// maxEntrySize bounds a pack entry: the largest chunk, stored raw or in a
+// codec's worst case, with its header.
+const maxEntrySize = packHeaderSize + MaxChunkSize + MaxChunkSize/8
+
 // read returns the entry a record points to, checking its header against the
-// record and the digest (the payload is verified by the caller).
+// record and the digest (the payload is verified by the caller). Its errors
+// are errPackMissing, a *readError, or errBadEntry (the bytes are wrong).
 func (ps *packSet) read(r record, digest [32]byte) (Stored, error) {
-	if r.stored < packHeaderSize || r.stored > packHeaderSize+MaxChunkSize+MaxChunkSize/8 {
-		return Stored{}, fmt.Errorf("entry length %d out of range", r.stored)
+	if r.stored < packHeaderSize || r.stored > maxEntrySize {
+		return Stored{}, fmt.Errorf("%w: entry length %d out of range", errBadEntry, r.stored)
 	}
 	buf := make([]byte, r.stored)
 	ps.mu.RLock()
+	if ps.packs == nil {
+		ps.mu.RUnlock()
+		return Stored{}, ErrClosed
+	}
 	p := ps.packs[r.pack]
 	var err error
 	if p == nil {
-		err = fmt.Errorf("pack %s missing", packName(r.pack))
+		err = fmt.Errorf("%w: %s", errPackMissing, packName(r.pack))
 	} else {
-		_, err = p.f.ReadAt(buf, r.off)
+		var rerr error
+		if h := ps.faults.readAt; h != nil {
+			rerr = h(r.pack, r.off, buf)
+		}
+		if rerr == nil {
+			_, rerr = p.f.ReadAt(buf, r.off)
+		}
+		if rerr != nil {
+			err = &readError{rerr}
+			// A short read is transient unless the file really ends before
+			// the entry: an indexed entry was synced whole, so then the pack
+			// was torn or truncated and the bytes are gone.
+			if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+				if fi, serr := p.f.Stat(); serr == nil && fi.Size() < r.off+r.stored {
+					err = fmt.Errorf("%w: pack %s ends at %d, inside the entry at %d (torn)", errBadEntry, packName(r.pack), fi.Size(), r.off)
+				}
+			}
+		}
 	}
 	ps.mu.RUnlock()
 	if err != nil {
 		return Stored{}, err
 	}
-	if string(buf[:3]) != packMagic || buf[3] != r.codec ||
+	return decodeEntry(buf, r, digest)
+}
+
+// decodeEntry checks a whole pack entry, header and payload length, against
+// the record and digest it is meant to hold; the payload aliases buf.
+func decodeEntry(buf []byte, r record, digest [32]byte) (Stored, error) {
+	if int64(len(buf)) != r.stored || len(buf) < packHeaderSize ||
+		string(buf[:3]) != packMagic || buf[3] != r.codec ||
 		int64(binary.LittleEndian.Uint32(buf[4:])) != r.raw ||
 		int64(binary.LittleEndian.Uint32(buf[8:]))+packHeaderSize != r.stored ||
 		!bytes.Equal(buf[12:44], digest[:]) {
-		return Stored{}, errors.New("pack entry header does not match the index")
+		return Stored{}, errBadEntry
 	}
 	return Stored{Codec: r.codec, RawLen: int(r.raw), Payload: buf[packHeaderSize:]}, nil
 }
@@ -236,9 +317,11 @@ func (ps *packSet) compactable(frac float64) []*pack {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	var out []*pack
+	live := map[*pack]int64{}
 	for _, p := range ps.packs {
 		p.mu.Lock()
 		ok := p.pending == 0 && p.size > 0 && float64(p.live) < frac*float64(p.size)
+		live[p] = p.live
 		p.mu.Unlock()
 		if ok {
 			out = append(out, p)
@@ -247,7 +330,7 @@ func (ps *packSet) compactable(frac float64) []*pack {
 			}
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].live < out[j].live })
+	sort.Slice(out, func(i, j int) bool { return live[out[i]] < live[out[j]] })
 	return out
 }
 
@@ -264,6 +347,7 @@ func (ps *packSet) remove(p *pack) (int64, bool) {
 		return 0, false
 	}
 	delete(ps.packs, p.id)
+	ps.total -= size
 	p.f.Close()
 	os.Remove(p.f.Name())
 	return size, true

@@ -5,6 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/klauspost/compress/s2"
@@ -30,18 +33,93 @@ func (s *Store) Get(ctx context.Context, id ID) ([]byte, error) {
 	return raw, nil
 }
 
-// load reads a chunk and verifies it, dropping it when it fails; it does not
-// count as an access (Verify and compaction use it too).
+// maxReadAttempts bounds how often a read looks a chunk up again because the
+// entry it read had moved meanwhile (compaction copies an entry, commits its
+// new place, and only then removes the old pack).
+const maxReadAttempts = 4
+
+// load reads a chunk and verifies it; it does not count as an access (Verify
+// uses it too). A chunk is dropped only when its bytes were read and failed
+// verification and its record still points where they were read (see
+// dropIfAt); a read that fails (EIO, ENOMEM, a short read) keeps the chunk.
 func (s *Store) load(ctx context.Context, id ID) (Stored, []byte, error) {
-	st, err := s.readStored(id)
+	if err := s.checkOpen(); err != nil {
+		return Stored{}, nil, err
+	}
+	for attempt := 1; ; attempt++ {
+		r, ok, err := s.getRecord(id.digest)
+		if err != nil {
+			return Stored{}, nil, fmt.Errorf("get chunk %s: %w", id, err)
+		}
+		if !ok {
+			return Stored{}, nil, fmt.Errorf("get chunk %s: %w", id, ErrNotFound)
+		}
+		if h := s.packs.faults.afterLookup; h != nil {
+			h(id.digest)
+		}
+		st, raw, err := s.readEntry(id, r)
+		if err == nil {
+			return st, raw, nil
+		}
+		var rerr *readError
+		if errors.As(err, &rerr) || errors.Is(err, ErrClosed) {
+			return Stored{}, nil, fmt.Errorf("get chunk %s: %w (the chunk is kept; retry, and check the disk if this persists)", id, err)
+		}
+		dropped, derr := s.dropIfAt(ctx, id, r, err)
+		switch {
+		case derr != nil:
+			return Stored{}, nil, fmt.Errorf("get chunk %s: %v; dropping it: %w", id, err, derr)
+		case dropped:
+			return Stored{}, nil, fmt.Errorf("get chunk %s: %w: %v (dropped; it will be fetched again)", id, ErrCorrupt, err)
+		case attempt == maxReadAttempts:
+			return Stored{}, nil, fmt.Errorf("get chunk %s: it moved during each of %d reads (%v); retry", id, attempt, err)
+		}
+		// The record changed since it was looked up (compaction moved the
+		// chunk, or it was deleted): look it up again.
+	}
+}
+
+// readEntry reads the entry r points to and verifies its bytes against id.
+func (s *Store) readEntry(id ID, r record) (Stored, []byte, error) {
+	st, err := s.packs.read(r, id.digest)
 	if err != nil {
 		return Stored{}, nil, err
 	}
 	raw, err := s.verifyStored(id, st)
 	if err != nil {
-		return Stored{}, nil, s.corrupt(ctx, id, err)
+		return Stored{}, nil, err
 	}
 	return st, raw, nil
+}
+
+// dropIfAt drops chunk id, whose entry at r failed verification (cause),
+// if its record still points at r: compare-and-delete under the lock that
+// every move and delete takes, so the good copy that compaction has just
+// committed elsewhere is never the one deleted. It reports whether it
+// dropped the chunk; false means the record changed, and the caller looks
+// again. A record pointing into a pack that is gone is dropped only when the
+// pack's file is gone too (compaction removes a pack only once nothing in the
+// index points into it, so that is a pack lost outside the store).
+func (s *Store) dropIfAt(ctx context.Context, id ID, r record, cause error) (bool, error) {
+	s.evictLock.Lock()
+	defer s.evictLock.Unlock()
+	cur, ok, err := s.getRecord(id.digest)
+	if err != nil {
+		return false, err
+	}
+	if !ok || cur.pack != r.pack || cur.off != r.off {
+		return false, nil
+	}
+	if errors.Is(cause, errPackMissing) {
+		if _, err := os.Stat(filepath.Join(s.packs.dir, packName(r.pack))); !errors.Is(err, fs.ErrNotExist) {
+			return false, fmt.Errorf("pack %s is on disk but not open (%v); restart the daemon", packName(r.pack), err)
+		}
+	}
+	s.opts.log.Warn("dropping corrupt chunk", "chunk_id", id.String(), "pack", packName(r.pack), "offset", r.off, "cause", cause)
+	if _, err := s.deleteLocked(ctx, []ID{id}, false); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // verifyStored decodes st and checks the bytes against id.
@@ -100,36 +178,6 @@ func (s *Store) decode(st Stored) ([]byte, error) {
 		return out, nil
 	}
 	return nil, fmt.Errorf("unknown codec %d", st.Codec)
-}
-
-func (s *Store) readStored(id ID) (Stored, error) {
-	if err := s.checkOpen(); err != nil {
-		return Stored{}, err
-	}
-	r, ok, err := s.getRecord(id.digest)
-	if err != nil {
-		return Stored{}, fmt.Errorf("get chunk %s: %w", id, err)
-	}
-	if !ok {
-		return Stored{}, fmt.Errorf("get chunk %s: %w", id, ErrNotFound)
-	}
-	st, err := s.packs.read(r, id.digest)
-	if err != nil {
-		return Stored{}, s.corrupt(context.Background(), id, err)
-	}
-	return st, nil
-}
-
-// corrupt drops a chunk that failed verification and returns the error to report.
-func (s *Store) corrupt(ctx context.Context, id ID, cause error) error {
-	s.opts.log.Warn("dropping corrupt chunk", "chunk_id", id.String(), "cause", cause)
-	s.evictLock.Lock()
-	_, err := s.deleteLocked(ctx, []ID{id}, false)
-	s.evictLock.Unlock()
-	if err != nil && !errors.Is(err, ErrNotFound) {
-		s.opts.log.Error("drop corrupt chunk", "chunk_id", id.String(), "err", err)
-	}
-	return fmt.Errorf("get chunk %s: %w: %v (dropped; it will be fetched again)", id, ErrCorrupt, cause)
 }
 
 // touch records an access for LRU, in memory; flushAccess writes them.

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"math"
 
 	"github.com/cockroachdb/pebble/v2"
 )
@@ -27,23 +29,34 @@ func (r record) encode() []byte {
 	return binary.AppendUvarint(b, uint64(r.off))
 }
 
+// decodeRecord decodes a chunk record, rejecting values that would wrap
+// around when converted (lengths a read cannot accept are left to the read,
+// which drops the chunk, so that such a record never keeps the store from
+// opening). Bytes after the last field are ignored: room for fields a later
+// version adds.
 func decodeRecord(b []byte) (record, error) {
 	d := &decoder{b: b}
-	r := record{stored: int64(d.uvarint("stored")), raw: int64(d.uvarint("raw"))}
+	stored, raw := d.uvarint("stored"), d.uvarint("raw")
 	c := d.bytes(1, "codec")
 	if d.err != nil {
-		return r, d.err
+		return record{}, d.err
 	}
-	r.codec = c[0]
+	r := record{stored: int64(stored), raw: int64(raw), codec: c[0]}
 	v, n := binary.Varint(d.b)
 	if n <= 0 {
-		return r, errors.New("bad access time")
+		return record{}, errors.New("bad access time")
 	}
 	r.atime = v
 	d.b = d.b[n:]
-	r.pack = uint32(d.uvarint("pack"))
-	r.off = int64(d.uvarint("offset"))
-	return r, d.err
+	pack, off := d.uvarint("pack"), d.uvarint("offset")
+	if d.err != nil {
+		return record{}, d.err
+	}
+	if stored > math.MaxInt64 || raw > math.MaxInt64 || pack > math.MaxUint32 || off > math.MaxInt64 {
+		return record{}, fmt.Errorf("record out of range: entry %d, raw %d, pack %d, offset %d", stored, raw, pack, off)
+	}
+	r.pack, r.off = uint32(pack), int64(off)
+	return r, nil
 }
 
 func chunkKey(d [32]byte) []byte { return append([]byte{pfxChunk}, d[:]...) }
@@ -90,4 +103,27 @@ func (s *Store) hasPrefix(p []byte) (bool, error) {
 	}
 	defer it.Close()
 	return it.First(), it.Error()
+}
+
+// countIndex derives usage (without DiskBytes) and the live bytes of each
+// pack from the chunk records: what the in-memory accounting must equal.
+func (s *Store) countIndex() (Usage, map[uint32]int64, error) {
+	var u Usage
+	live := map[uint32]int64{}
+	it, err := s.db.NewIter(prefixIter(pfxChunk))
+	if err != nil {
+		return u, nil, err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		r, err := decodeRecord(it.Value())
+		if err != nil {
+			return u, nil, fmt.Errorf("index record %x: %w", it.Key()[1:], err)
+		}
+		u.Chunks++
+		u.StoredBytes += r.stored
+		u.RawBytes += r.raw
+		live[r.pack] += r.stored
+	}
+	return u, live, it.Error()
 }

@@ -66,15 +66,25 @@ type Store struct {
 
 	mu         sync.Mutex
 	usage      Usage
-	committing map[[32]byte]struct{}
+	committing map[[32]byte]chan struct{}
 	atimes     map[[32]byte]int64
 	closed     bool
 	unclean    bool
 
+	// committing (above): chunks a commit is indexing, each closed when it
+	// ends; holds: dedup hits of open batches, not evictable (both batch.go);
+	// roomMu: one makeRoom at a time (evict.go).
+	holds  map[[32]byte]int
+	roomMu sync.Mutex
+
 	packs packSet
 }
 
-// Usage is what the store holds.
+// Usage is what the store holds. DiskBytes stays within the quota plus a
+// slack of one pack (see "Quota and eviction" in doc.go): writes are admitted
+// only while they fit in the quota, and only compaction, which frees more than
+// it writes, may pass it, by at most the live bytes of the one pack it is
+// rewriting.
 type Usage struct {
 	Chunks      int64 `json:"chunks"`
 	StoredBytes int64 `json:"stored_bytes"` // live payload bytes (compressed), with their entry headers
@@ -199,7 +209,7 @@ func Open(dir string, opts ...Option) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{dir: dir, db: db, opts: o, enc: enc, dec: dec,
-		committing: make(map[[32]byte]struct{}), atimes: make(map[[32]byte]int64)}
+		committing: make(map[[32]byte]chan struct{}), atimes: make(map[[32]byte]int64)}
 	s.packs.dir = filepath.Join(dir, "packs")
 	s.packs.target = maxPackSize
 	if o.quota > 0 {
