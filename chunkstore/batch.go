@@ -120,8 +120,8 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 		return 0, fmt.Errorf("put chunk %s: %d bytes is more than the %d-byte limit", id, rawLen, MaxChunkSize)
 	}
 	s := b.s
-	if err := s.checkOpen(); err != nil {
-		return 0, err
+	if err := s.checkWrite(); err != nil {
+		return 0, fmt.Errorf("put chunk %s: %w", id, err)
 	}
 	b.mu.Lock()
 	_, dup := b.items[id.digest]
