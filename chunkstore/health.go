@@ -32,10 +32,11 @@ import (
 // ballastName is the reserve file in the store's directory.
 const ballastName = "reserve"
 
-// ballastSize is the reserve for a filesystem of total bytes: 1/8 of it,
+// ballastSize is the reserve for a filesystem of total bytes: 1/16 of it,
 // between 2 MiB and 64 MiB (a few memtables' worth: a flush, a WAL and a
-// manifest rotation).
-func ballastSize(total int64) int64 { return min(64<<20, max(2<<20, total/8)) }
+// manifest rotation). New data is refused once free space falls below the
+// same amount again, so the index normally never needs the reserve.
+func ballastSize(total int64) int64 { return min(64<<20, max(2<<20, total/16)) }
 
 type health struct {
 	dir  string
@@ -46,9 +47,11 @@ type health struct {
 	mu         sync.Mutex
 	failed     error // permanent: writes fail with it until the store is reopened
 	full       bool  // disk full: growth refused until space returns
+	stalled    bool  // pebble stalls writes (its flushes cannot finish)
 	ballast    int64 // size of the reserve file while it exists, 0 when released
-	want       int64 // the reserve's target size
+	want       int64 // the reserve's target size, and the free space kept
 	lastCheck  time.Time
+	lastAvail  int64
 	backoff    time.Duration
 	suppressed int
 	opening    chan struct{} // closed when Open hits ENOSPC with no reserve left
@@ -177,16 +180,19 @@ func (h *health) onDiskFull() {
 }
 
 // writable returns the error a write must fail with, if any: a permanent
-// failure, a lost directory, or (when the write adds data: grow) a full
-// disk. It rechecks the directories and, when full, the free space at most
-// every 100 ms.
+// failure, a lost directory, or a full disk (for a write that adds data:
+// grow; for others only while pebble stalls writes, which would hang them).
+// It rechecks the directories at most every 100 ms, and free space on every
+// call (one statfs, well under a microsecond: anything else, the disk can be
+// filled by another process in between).
 func (h *health) writable(grow bool) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.failed != nil {
 		return h.failed
 	}
-	if now := time.Now(); now.Sub(h.lastCheck) >= 100*time.Millisecond {
+	now := time.Now()
+	if now.Sub(h.lastCheck) >= 100*time.Millisecond {
 		h.lastCheck = now
 		for _, d := range h.dirs {
 			if err := d.check(); err != nil {
@@ -195,34 +201,43 @@ func (h *health) writable(grow bool) error {
 				return err
 			}
 		}
-		if h.full {
-			h.recoverLocked()
-		}
 	}
-	if h.full && grow {
+	if grow || h.full {
+		h.checkSpaceLocked()
+	}
+	if h.full && (grow || h.stalled) {
 		return h.fullError()
 	}
 	return nil
 }
 
-// recoverLocked leaves the disk-full state once there is room for the
-// reserve and as much again.
-func (h *health) recoverLocked() {
+// checkSpaceLocked enters the disk-full state when free space falls below
+// the reserve's size, and leaves it (recreating the reserve if it was used)
+// once there is twice that.
+func (h *health) checkSpaceLocked() {
+	if h.want == 0 {
+		return
+	}
 	var st unix.Statfs_t
-	if err := unix.Statfs(h.dir, &st); err != nil || h.want == 0 {
+	if err := unix.Statfs(h.dir, &st); err != nil {
 		return
 	}
-	if int64(st.Bavail)*st.Frsize < 2*h.want+h.ballast {
-		return
-	}
-	if h.ballast == 0 {
-		if err := makeBallast(filepath.Join(h.dir, ballastName), h.want); err != nil {
-			return
+	avail := int64(st.Bavail) * st.Frsize
+	h.lastAvail = avail
+	switch {
+	case !h.full && avail < h.want:
+		h.full = true
+		h.log.Warn("disk nearly full: the chunk store refuses new data until space is freed", "dir", h.dir, "free_bytes", avail)
+	case h.full && avail >= 2*h.want+h.want-h.ballast:
+		if h.ballast == 0 {
+			if err := makeBallast(filepath.Join(h.dir, ballastName), h.want); err != nil {
+				return
+			}
+			h.ballast = h.want
 		}
-		h.ballast = h.want
+		h.full, h.backoff = false, 0
+		h.log.Info("disk space recovered; the chunk store accepts writes again", "dir", h.dir)
 	}
-	h.full, h.backoff = false, 0
-	h.log.Info("disk space recovered; the chunk store accepts writes again", "dir", h.dir)
 }
 
 func statDir(p string) (dirID, error) {
@@ -271,6 +286,16 @@ func (h *health) pebbleHooks(o *pebble.Options) {
 	o.Logger = quietLogger{h}
 	o.EventListener = &pebble.EventListener{
 		BackgroundError: func(err error) { h.logError("index background error", "err", err) },
+		WriteStallBegin: func(pebble.WriteStallBeginInfo) {
+			h.mu.Lock()
+			h.stalled = true
+			h.mu.Unlock()
+		},
+		WriteStallEnd: func() {
+			h.mu.Lock()
+			h.stalled = false
+			h.mu.Unlock()
+		},
 		DiskSlow: func(info pebble.DiskSlowInfo) {
 			h.logError("index disk slow", "path", info.Path, "duration", info.Duration)
 		},
