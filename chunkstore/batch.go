@@ -224,6 +224,10 @@ func (b *Batch) Commit(ctx context.Context) error {
 	s := b.s
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if err := s.checkOpen(); err != nil {
+		b.release()
+		return err
+	}
 	if len(b.items) == 0 {
 		return nil
 	}
