@@ -1,0 +1,162 @@
+package chunkstore
+
+import (
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// crashClose closes s as a crash would leave it: the open marker stays.
+func crashClose(t *testing.T, s *Store) {
+	t.Helper()
+	s.mu.Lock()
+	s.closing, s.closed = true, true
+	s.mu.Unlock()
+	s.enc.Close()
+	s.dec.Close()
+	if err := s.db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.packs.close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestStaleImportPinsClearedAtOpen: pins of an import that died with the
+// process (kill -9 mid-import) used to stay for ever, so GC freed nothing.
+// Open drops every import: pin, and keeps the others.
+func TestStaleImportPinsClearedAtOpen(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	for _, crash := range []bool{true, false} {
+		dir := t.TempDir()
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := rand.New(rand.NewPCG(5, 5))
+		a, b := randChunk(r, 3000), randChunk(r, 3000)
+		batch := s.NewBatch("import:x")
+		for _, d := range [][]byte{a, b} {
+			if _, err := batch.Put(ctx, Sum(d), d); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := batch.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Pin(ctx, "image:keep", []ID{Sum(b)}); err != nil {
+			t.Fatal(err)
+		}
+		if crash {
+			crashClose(t, s)
+		} else if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+
+		s = openT(t, dir)
+		if pinned, err := s.Pinned(ctx, Sum(a)); err != nil || pinned {
+			t.Fatalf("crash=%v: chunk pinned only by a dead import is still pinned after open (%v)", crash, err)
+		}
+		if pinned, err := s.Pinned(ctx, Sum(b)); err != nil || !pinned {
+			t.Fatalf("crash=%v: another owner's pin was dropped (%v)", crash, err)
+		}
+		res, err := s.GC(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Chunks != 1 {
+			t.Fatalf("crash=%v: gc freed %d chunks, want 1 (the dead import's)", crash, res.Chunks)
+		}
+		if ok, _ := s.Has(ctx, Sum(b)); !ok {
+			t.Fatalf("crash=%v: gc freed a pinned chunk", crash)
+		}
+	}
+}
+
+// TestFailedOpenKeepsUncleanMarker: an Open that fails after reading the
+// marker used to close the store normally, erasing the marker, so the next
+// Open skipped recovery.
+func TestFailedOpenKeepsUncleanMarker(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := randChunk(rand.New(rand.NewPCG(6, 6)), 3000)
+	if err := s.Put(t.Context(), Sum(d), d); err != nil {
+		t.Fatal(err)
+	}
+	crashClose(t, s)
+	// A pack that cannot be opened makes Open fail after it read the marker.
+	bad := filepath.Join(dir, "packs", packName(0xfffffff0))
+	if err := os.Mkdir(bad, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dir); err == nil {
+		t.Fatal("open with a bad pack succeeded")
+	}
+	if err := os.Remove(bad); err != nil {
+		t.Fatal(err)
+	}
+	s = openT(t, dir)
+	if !s.Unclean() {
+		t.Fatal("after a failed open, the store no longer knows the last shutdown was unclean")
+	}
+	if got, err := s.Get(t.Context(), Sum(d)); err != nil || string(got) != string(d) {
+		t.Fatalf("chunk after recovery: %v", err)
+	}
+}
+
+// TestLostDirectoryFailsWrites: deleting the index (or packs) directory of a
+// running store used to let writes "succeed" into unlinked files, all gone
+// at restart. Writes now fail loudly, telling the user to restart; reads of
+// what is open go on.
+func TestLostDirectoryFailsWrites(t *testing.T) {
+	t.Parallel()
+	for _, sub := range []string{"index", "packs"} {
+		t.Run(sub, func(t *testing.T) {
+			t.Parallel()
+			ctx := t.Context()
+			dir := t.TempDir()
+			s := openT(t, dir)
+			r := rand.New(rand.NewPCG(7, 1))
+			d := randChunk(r, 3000)
+			if err := s.Put(ctx, Sum(d), d); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.RemoveAll(filepath.Join(dir, sub)); err != nil {
+				t.Fatal(err)
+			}
+			check := func(what string, err error) {
+				t.Helper()
+				if !errors.Is(err, ErrFailed) || !strings.Contains(err.Error(), "restart") {
+					t.Fatalf("%s after %s was deleted: %v, want ErrFailed telling to restart", what, sub, err)
+				}
+			}
+			// The check runs at most every 100 ms: poll for it.
+			e := randChunk(r, 3000)
+			var err error
+			for range 100 {
+				if err = s.Put(ctx, Sum(e), e); err != nil {
+					break
+				}
+				sleepBriefly()
+			}
+			check("put", err)
+			_, err = s.PutManifest(ctx, &Manifest{Chunking: DefaultCDC, Format: FormatRaw})
+			check("put manifest", err)
+			check("pin", s.Pin(ctx, "o", []ID{Sum(d)}))
+			if got, err := s.Get(ctx, Sum(d)); err != nil || string(got) != string(d) {
+				t.Fatalf("read after %s was deleted: %v", sub, err)
+			}
+		})
+	}
+}
+
+func sleepBriefly() { time.Sleep(20 * time.Millisecond) }
