@@ -80,10 +80,12 @@
 // costs: every manifest, name, pin, reference and profile lives only in the
 // index, so the images are gone (re-import them, or pull them from peers:
 // manifests are fetched by name). The chunk bytes survive in the packs, and
-// each pack entry carries its digest, codec and lengths, so the chunk
-// records could be rebuilt by scanning the packs and verifying each entry;
-// that is not implemented: today an Open with an empty index counts the
-// packs as dead bytes, and compaction reclaims them.
+// each pack entry carries its digest, codec and lengths: an Open that finds
+// an index with no key at all and packs holding data rebuilds the chunk
+// records by reading every pack and verifying each entry (one pass over the
+// packs; corrupt entries are skipped, a torn tail ends a pack). The rebuilt
+// chunks are unreferenced until their images are registered again, so GC
+// or eviction may drop them before that.
 //
 // # Quota and eviction
 //

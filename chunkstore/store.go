@@ -276,6 +276,10 @@ func openIndex(ctx context.Context, h *health, dir string, popts *pebble.Options
 // finishOpen recovers after an unclean shutdown, derives usage, clears pins
 // of imports that died with the last process, and sets the open marker.
 func (s *Store) finishOpen() error {
+	empty, err := s.indexEmpty()
+	if err != nil {
+		return fmt.Errorf("open chunk store: %w", err)
+	}
 	if _, c, err := s.db.Get(keyOpen); err == nil {
 		c.Close()
 		s.unclean = true
@@ -292,6 +296,14 @@ func (s *Store) finishOpen() error {
 	}
 	if err := s.recount(); err != nil {
 		return fmt.Errorf("open chunk store: %w", err)
+	}
+	if empty && s.packs.diskBytes() > 0 {
+		n, err := s.rebuildFromPacks()
+		if err != nil {
+			return fmt.Errorf("open chunk store: %w", err)
+		}
+		s.opts.log.Warn("the index was empty but the packs hold data (was index/ deleted?): rebuilt the chunk records from the packs; register the images again (hoard image add or pull)",
+			"chunks", n)
 	}
 	if s.unclean {
 		// Entries written after the last commit before the crash are dead bytes
