@@ -101,7 +101,7 @@ func (h *health) fail(err error) {
 }
 
 func (h *health) fullError() error {
-	return fmt.Errorf("%w: free space under %s or lower store.quota", ErrDiskFull, h.dir)
+	return fmt.Errorf("%w: the disk holding the data dir is full; free space under %s or lower store.quota", ErrDiskFull, h.dir)
 }
 
 // ensureBallast creates the reserve file if it is missing or short. On a
