@@ -37,6 +37,7 @@
 //	n name                    -> manifest digest
 //	f manifest-digest         -> profile encoding
 //	xopen                     -> ""                (present while open: detects an unclean shutdown)
+//	xrebuild                  -> ""                (present while the index is rebuilt from the packs)
 //
 // Usage (chunks, bytes) is derived from the index at open and kept in memory,
 // so it cannot drift from what is stored.

@@ -236,4 +236,19 @@ func TestRebuildIndexFromPacks(t *testing.T) {
 	if res, err := s.Verify(ctx, nil); err != nil || len(res.Corrupt) != 0 {
 		t.Fatalf("verify after rebuild: %+v, %v", res, err)
 	}
+
+	// A rebuild interrupted (here: at its very end) carries on at the next
+	// Open without counting anything twice.
+	if err := s.commitSet(keyRebuild, nil); err != nil {
+		t.Fatal(err)
+	}
+	crashClose(t, s)
+	s = openT(t, dir)
+	if again := s.Usage(); again.Chunks != got.Chunks || again.StoredBytes != got.StoredBytes || again.RawBytes != got.RawBytes {
+		t.Fatalf("usage after a resumed rebuild %+v, want %+v", again, got)
+	}
+	if _, c, err := s.db.Get(keyRebuild); err == nil {
+		c.Close()
+		t.Fatal("rebuild marker left after the rebuild finished")
+	}
 }

@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,6 +16,9 @@ import (
 // until their images are registered again (re-import or pull from peers),
 // and GC or eviction may drop them before that.
 
+// keyRebuild is present while a rebuild is under way.
+var keyRebuild = []byte("xrebuild")
+
 // indexEmpty reports whether the index holds no key at all: a new store, or
 // one whose index directory was lost (a store that was ever opened holds at
 // least its open marker or a chunk).
@@ -28,10 +32,11 @@ func (s *Store) indexEmpty() (bool, error) {
 }
 
 // rebuildFromPacks indexes every verified entry of every pack and returns how
-// many chunks it indexed. A pack's scan stops at the first entry whose header
+// many chunks it indexed, giving up between packs when ctx is done (keyRebuild
+// stays until it finishes, so the next Open carries on). A pack's scan stops at the first entry whose header
 // is not one (a torn tail); an entry whose payload fails verification is
 // skipped.
-func (s *Store) rebuildFromPacks() (int, error) {
+func (s *Store) rebuildFromPacks(ctx context.Context) (int, error) {
 	s.packs.mu.RLock()
 	packs := make([]*pack, 0, len(s.packs.packs))
 	for _, p := range s.packs.packs {
@@ -43,7 +48,13 @@ func (s *Store) rebuildFromPacks() (int, error) {
 	n := 0
 	seen := map[[32]byte]bool{}
 	var u Usage
+	if err := s.commitSet(keyRebuild, nil); err != nil {
+		return 0, fmt.Errorf("rebuild index: %w", err)
+	}
 	for _, p := range packs {
+		if err := ctx.Err(); err != nil {
+			return n, fmt.Errorf("rebuild index: %w", err)
+		}
 		b := s.db.NewBatch()
 		var live int64
 		var hdr [packHeaderSize]byte
@@ -72,6 +83,12 @@ func (s *Store) rebuildFromPacks() (int, error) {
 				continue // an older copy is indexed already
 			}
 			seen[d] = true
+			if _, ok, err := s.getRecord(d); err != nil {
+				b.Close()
+				return n, err
+			} else if ok {
+				continue // indexed by an interrupted rebuild
+			}
 			b.Set(chunkKey(d), r.encode(), nil)
 			b.Set(accessKey(now, d), binary.AppendUvarint(nil, uint64(r.stored)), nil)
 			b.Set(packIndexKey(p.id, d), nil, nil)
@@ -96,6 +113,12 @@ func (s *Store) rebuildFromPacks() (int, error) {
 			return n, fmt.Errorf("rebuild index from %s: %w", packName(p.id), err)
 		}
 		p.addLive(live)
+	}
+	b := s.db.NewBatch()
+	defer b.Close()
+	b.Delete(keyRebuild, nil)
+	if err := s.commit(b); err != nil {
+		return n, fmt.Errorf("rebuild index: %w", err)
 	}
 	s.mu.Lock()
 	s.usage.Chunks += u.Chunks

@@ -234,7 +234,7 @@ func OpenContext(ctx context.Context, dir string, opts ...Option) (*Store, error
 	if o.quota > 0 {
 		s.packs.target = min(maxPackSize, max(minPackSize, o.quota/32))
 	}
-	if err := s.finishOpen(); err != nil {
+	if err := s.finishOpen(ctx); err != nil {
 		// Leave the unclean-shutdown marker as it was: the next Open must
 		// still recover what this one could not.
 		s.abandon()
@@ -275,10 +275,14 @@ func openIndex(ctx context.Context, h *health, dir string, popts *pebble.Options
 
 // finishOpen recovers after an unclean shutdown, derives usage, clears pins
 // of imports that died with the last process, and sets the open marker.
-func (s *Store) finishOpen() error {
+func (s *Store) finishOpen(ctx context.Context) error {
 	empty, err := s.indexEmpty()
 	if err != nil {
 		return fmt.Errorf("open chunk store: %w", err)
+	}
+	if _, c, err := s.db.Get(keyRebuild); err == nil {
+		c.Close()
+		empty = true // an interrupted rebuild: carry on
 	}
 	if _, c, err := s.db.Get(keyOpen); err == nil {
 		c.Close()
@@ -298,7 +302,7 @@ func (s *Store) finishOpen() error {
 		return fmt.Errorf("open chunk store: %w", err)
 	}
 	if empty && s.packs.diskBytes() > 0 {
-		n, err := s.rebuildFromPacks()
+		n, err := s.rebuildFromPacks(ctx)
 		if err != nil {
 			return fmt.Errorf("open chunk store: %w", err)
 		}
