@@ -167,8 +167,8 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 		return 0, fmt.Errorf("put chunk %s: %d bytes is more than the %d-byte limit", id, rawLen, MaxChunkSize)
 	}
 	s := b.s
-	if err := s.checkOpen(); err != nil {
-		return 0, err
+	if err := s.checkWrite(); err != nil {
+		return 0, fmt.Errorf("put chunk %s: %w", id, err)
 	}
 	b.mu.Lock()
 	_, dup := b.items[id.digest]
@@ -303,6 +303,10 @@ func (b *Batch) Commit(ctx context.Context) error {
 	s := b.s
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if err := s.checkOpen(); err != nil {
+		b.release()
+		return err
+	}
 	if len(b.items) == 0 {
 		return nil
 	}

@@ -17,6 +17,9 @@ const compactThreshold = 0.5
 // (as stored: no recompression) and deletes the old packs. It returns the disk
 // bytes reclaimed.
 func (s *Store) Compact(ctx context.Context) (int64, error) {
+	if err := s.checkOpen(); err != nil {
+		return 0, err
+	}
 	return s.compact(ctx, compactThreshold)
 }
 

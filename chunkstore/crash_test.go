@@ -78,6 +78,16 @@ func TestMain(m *testing.M) {
 // TestCrashSafety kills a writer with SIGKILL many times at random moments and
 // checks after each kill that the store reopens, every committed chunk reads
 // back intact, and verification finds nothing corrupt.
+//
+// What it cannot see: SIGKILL kills the process, not the machine, so the page
+// cache survives and every write the child made, synced or not, is there at
+// reopen. A missing or misplaced fsync (pack data, pack directory entry,
+// index batch) therefore passes this test; only a power loss, which drops
+// unsynced pages, would catch it. Simulating that needs a filesystem layer
+// that records unsynced writes and drops them (like dm-log-writes or
+// CrashMonkey), which this test does not have; the ordering it relies on
+// (pack fdatasync, then a synced index batch; new packs' directory synced on
+// create) is checked by reading the code.
 func TestCrashSafety(t *testing.T) {
 	t.Parallel()
 	if testing.Short() {

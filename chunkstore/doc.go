@@ -15,6 +15,7 @@
 //
 //	packs/XXXXXXXX.pack   append-only pack files of chunk entries
 //	index/                a pebble database (the index)
+//	reserve               disk reserve file (see Full disk)
 //
 // A pack entry is "HP\x01", codec (0 raw, 1 zstd, 2 s2), the raw length and
 // the payload length (4 bytes little-endian each), the 32-byte sha2-256
@@ -36,6 +37,7 @@
 //	n name                    -> manifest digest
 //	f manifest-digest         -> profile encoding
 //	xopen                     -> ""                (present while open: detects an unclean shutdown)
+//	xrebuild                  -> ""                (present while the index is rebuilt from the packs)
 //
 // Usage (chunks, bytes) and the live bytes of each pack are derived from the
 // index at open and then kept in memory, changed only in the same critical
@@ -68,6 +70,41 @@
 // ENOMEM, a short read of a pack whose file is long enough) keeps the chunk
 // and returns the error; compaction keeps a pack it cannot read whole.
 //
+// # Full disk
+//
+// pebble cannot survive ENOSPC: a failed WAL write reaches Logger.Fatalf
+// (which exits the process by default) or panics while rotating the WAL, and
+// a failed flush is retried at once, for ever (Open then never returns). So
+// the store keeps the index away from a full disk: reserve, a file of 1/16 of
+// the filesystem (2 to 64 MiB), holds space for it; every write that adds
+// data (chunks, manifests, names, pins, profiles) first checks free space
+// (statfs) and fails with ErrDiskFull ("free space under DIR or lower
+// store.quota") once less than the reserve's size again is free. When the
+// index still hits ENOSPC (vfs.OnDiskFull), the reserve is deleted so it can
+// finish, and writes are refused as above; with no reserve left its retries
+// are slowed to a few a second, OpenContext gives up with ErrDiskFull, and
+// pebble's errors are logged at most about once every 10 s. Writes that free
+// space (unpin, remove, GC) go on while the index is not stalled, and reads
+// go on throughout. Once twice the reserve is free again, the reserve is
+// recreated and writes are accepted. Fatalf never exits: it fails the store
+// (ErrFailed, or ErrDiskFull for ENOSPC) until it is reopened.
+//
+// # Losing the index
+//
+// The store checks, at most every 100 ms on a write, that index/ and packs/
+// are still the directories Open found (same device and inode); if one was
+// deleted or replaced, writes fail with ErrFailed telling the user to
+// restart (they would go to unlinked files and be lost). What a lost index
+// costs: every manifest, name, pin, reference and profile lives only in the
+// index, so the images are gone (re-import them, or pull them from peers:
+// manifests are fetched by name). The chunk bytes survive in the packs, and
+// each pack entry carries its digest, codec and lengths: an Open that finds
+// an index with no key at all and packs holding data rebuilds the chunk
+// records by reading every pack and verifying each entry (one pass over the
+// packs; corrupt entries are skipped, a torn tail ends a pack). The rebuilt
+// chunks are unreferenced until their images are registered again, so GC
+// or eviction may drop them before that.
+//
 // # Quota and eviction
 //
 // A new entry is admitted only if the packs, with it, stay within the quota:
@@ -94,6 +131,14 @@
 // Storing a manifest records a reference from it to each of its chunks; removing
 // a manifest removes those, and GC deletes chunks that nothing references or
 // pins. So removing one image never deletes a chunk another image still uses.
-// Pins are per owner (an image, a live export, an import in progress) and
-// idempotent.
+// RemoveName does all of it in one step under the eviction lock. Pins are per
+// owner (an image, a live export, an import in progress) and idempotent. An
+// import's pins (owner "import:...") cannot outlive its process: Open drops
+// them. A name points at one manifest: PutNamedManifest stores both in one
+// commit, and a name that points elsewhere fails with ErrExists.
+//
+// # Closing
+//
+// Close waits for the calls in flight that registered with it (Store.enter)
+// and then closes the index; every call after Close fails with ErrClosed.
 package chunkstore

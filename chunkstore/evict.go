@@ -114,6 +114,9 @@ func (LRU) Victims(need int64, candidates iter.Seq[Candidate]) []ID {
 // policy chooses, compacts packs to return the space to the disk, and returns
 // the stored bytes freed.
 func (s *Store) Evict(ctx context.Context, need int64) (int64, error) {
+	if err := s.checkOpen(); err != nil {
+		return 0, err
+	}
 	if err := s.flushAccess(); err != nil {
 		return 0, err
 	}

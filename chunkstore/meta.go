@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -37,6 +38,14 @@ func (s *Store) Pin(ctx context.Context, owner string, ids []ID) error {
 	if owner == "" {
 		return errors.New("pin: empty owner")
 	}
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkWrite()
+	}
+	if err != nil {
+		return fmt.Errorf("pin %d chunks for %s: %w", len(ids), owner, err)
+	}
 	s.evictLock.RLock()
 	defer s.evictLock.RUnlock()
 	b := s.db.NewBatch()
@@ -46,7 +55,7 @@ func (s *Store) Pin(ctx context.Context, owner string, ids []ID) error {
 			return err
 		}
 	}
-	if err := b.Commit(s.writeOpts()); err != nil {
+	if err := s.commit(b); err != nil {
 		return fmt.Errorf("pin %d chunks for %s: %w", len(ids), owner, err)
 	}
 	return nil
@@ -54,8 +63,29 @@ func (s *Store) Pin(ctx context.Context, owner string, ids []ID) error {
 
 // Unpin drops every pin owner holds.
 func (s *Store) Unpin(ctx context.Context, owner string) error {
-	s.evictLock.RLock()
-	defer s.evictLock.RUnlock()
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkRemove()
+	}
+	if err == nil {
+		s.evictLock.RLock()
+		b := s.db.NewBatch()
+		err = s.unpinBatch(b, owner)
+		if err == nil {
+			err = s.commit(b)
+		}
+		b.Close()
+		s.evictLock.RUnlock()
+	}
+	if err != nil {
+		return fmt.Errorf("unpin %s: %w", owner, err)
+	}
+	return nil
+}
+
+// unpinBatch adds the deletion of every pin of owner to b.
+func (s *Store) unpinBatch(b *pebble.Batch, owner string) error {
 	p := append([]byte{pfxPinOwner}, owner...)
 	p = append(p, 0)
 	it, err := s.db.NewIter(prefixIter(p...))
@@ -63,25 +93,22 @@ func (s *Store) Unpin(ctx context.Context, owner string) error {
 		return err
 	}
 	defer it.Close()
-	b := s.db.NewBatch()
-	defer b.Close()
 	for it.First(); it.Valid(); it.Next() {
 		var d [32]byte
 		copy(d[:], it.Key()[len(p):])
 		b.Delete(pinKey(d, owner), nil)
 		b.Delete(it.Key(), nil)
 	}
-	if err := it.Error(); err != nil {
-		return err
-	}
-	if err := b.Commit(s.writeOpts()); err != nil {
-		return fmt.Errorf("unpin %s: %w", owner, err)
-	}
-	return nil
+	return it.Error()
 }
 
 // Pinned reports whether any owner pins the chunk.
 func (s *Store) Pinned(ctx context.Context, id ID) (bool, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return false, err
+	}
 	return s.hasPrefix(append([]byte{pfxPin}, id.digest[:]...))
 }
 
@@ -92,11 +119,40 @@ func PinOwnerImage(manifest ID) string { return "image:" + manifest.String() }
 // in one atomic commit. It returns the manifest's ID. Storing a manifest twice
 // is harmless.
 func (s *Store) PutManifest(ctx context.Context, m *Manifest) (ID, error) {
+	return s.PutNamedManifest(ctx, "", m)
+}
+
+// PutNamedManifest stores m as PutManifest does and, when name is not
+// empty, points name at it, all in one atomic commit: either both are stored
+// or neither. A name that points at another manifest is not changed: the
+// error wraps ErrExists. Storing the same manifest under the same name again
+// is harmless.
+func (s *Store) PutNamedManifest(ctx context.Context, name string, m *Manifest) (ID, error) {
 	enc := m.Encode()
 	if _, err := DecodeManifest(enc); err != nil {
 		return ID{}, fmt.Errorf("put manifest: %w", err)
 	}
+	if name != "" {
+		if err := ValidateName(name); err != nil {
+			return ID{}, err
+		}
+	}
 	id := Sum(enc)
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkWrite()
+	}
+	if err != nil {
+		return ID{}, fmt.Errorf("put manifest %s: %w", id, err)
+	}
+	if name != "" {
+		s.nameMu.Lock()
+		defer s.nameMu.Unlock()
+		if err := s.nameFree(name, id); err != nil {
+			return ID{}, err
+		}
+	}
 	s.evictLock.RLock()
 	defer s.evictLock.RUnlock()
 	b := s.db.NewBatch()
@@ -105,10 +161,41 @@ func (s *Store) PutManifest(ctx context.Context, m *Manifest) (ID, error) {
 	for _, c := range m.ChunkIDs() {
 		b.Set(refKey(c.digest, id.digest), nil, nil)
 	}
-	if err := b.Commit(s.writeOpts()); err != nil {
-		return ID{}, fmt.Errorf("put manifest %s: %w", id, describeIOError(err))
+	if name != "" {
+		b.Set(nameKey(name), id.digest[:], nil)
+	}
+	if err := s.commit(b); err != nil {
+		return ID{}, fmt.Errorf("put manifest %s: %w", id, err)
 	}
 	return id, nil
+}
+
+func nameKey(name string) []byte { return append([]byte{pfxName}, name...) }
+
+// nameFree checks, under nameMu, that name is unused or already points at id.
+func (s *Store) nameFree(name string, id ID) error {
+	cur, ok, err := s.lookupName(name)
+	if err != nil {
+		return fmt.Errorf("name %s: %w", name, err)
+	}
+	if ok && cur != id {
+		return fmt.Errorf("image %q %w (manifest %s); remove it with hoard image rm %s, or choose another name", name, ErrExists, cur, name)
+	}
+	return nil
+}
+
+func (s *Store) lookupName(name string) (ID, bool, error) {
+	v, c, err := s.db.Get(nameKey(name))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return ID{}, false, nil
+	}
+	if err != nil {
+		return ID{}, false, err
+	}
+	defer c.Close()
+	var d [32]byte
+	copy(d[:], v)
+	return IDFromDigest(d), true, nil
 }
 
 func refKey(chunk, manifest [32]byte) []byte {
@@ -118,6 +205,15 @@ func refKey(chunk, manifest [32]byte) []byte {
 
 // GetManifest returns a stored manifest, verified against its ID.
 func (s *Store) GetManifest(ctx context.Context, id ID) (*Manifest, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", id, err)
+	}
+	return s.getManifest(id)
+}
+
+func (s *Store) getManifest(id ID) (*Manifest, error) {
 	v, c, err := s.db.Get(append([]byte{pfxManifest}, id.digest[:]...))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, fmt.Errorf("manifest %s: %w", id, ErrNotFound)
@@ -134,6 +230,11 @@ func (s *Store) GetManifest(ctx context.Context, id ID) (*Manifest, error) {
 
 // GetManifestBytes returns a stored manifest's encoding (to send to a peer).
 func (s *Store) GetManifestBytes(ctx context.Context, id ID) ([]byte, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", id, err)
+	}
 	v, c, err := s.db.Get(append([]byte{pfxManifest}, id.digest[:]...))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, fmt.Errorf("manifest %s: %w", id, ErrNotFound)
@@ -147,6 +248,11 @@ func (s *Store) GetManifestBytes(ctx context.Context, id ID) ([]byte, error) {
 
 // Manifests lists the IDs of all stored manifests.
 func (s *Store) Manifests(ctx context.Context) ([]ID, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return nil, err
+	}
 	it, err := s.db.NewIter(prefixIter(pfxManifest))
 	if err != nil {
 		return nil, err
@@ -161,30 +267,182 @@ func (s *Store) Manifests(ctx context.Context) ([]ID, error) {
 	return ids, it.Error()
 }
 
-// RemoveManifest deletes a manifest, its profile, its references and its pins.
-// Its chunks stay until garbage collection finds them unreferenced (GC), so that
-// removing one image never deletes a chunk another still uses.
+// RemoveManifest deletes a manifest, its profile, its references and its
+// pins, in one atomic commit. Its chunks stay until garbage collection finds
+// them unreferenced (GC), so that removing one image never deletes a chunk
+// another still uses; RemoveName removes an image and its garbage at once.
 func (s *Store) RemoveManifest(ctx context.Context, id ID) error {
-	m, err := s.GetManifest(ctx, id)
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkRemove()
+	}
+	if err != nil {
+		return fmt.Errorf("remove manifest %s: %w", id, err)
+	}
+	s.evictLock.Lock()
+	defer s.evictLock.Unlock()
+	m, err := s.getManifest(id)
 	if err != nil {
 		return err
 	}
-	if err := s.Unpin(ctx, PinOwnerImage(id)); err != nil {
-		return err
-	}
-	s.evictLock.RLock()
-	defer s.evictLock.RUnlock()
 	b := s.db.NewBatch()
 	defer b.Close()
+	if err := s.removeManifestBatch(b, id, m); err != nil {
+		return fmt.Errorf("remove manifest %s: %w", id, err)
+	}
+	if err := s.commit(b); err != nil {
+		return fmt.Errorf("remove manifest %s: %w", id, err)
+	}
+	return nil
+}
+
+// removeManifestBatch adds to b the deletion of manifest id (m), its
+// references, profile and image pins.
+func (s *Store) removeManifestBatch(b *pebble.Batch, id ID, m *Manifest) error {
+	if err := s.unpinBatch(b, PinOwnerImage(id)); err != nil {
+		return err
+	}
 	for _, c := range m.ChunkIDs() {
 		b.Delete(refKey(c.digest, id.digest), nil)
 	}
 	b.Delete(append([]byte{pfxManifest}, id.digest[:]...), nil)
 	b.Delete(append([]byte{pfxProfile}, id.digest[:]...), nil)
-	if err := b.Commit(s.writeOpts()); err != nil {
-		return fmt.Errorf("remove manifest %s: %w", id, err)
-	}
 	return nil
+}
+
+// Removed says what RemoveName removed.
+type Removed struct {
+	Manifest ID `json:"manifest"`
+	// ManifestRemoved is false when another name still uses the manifest
+	// (then nothing else was removed).
+	ManifestRemoved bool  `json:"manifest_removed"`
+	Chunks          int   `json:"chunks"`       // chunks deleted
+	StoredBytes     int64 `json:"stored_bytes"` // their stored bytes
+}
+
+// RemoveName removes an image: the name (or, given a manifest CID, no name)
+// and, when no other name uses the manifest, the manifest with its profile,
+// references and image pins, and exactly those of its chunks that no other
+// manifest references and no owner pins. It is one step under the store's
+// eviction lock, so no commit, pin or manifest can slip in between deciding
+// what is garbage and deleting it. Then it compacts packs.
+func (s *Store) RemoveName(ctx context.Context, name string) (Removed, error) {
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkRemove()
+	}
+	if err != nil {
+		return Removed{}, fmt.Errorf("remove image %q: %w", name, err)
+	}
+	res, err := s.removeName(ctx, name)
+	if err != nil || res.Chunks == 0 {
+		return res, err
+	}
+	if _, err := s.Compact(ctx); err != nil {
+		return res, fmt.Errorf("remove image %q: %w", name, err)
+	}
+	return res, nil
+}
+
+func (s *Store) removeName(ctx context.Context, name string) (Removed, error) {
+	s.nameMu.Lock()
+	defer s.nameMu.Unlock()
+	id, named, err := s.lookupName(name)
+	if err != nil {
+		return Removed{}, fmt.Errorf("remove image %q: %w", name, err)
+	}
+	if !named {
+		pid, perr := ParseID(name)
+		if perr != nil || !s.hasManifest(pid) {
+			return Removed{}, fmt.Errorf("image %q: %w; list images with hoard image ls", name, ErrNotFound)
+		}
+		id = pid
+	}
+	res := Removed{Manifest: id}
+	s.evictLock.Lock()
+	defer s.evictLock.Unlock()
+	b := s.db.NewBatch()
+	defer b.Close()
+	if named {
+		b.Delete(nameKey(name), nil)
+	}
+	shared, err := s.otherName(name, id)
+	if err != nil {
+		return res, fmt.Errorf("remove image %q: %w", name, err)
+	}
+	var m *Manifest
+	if !shared {
+		m, err = s.getManifest(id)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			m = nil // a dangling name: only the name goes
+		case err != nil:
+			return res, fmt.Errorf("remove image %q: %w", name, err)
+		default:
+			if err := s.removeManifestBatch(b, id, m); err != nil {
+				return res, fmt.Errorf("remove image %q: %w", name, err)
+			}
+		}
+	}
+	if err := s.commit(b); err != nil {
+		return res, fmt.Errorf("remove image %q: %w", name, err)
+	}
+	if m == nil {
+		return res, nil
+	}
+	res.ManifestRemoved = true
+	var garbage []ID
+	for _, c := range m.ChunkIDs() {
+		ref, err := s.hasPrefix(append([]byte{pfxRef}, c.digest[:]...))
+		if err != nil {
+			return res, fmt.Errorf("remove image %q: %w", name, err)
+		}
+		pin, err := s.hasPrefix(append([]byte{pfxPin}, c.digest[:]...))
+		if err != nil {
+			return res, fmt.Errorf("remove image %q: %w", name, err)
+		}
+		if !ref && !pin {
+			garbage = append(garbage, c)
+		}
+	}
+	s.mu.Lock()
+	before := s.usage.Chunks
+	s.mu.Unlock()
+	freed, err := s.deleteLocked(ctx, garbage, false)
+	s.mu.Lock()
+	res.Chunks = int(before - s.usage.Chunks)
+	s.mu.Unlock()
+	res.StoredBytes = freed
+	if err != nil {
+		return res, fmt.Errorf("remove image %q: delete its chunks: %w", name, err)
+	}
+	return res, nil
+}
+
+// otherName reports whether a name other than name points at id.
+func (s *Store) otherName(name string, id ID) (bool, error) {
+	it, err := s.db.NewIter(prefixIter(pfxName))
+	if err != nil {
+		return false, err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		if string(it.Key()[1:]) != name && bytes.Equal(it.Value(), id.digest[:]) {
+			return true, nil
+		}
+	}
+	return false, it.Error()
+}
+
+func (s *Store) hasManifest(id ID) bool {
+	_, c, err := s.db.Get(append([]byte{pfxManifest}, id.digest[:]...))
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$`)
@@ -198,45 +456,85 @@ func ValidateName(name string) error {
 	return nil
 }
 
-// SetName points name at a manifest (replacing what it pointed at).
+// SetName points name at a stored manifest. A name that points at another
+// manifest is not changed: the error wraps ErrExists (remove the image
+// first); pointing a name at its own manifest again is harmless. To store a
+// manifest and its name together, use PutNamedManifest.
 func (s *Store) SetName(ctx context.Context, name string, id ID) error {
 	if err := ValidateName(name); err != nil {
 		return err
 	}
-	if err := s.db.Set(append([]byte{pfxName}, name...), id.digest[:], s.writeOpts()); err != nil {
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkWrite()
+	}
+	if err != nil {
+		return fmt.Errorf("name %s: %w", name, err)
+	}
+	s.nameMu.Lock()
+	defer s.nameMu.Unlock()
+	if !s.hasManifest(id) {
+		return fmt.Errorf("name %s: manifest %s: %w; store it first", name, id, ErrNotFound)
+	}
+	if err := s.nameFree(name, id); err != nil {
+		return err
+	}
+	if err := s.commitSet(nameKey(name), id.digest[:]); err != nil {
 		return fmt.Errorf("name %s: %w", name, err)
 	}
 	return nil
 }
 
-// DeleteName removes a name.
+// DeleteName removes a name (the manifest stays; see RemoveName).
 func (s *Store) DeleteName(ctx context.Context, name string) error {
-	return s.db.Delete(append([]byte{pfxName}, name...), s.writeOpts())
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkRemove()
+	}
+	if err != nil {
+		return fmt.Errorf("delete name %s: %w", name, err)
+	}
+	s.nameMu.Lock()
+	defer s.nameMu.Unlock()
+	b := s.db.NewBatch()
+	defer b.Close()
+	b.Delete(nameKey(name), nil)
+	if err := s.commit(b); err != nil {
+		return fmt.Errorf("delete name %s: %w", name, err)
+	}
+	return nil
 }
 
 // Resolve returns the manifest a name points to. A manifest CID string resolves
 // to itself when that manifest is stored.
 func (s *Store) Resolve(ctx context.Context, name string) (ID, error) {
-	v, c, err := s.db.Get(append([]byte{pfxName}, name...))
-	if err == nil {
-		defer c.Close()
-		var d [32]byte
-		copy(d[:], v)
-		return IDFromDigest(d), nil
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return ID{}, fmt.Errorf("image %q: %w", name, err)
 	}
-	if !errors.Is(err, pebble.ErrNotFound) {
-		return ID{}, err
+	id, ok, err := s.lookupName(name)
+	if err != nil {
+		return ID{}, fmt.Errorf("image %q: %w", name, err)
 	}
-	if id, perr := ParseID(name); perr == nil {
-		if _, err := s.GetManifestBytes(ctx, id); err == nil {
-			return id, nil
-		}
+	if ok {
+		return id, nil
+	}
+	if id, perr := ParseID(name); perr == nil && s.hasManifest(id) {
+		return id, nil
 	}
 	return ID{}, fmt.Errorf("image %q: %w; list images with hoard image ls", name, ErrNotFound)
 }
 
 // Names returns every name and the manifest it points to, sorted by name.
 func (s *Store) Names(ctx context.Context) ([]Named, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return nil, err
+	}
 	it, err := s.db.NewIter(prefixIter(pfxName))
 	if err != nil {
 		return nil, err
@@ -260,11 +558,27 @@ type Named struct {
 
 // PutProfile stores the boot profile of an image.
 func (s *Store) PutProfile(ctx context.Context, manifest ID, p *Profile) error {
-	return s.db.Set(append([]byte{pfxProfile}, manifest.digest[:]...), p.Encode(), s.writeOpts())
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkWrite()
+	}
+	if err == nil {
+		err = s.commitSet(append([]byte{pfxProfile}, manifest.digest[:]...), p.Encode())
+	}
+	if err != nil {
+		return fmt.Errorf("put profile of %s: %w", manifest, err)
+	}
+	return nil
 }
 
 // GetProfile returns an image's boot profile, or ErrNotFound.
 func (s *Store) GetProfile(ctx context.Context, manifest ID, entries int) (*Profile, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return nil, fmt.Errorf("profile of %s: %w", manifest, err)
+	}
 	v, c, err := s.db.Get(append([]byte{pfxProfile}, manifest.digest[:]...))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, fmt.Errorf("profile of %s: %w", manifest, ErrNotFound)
@@ -278,6 +592,11 @@ func (s *Store) GetProfile(ctx context.Context, manifest ID, entries int) (*Prof
 
 // Referenced reports whether any manifest refers to the chunk.
 func (s *Store) Referenced(ctx context.Context, id ID) (bool, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return false, err
+	}
 	return s.hasPrefix(append([]byte{pfxRef}, id.digest[:]...))
 }
 
@@ -306,6 +625,11 @@ func (s *Stats) finish() {
 // Stats computes store statistics; it reads every manifest.
 func (s *Store) Stats(ctx context.Context) (Stats, error) {
 	st := Stats{Usage: s.Usage(), Quota: s.opts.quota}
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return st, err
+	}
 	ids, err := s.Manifests(ctx)
 	if err != nil {
 		return st, err
@@ -352,6 +676,14 @@ type GCResult struct {
 // compacts packs to give the space back to the disk.
 func (s *Store) GC(ctx context.Context) (GCResult, error) {
 	var res GCResult
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkRemove()
+	}
+	if err != nil {
+		return res, fmt.Errorf("gc: %w", err)
+	}
 	if err := s.flushAccess(); err != nil {
 		return res, err
 	}
@@ -415,6 +747,11 @@ type VerifyResult struct {
 func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (VerifyResult, error) {
 	var res VerifyResult
 	total := s.Usage().Chunks
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return res, err
+	}
 	it, err := s.db.NewIter(prefixIter(pfxChunk))
 	if err != nil {
 		return res, err

@@ -1,6 +1,8 @@
 package chunkstore
 
 import (
+	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,6 +27,14 @@ var (
 	ErrFull     = errors.New("chunk store full")
 	ErrClosed   = errors.New("chunk store closed")
 	ErrMismatch = errors.New("bytes do not match id")
+	// ErrDiskFull: the disk holding the store is full. Writes fail with it
+	// until space is freed; reads go on.
+	ErrDiskFull = errors.New("chunk store disk full")
+	// ErrFailed: the store cannot write any more (its index failed, or a
+	// directory of it was deleted) until it is reopened; reads go on.
+	ErrFailed = errors.New("chunk store failed")
+	// ErrExists: the name is taken (by another manifest).
+	ErrExists = errors.New("already exists")
 )
 
 // Codecs of stored chunk payloads.
@@ -68,7 +78,8 @@ type Store struct {
 	usage      Usage
 	committing map[[32]byte]chan struct{}
 	atimes     map[[32]byte]int64
-	closed     bool
+	closing    bool // Close has begun: new calls fail with ErrClosed
+	closed     bool // the index is closed
 	unclean    bool
 
 	// committing (above): chunks a commit is indexing, each closed when it
@@ -76,6 +87,10 @@ type Store struct {
 	// roomMu: one makeRoom at a time (evict.go).
 	holds  map[[32]byte]int
 	roomMu sync.Mutex
+
+	inflight sync.WaitGroup // calls that entered; Close waits for them
+	h        *health
+	nameMu   sync.Mutex // serializes name changes (check, then write)
 
 	packs packSet
 }
@@ -156,8 +171,16 @@ func WithIndexCache(bytes int64) Option { return func(o *options) { o.cacheSize 
 func WithClock(now func() time.Time) Option { return func(o *options) { o.now = now } }
 
 // Open opens (creating if needed) the store in dir. Only one process may open a
-// store at a time.
+// store at a time. It is OpenContext without a way to give up.
 func Open(dir string, opts ...Option) (*Store, error) {
+	return OpenContext(context.Background(), dir, opts...)
+}
+
+// OpenContext opens the store like Open, and gives up when ctx is done or when
+// the index cannot open for lack of disk space (it returns ErrDiskFull then,
+// instead of retrying for ever). The index may still be opening in the
+// background when it gives up; it is closed as soon as it opens.
+func OpenContext(ctx context.Context, dir string, opts ...Option) (*Store, error) {
 	o := options{high: 0.95, low: 0.85, level: zstd.SpeedFastest, codec: CodecZstd, sync: true, policy: LRU{},
 		log: slog.New(slog.DiscardHandler), cacheSize: 8 << 20, now: time.Now}
 	for _, f := range opts {
@@ -169,9 +192,14 @@ func Open(dir string, opts ...Option) (*Store, error) {
 	if o.quota < 0 || o.low <= 0 || o.low > o.high || o.high > 1 {
 		return nil, fmt.Errorf("open chunk store: bad quota %d or watermarks %.2f/%.2f", o.quota, o.high, o.low)
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("open chunk store %s: %w", dir, err)
+	}
 	if err := os.MkdirAll(filepath.Join(dir, "packs"), 0o750); err != nil {
 		return nil, fmt.Errorf("open chunk store: %w", describeIOError(err))
 	}
+	h := newHealth(dir, o.log)
+	h.ensureBallast()
 	const memTable = 4 << 20
 	popts := &pebble.Options{
 		// pebble reserves room for its memtables (the mutable one and one
@@ -179,15 +207,15 @@ func Open(dir string, opts ...Option) (*Store, error) {
 		// cache held no blocks at all and every lookup read the disk.
 		CacheSize:    o.cacheSize + 2*memTable,
 		MemTableSize: memTable,
-		Logger:       quietLogger{o.log},
 	}
+	h.pebbleHooks(popts)
 	// Bloom filters let a lookup of a chunk that is not stored (nearly every
 	// chunk of an import into a fresh store) skip reading index and data
 	// blocks of each table. Tables written without one stay readable.
 	for i := range popts.Levels {
 		popts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 	}
-	db, err := pebble.Open(filepath.Join(dir, "index"), popts)
+	db, err := openIndex(ctx, h, filepath.Join(dir, "index"), popts)
 	if err != nil {
 		if errors.Is(err, unix.EAGAIN) || strings.Contains(err.Error(), "lock") {
 			return nil, fmt.Errorf("open chunk store %s: %w (the data dir is in use: is a hoard daemon running on it? use its API (HOARD_API), or stop it)", dir, err)
@@ -205,54 +233,170 @@ func Open(dir string, opts ...Option) (*Store, error) {
 	}
 	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(MaxChunkSize), zstd.IgnoreChecksum(true))
 	if err != nil {
+		enc.Close()
 		db.Close()
 		return nil, err
 	}
-	s := &Store{dir: dir, db: db, opts: o, enc: enc, dec: dec,
+	s := &Store{dir: dir, db: db, opts: o, enc: enc, dec: dec, h: h,
 		committing: make(map[[32]byte]chan struct{}), atimes: make(map[[32]byte]int64)}
 	s.packs.dir = filepath.Join(dir, "packs")
 	s.packs.target = maxPackSize
 	if o.quota > 0 {
 		s.packs.target = min(maxPackSize, max(minPackSize, o.quota/32))
 	}
-	if _, c, err := db.Get(keyOpen); err == nil {
+	if err := s.finishOpen(ctx); err != nil {
+		// Leave the unclean-shutdown marker as it was: the next Open must
+		// still recover what this one could not.
+		s.abandon()
+		return nil, err
+	}
+	return s, nil
+}
+
+// openIndex opens pebble, giving up when ctx is done or when the index hits
+// ENOSPC with no reserve left (pebble then retries its flush for ever and
+// Open never returns). The abandoned open closes the index if it ever opens.
+func openIndex(ctx context.Context, h *health, dir string, popts *pebble.Options) (*pebble.DB, error) {
+	type result struct {
+		db  *pebble.DB
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		db, err := pebble.Open(dir, popts)
+		done <- result{db, err}
+	}()
+	var why error
+	select {
+	case r := <-done:
+		return r.db, r.err
+	case <-ctx.Done():
+		why = ctx.Err()
+	case <-h.opening:
+		why = h.fullError()
+	}
+	go func() {
+		if r := <-done; r.err == nil {
+			r.db.Close()
+		}
+	}()
+	return nil, fmt.Errorf("open index: %w", why)
+}
+
+// finishOpen recovers after an unclean shutdown, derives usage, clears pins
+// of imports that died with the last process, and sets the open marker.
+func (s *Store) finishOpen(ctx context.Context) error {
+	empty, err := s.indexEmpty()
+	if err != nil {
+		return fmt.Errorf("open chunk store: %w", err)
+	}
+	if _, c, err := s.db.Get(keyRebuild); err == nil {
+		c.Close()
+		empty = true // an interrupted rebuild: carry on
+	}
+	if _, c, err := s.db.Get(keyOpen); err == nil {
 		c.Close()
 		s.unclean = true
 	}
+	for _, p := range []string{filepath.Join(s.dir, "index"), s.packs.dir} {
+		id, err := statDir(p)
+		if err != nil {
+			return fmt.Errorf("open chunk store: %w", err)
+		}
+		s.h.dirs = append(s.h.dirs, id)
+	}
 	if err := s.packs.open(); err != nil {
-		s.Close()
-		return nil, fmt.Errorf("open chunk store: %w", err)
+		return fmt.Errorf("open chunk store: %w", err)
 	}
 	if err := s.recount(); err != nil {
-		s.Close()
-		return nil, err
+		return fmt.Errorf("open chunk store: %w", err)
+	}
+	if empty && s.packs.diskBytes() > 0 {
+		n, err := s.rebuildFromPacks(ctx)
+		if err != nil {
+			return fmt.Errorf("open chunk store: %w", err)
+		}
+		s.opts.log.Warn("the index was empty but the packs hold data (was index/ deleted?): rebuilt the chunk records from the packs; register the images again (hoard image add or pull)",
+			"chunks", n)
 	}
 	if s.unclean {
 		// Entries written after the last commit before the crash are dead bytes
 		// in their packs; packs with nothing live go now, the rest on compaction.
 		n := s.packs.removeEmpty()
-		o.log.Info("recovered chunk store after unclean shutdown", "empty_packs_removed", n)
+		s.opts.log.Info("recovered chunk store after unclean shutdown", "empty_packs_removed", n)
 	}
-	if err := db.Set(keyOpen, nil, pebble.Sync); err != nil {
-		s.Close()
-		return nil, fmt.Errorf("open chunk store: %w", err)
+	if n, err := s.clearImportPins(); err != nil {
+		return fmt.Errorf("open chunk store: clear pins of interrupted imports: %w", err)
+	} else if n > 0 {
+		s.opts.log.Info("cleared pins of interrupted imports", "pins", n)
 	}
-	return s, nil
+	if err := s.commitSet(keyOpen, nil); err != nil {
+		return fmt.Errorf("open chunk store: %w", err)
+	}
+	return nil
+}
+
+// abandon closes what a failed Open opened, without touching the index.
+func (s *Store) abandon() {
+	s.mu.Lock()
+	s.closing, s.closed = true, true
+	s.mu.Unlock()
+	s.enc.Close()
+	s.dec.Close()
+	s.db.Close()
+	s.packs.close()
+}
+
+// PinOwnerImportPrefix starts the pin owner of an import in progress
+// ("import:<nonce>"). No import survives a restart, so Open drops such pins.
+const PinOwnerImportPrefix = "import:"
+
+// clearImportPins drops every pin whose owner starts with
+// PinOwnerImportPrefix, in one batch, and returns how many it dropped.
+func (s *Store) clearImportPins() (int, error) {
+	p := append([]byte{pfxPinOwner}, PinOwnerImportPrefix...)
+	it, err := s.db.NewIter(prefixIter(p...))
+	if err != nil {
+		return 0, err
+	}
+	defer it.Close()
+	b := s.db.NewBatch()
+	defer b.Close()
+	n := 0
+	for it.First(); it.Valid(); it.Next() {
+		k := it.Key()
+		i := bytes.IndexByte(k, 0)
+		if i < 0 || len(k)-i-1 != 32 {
+			continue
+		}
+		var d [32]byte
+		copy(d[:], k[i+1:])
+		b.Delete(pinKey(d, string(k[1:i])), nil)
+		b.Delete(k, nil)
+		n++
+	}
+	if err := it.Error(); err != nil || n == 0 {
+		return 0, err
+	}
+	return n, s.commit(b)
 }
 
 // Unclean reports whether the store was not closed cleanly last time (and was
 // recovered by Open).
 func (s *Store) Unclean() bool { return s.unclean }
 
-// Close flushes access times and closes the index. The store must not be used
-// afterwards.
+// Close waits for the calls in flight, flushes access times and closes the
+// index. Every call after Close (or racing it) fails with ErrClosed; a second
+// Close returns nil.
 func (s *Store) Close() error {
 	s.mu.Lock()
-	if s.closed {
+	if s.closing {
 		s.mu.Unlock()
 		return nil
 	}
+	s.closing = true
 	s.mu.Unlock()
+	s.inflight.Wait()
 	err := s.flushAccess()
 	s.evictLock.Lock()
 	s.mu.Lock()
@@ -271,6 +415,58 @@ func (s *Store) Close() error {
 	}
 	s.evictLock.Unlock()
 	return err
+}
+
+// enter registers a call in flight, which Close waits for; it fails with
+// ErrClosed once Close has begun. Call the returned func when done. A call
+// that enters may call others that enter: they fail with ErrClosed rather
+// than wait, so Close cannot deadlock.
+func (s *Store) enter() (func(), error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return func() {}, ErrClosed
+	}
+	s.inflight.Add(1)
+	return s.inflight.Done, nil
+}
+
+// checkWrite returns the error a write that adds data must fail with:
+// ErrClosed, a failed index, a lost directory, or ErrDiskFull.
+func (s *Store) checkWrite() error {
+	if err := s.checkOpen(); err != nil {
+		return err
+	}
+	return s.h.writable(true)
+}
+
+// checkRemove is checkWrite for writes that free space (deletes, unpins):
+// they go on when the disk is full.
+func (s *Store) checkRemove() error {
+	if err := s.checkOpen(); err != nil {
+		return err
+	}
+	return s.h.writable(false)
+}
+
+// commit commits an index batch. pebble reports some failures (a WAL write
+// that failed) only through Logger.Fatalf, after which Commit returns nil:
+// the failed state catches those.
+func (s *Store) commit(b *pebble.Batch) error {
+	if err := b.Commit(s.writeOpts()); err != nil {
+		return describeIOError(err)
+	}
+	s.h.mu.Lock()
+	err := s.h.failed
+	s.h.mu.Unlock()
+	return err
+}
+
+func (s *Store) commitSet(k, v []byte) error {
+	b := s.db.NewBatch()
+	defer b.Close()
+	b.Set(k, v, nil)
+	return s.commit(b)
 }
 
 // Dir is the store's directory.
@@ -312,10 +508,13 @@ func (s *Store) Usage() Usage {
 // Quota returns the configured quota (0: unlimited).
 func (s *Store) Quota() int64 { return s.opts.quota }
 
+// checkOpen fails with ErrClosed once Close has begun. Calls that use the
+// index without holding evictLock must enter instead, so that Close waits for
+// them.
 func (s *Store) checkOpen() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closing || s.closed {
 		return ErrClosed
 	}
 	return nil
@@ -332,14 +531,3 @@ var entryBufs = sync.Pool{New: func() any {
 
 // maxPooledEntry bounds the buffers kept in entryBufs.
 const maxPooledEntry = 1 << 20
-
-type quietLogger struct{ log *slog.Logger }
-
-func (l quietLogger) Infof(string, ...any) {}
-func (l quietLogger) Errorf(format string, args ...any) {
-	l.log.Error(fmt.Sprintf(format, args...), "component", "pebble")
-}
-func (l quietLogger) Fatalf(format string, args ...any) {
-	l.log.Error(fmt.Sprintf(format, args...), "component", "pebble")
-	os.Exit(1)
-}

@@ -141,54 +141,11 @@ type RemoveResult struct {
 }
 
 // RemoveImage drops a name; when no other name uses its manifest, the manifest
-// goes too, with the chunks that no other manifest references or pins.
+// goes too, with the chunks that no other manifest references or pins, in one
+// step of the store (chunkstore.Store.RemoveName).
 func RemoveImage(ctx context.Context, st *chunkstore.Store, name string) (RemoveResult, error) {
-	id, err := st.Resolve(ctx, name)
-	if err != nil {
-		return RemoveResult{}, err
-	}
-	res := RemoveResult{Name: name, Manifest: id}
-	if err := st.DeleteName(ctx, name); err != nil {
-		return res, err
-	}
-	names, err := st.Names(ctx)
-	if err != nil {
-		return res, err
-	}
-	for _, n := range names {
-		if n.Manifest == id {
-			return res, nil // another name still uses the manifest
-		}
-	}
-	m, err := st.GetManifest(ctx, id)
-	if err != nil {
-		return res, err
-	}
-	if err := st.RemoveManifest(ctx, id); err != nil {
-		return res, err
-	}
-	before := st.Usage()
-	var garbage []chunkstore.ID
-	for _, c := range m.ChunkIDs() {
-		ref, err := st.Referenced(ctx, c)
-		if err != nil {
-			return res, err
-		}
-		pin, err := st.Pinned(ctx, c)
-		if err != nil {
-			return res, err
-		}
-		if !ref && !pin {
-			garbage = append(garbage, c)
-		}
-	}
-	if err := st.Delete(ctx, garbage...); err != nil {
-		return res, err
-	}
-	after := st.Usage()
-	res.FreedChunks = int(before.Chunks - after.Chunks)
-	res.FreedBytes = before.StoredBytes - after.StoredBytes
-	return res, nil
+	r, err := st.RemoveName(ctx, name)
+	return RemoveResult{Name: name, Manifest: r.Manifest, FreedChunks: r.Chunks, FreedBytes: r.StoredBytes}, err
 }
 
 // RemoveImage removes an image from the node's store. An image with an open
