@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -380,5 +381,51 @@ func TestImportRecurringChunksWrittenOnce(t *testing.T) {
 	}
 	if got := readBack(t, st, res.Manifest); !bytes.Equal(got, img) {
 		t.Fatal("image read back differs")
+	}
+}
+
+// TestImportSlowCommitterNoDeadlock (issue 7, item 7): with 4-chunk segments
+// and a committer slower than the workers, several segments complete while
+// one commit runs. The import used to deadlock there (a worker sent the
+// segment to the committer while holding the lock the committer needed
+// next); it must finish, read back exactly, and commit every segment.
+func TestImportSlowCommitterNoDeadlock(t *testing.T) {
+	t.Parallel()
+	st := openStore(t, t.TempDir())
+	img := testImage(11, 4<<20) // 64 fixed chunks: 16 segments of 4
+	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	var commits atomic.Int32
+	type outcome struct {
+		res *ImportResult
+		err error
+	}
+	done := make(chan outcome, 1)
+	go func() {
+		res, err := Import(t.Context(), st, src, ImportOptions{Name: "slow", Chunking: chunkstore.Fixed64K, Workers: 4,
+			segmentChunks: 4,
+			beforeCommit: func() {
+				commits.Add(1)
+				time.Sleep(20 * time.Millisecond)
+			}})
+		done <- outcome{res, err}
+	}()
+	var o outcome
+	select {
+	case o = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("import with a slow committer still running after 30 s (%d commits started): deadlocked", commits.Load())
+	}
+	if o.err != nil {
+		t.Fatal(o.err)
+	}
+	if got := readBack(t, st, o.res.Manifest); !bytes.Equal(got, img) {
+		t.Fatal("image read back differs")
+	}
+	if c := commits.Load(); c < 8 {
+		t.Errorf("%d commits for 16 segments (some all zero); want one per segment with new chunks", c)
 	}
 }
