@@ -61,8 +61,52 @@ type Node struct {
 	mu     sync.Mutex
 	images map[chunkstore.ID]*image
 
-	live  liveSet
-	stats stats
+	live     liveSet
+	stats    stats
+	handlers inflight // admin API requests being served
+}
+
+// inflight counts the requests being served, so that Run can wait for them.
+type inflight struct {
+	mu     sync.RWMutex // held shared by Add, so that no Add follows closed
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func (f *inflight) track(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.mu.RLock()
+		if f.closed {
+			f.mu.RUnlock()
+			replyError(w, http.StatusServiceUnavailable, errors.New("the daemon is shutting down"))
+			return
+		}
+		f.wg.Add(1)
+		f.mu.RUnlock()
+		defer f.wg.Done()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// wait refuses new requests and returns when every tracked one has ended.
+// Their contexts are cancelled by then (Run's context is their base), so only
+// a handler that ignores its context keeps it waiting, and that is logged.
+func (f *inflight) wait(log *slog.Logger) {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+	done := make(chan struct{})
+	go func() { f.wg.Wait(); close(done) }()
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			log.Warn("still waiting for admin API requests to end before closing the store")
+		}
+	}
 }
 
 // usage is the store's usage, zero before Run opened it.
@@ -244,6 +288,11 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	}
 	if apiLn != nil {
 		hs := &http.Server{Handler: n.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		// Every request runs on Run's context, so that stopping cancels
+		// in-flight work (an import), and is counted, so that Run waits for
+		// its handlers before it closes the store they use.
+		hs.BaseContext = func(net.Listener) context.Context { return gctx }
+		hs.Handler = n.handlers.track(hs.Handler)
 		g.Go(func() error {
 			if err := hs.Serve(apiLn); !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("admin API: %w", err)
@@ -271,6 +320,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	close(n.ready)
 
 	err = g.Wait()
+	n.handlers.wait(n.log)
 	n.bg.Wait()
 	if peer != nil {
 		n.cl.stop()
