@@ -127,9 +127,11 @@ func (n *Node) shutdownImages() {
 		img.mu.Lock()
 		rec := img.rec
 		img.rec = nil
+		img.mu.Unlock()
+		img.srcLock <- struct{}{} // nothing reads any more: never waits long
 		src := img.src
 		img.src = nil
-		img.mu.Unlock()
+		<-img.srcLock
 		n.saveProfile(img, rec)
 		if src != nil {
 			src.Close()

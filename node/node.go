@@ -54,7 +54,7 @@ type Node struct {
 	cache     *memCache
 	hot       *hotTier // nil: off
 	flights   singleflight.Group
-	originSem chan struct{}
+	origSlots originSlots
 	bgSem     chan struct{}
 	bg        sync.WaitGroup
 
@@ -144,7 +144,7 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		baseLog:   log,
 		ready:     make(chan struct{}),
 		cache:     newMemCache(cfg.MemCache),
-		originSem: make(chan struct{}, cfg.OriginConcurrency),
+		origSlots: originSlots{per: cfg.OriginConcurrency},
 		bgSem:     make(chan struct{}, cfg.PrefetchConcurrency),
 		images:    make(map[chunkstore.ID]*image),
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"sync"
 	"time"
 
@@ -22,8 +23,14 @@ type image struct {
 	id chunkstore.ID
 	m  *chunkstore.Manifest
 
+	// srcLock (a one-slot semaphore, so that waiting for it honours a
+	// context) guards src and is held while the origin is opened (a HEAD
+	// and its retries): only reads that need the origin wait for it, never
+	// mu, which every read takes to record the profile.
+	srcLock chan struct{}
+	src     origin.Source // opened on the first miss, then reused
+
 	mu     sync.Mutex
-	src    origin.Source // opened on the first miss, then reused
 	opens  int
 	rec    *recorder // profile being recorded, nil when none
 	exps   map[*export]struct{}
@@ -51,7 +58,7 @@ func (n *Node) image(ctx context.Context, id chunkstore.ID) (*image, error) {
 	if img := n.images[id]; img != nil {
 		return img, nil
 	}
-	img = &image{id: id, m: m, exps: make(map[*export]struct{})}
+	img = &image{id: id, m: m, exps: make(map[*export]struct{}), srcLock: make(chan struct{}, 1)}
 	n.images[id] = img
 	return img, nil
 }
@@ -59,8 +66,12 @@ func (n *Node) image(ctx context.Context, id chunkstore.ID) (*image, error) {
 // source opens the image's origin on first use. Failures are not cached, so
 // an origin that comes back is used again.
 func (n *Node) source(ctx context.Context, img *image) (origin.Source, error) {
-	img.mu.Lock()
-	defer img.mu.Unlock()
+	select {
+	case img.srcLock <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: image %s: waited too long for its origin to open: %w", ErrOrigin, img.id, ctx.Err())
+	}
+	defer func() { <-img.srcLock }()
 	if img.src != nil {
 		return img.src, nil
 	}
@@ -267,12 +278,11 @@ func (n *Node) fetcher() Fetcher {
 }
 
 func (n *Node) fromOrigin(ctx context.Context, img *image, e chunkstore.Entry) ([]byte, error) {
-	select {
-	case n.originSem <- struct{}{}:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("%w: chunk at offset %d: waited too long for an origin slot: %w", ErrOrigin, e.Offset, ctx.Err())
+	release, err := n.origSlots.acquire(ctx, originKey(img.m.Source))
+	if err != nil {
+		return nil, fmt.Errorf("%w: chunk at offset %d: waited too long for an origin slot: %w", ErrOrigin, e.Offset, err)
 	}
-	defer func() { <-n.originSem }()
+	defer release()
 	src, err := n.source(ctx, img)
 	if err != nil {
 		return nil, err
@@ -292,6 +302,66 @@ func (n *Node) fromOrigin(ctx context.Context, img *image, e chunkstore.Entry) (
 			ErrOrigin, img.m.Source.Location, e.Offset, e.End(), e.ID)
 	}
 	return b, nil
+}
+
+// originKey names the origin a source's requests go to, for its slots: the
+// host of an HTTP URL, Glance, or the file. One hanging origin then holds
+// only its own slots, never those of the others.
+func originKey(s chunkstore.Source) string {
+	if s.Kind == "http" {
+		if u, err := url.Parse(s.Location); err == nil {
+			return "http:" + u.Host
+		}
+	}
+	if s.Kind == "glance" {
+		return "glance"
+	}
+	return s.Kind + ":" + s.Location
+}
+
+// originSlots bounds concurrent requests per origin (Config.OriginConcurrency
+// each). An origin's slots are dropped when nobody holds or waits for them.
+type originSlots struct {
+	per int
+
+	mu sync.Mutex
+	m  map[string]*slotSet
+}
+
+type slotSet struct {
+	ch    chan struct{}
+	users int // holders and waiters, under originSlots.mu
+}
+
+// acquire takes one of key's slots, waiting until ctx is done; release gives
+// it back.
+func (o *originSlots) acquire(ctx context.Context, key string) (release func(), err error) {
+	o.mu.Lock()
+	if o.m == nil {
+		o.m = make(map[string]*slotSet)
+	}
+	s := o.m[key]
+	if s == nil {
+		s = &slotSet{ch: make(chan struct{}, o.per)}
+		o.m[key] = s
+	}
+	s.users++
+	o.mu.Unlock()
+	select {
+	case s.ch <- struct{}{}:
+		return func() { <-s.ch; o.leave(key, s) }, nil
+	case <-ctx.Done():
+		o.leave(key, s)
+		return nil, ctx.Err()
+	}
+}
+
+func (o *originSlots) leave(key string, s *slotSet) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if s.users--; s.users == 0 {
+		delete(o.m, key)
+	}
 }
 
 // keep stores a fetched chunk (copy-on-read) and caches it. A store failure
