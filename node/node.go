@@ -60,6 +60,9 @@ type Node struct {
 
 	mu     sync.Mutex
 	images map[chunkstore.ID]*image
+	// imageIdle: images without an open export unused this long are
+	// dropped from images (DefaultImageIdle; tests shorten it).
+	imageIdle time.Duration
 
 	live     liveSet
 	stats    stats
@@ -147,6 +150,7 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		origSlots: originSlots{per: cfg.OriginConcurrency},
 		bgSem:     make(chan struct{}, cfg.PrefetchConcurrency),
 		images:    make(map[chunkstore.ID]*image),
+		imageIdle: DefaultImageIdle,
 	}
 	n.reg, n.gatherer = cfg.Registerer, cfg.Gatherer
 	if n.reg == nil {
@@ -267,6 +271,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 
 	g, gctx := errgroup.WithContext(ctx)
 	n.runCtx = gctx
+	g.Go(func() error { n.sweepImages(gctx); return nil })
 	if peer != nil {
 		g.Go(func() error { return peer.Run(gctx) })
 		g.Go(func() error { n.cl.advertiseAll(gctx); return nil })
