@@ -53,6 +53,7 @@ type Node struct {
 
 	cache     *memCache
 	hot       *hotTier // nil: off
+	hotAuto   bool     // Config.HotCache was not set: size it by the free space (autoHotSize)
 	flights   singleflight.Group
 	origSlots originSlots
 	bgSem     chan struct{}
@@ -134,6 +135,7 @@ func (n *Node) hotStats() HotStats {
 
 // New checks cfg and builds a Node. It starts nothing and opens nothing.
 func New(cfg Config, log *slog.Logger) (*Node, error) {
+	hotAuto := cfg.HotCache == 0
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		return nil, err
@@ -151,6 +153,7 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		bgSem:     make(chan struct{}, cfg.PrefetchConcurrency),
 		images:    make(map[chunkstore.ID]*image),
 		imageIdle: DefaultImageIdle,
+		hotAuto:   hotAuto,
 	}
 	n.reg, n.gatherer = cfg.Registerer, cfg.Gatherer
 	if n.reg == nil {
@@ -215,7 +218,13 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			err = fmt.Errorf("close chunk store: %w", cerr)
 		}
 	}()
-	if n.hot, err = newHotTier(filepath.Join(cfg.DataDir, "hot"), cfg.HotCache, n.log.With("component", "hot")); err != nil {
+	hotSize := cfg.HotCache
+	hotDir := filepath.Join(cfg.DataDir, "hot")
+	if n.hotAuto {
+		os.RemoveAll(hotDir) // the last run's cache is not used space
+		hotSize = autoHotSize(cfg.DataDir, n.log.With("component", "hot"))
+	}
+	if n.hot, err = newHotTier(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
 		return err
 	}
 	if n.hot != nil {
