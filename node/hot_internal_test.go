@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -178,12 +179,15 @@ func TestHotTierEvictsLeastRecentlyRead(t *testing.T) {
 	}
 }
 
-// Concurrent puts, reads and evictions (run with -race).
+// Concurrent puts, reads and evictions (run with -race): reads that hit
+// return the right bytes, and some do hit (a tier that never served a read
+// would pass the byte check), while evictions happen.
 func TestHotTierConcurrent(t *testing.T) {
 	data := hotData(200_000, 9)
 	m := hotManifest(t, data, 9)
 	h := newTestHot(t, 150_000)
 	ids := []chunkstore.ID{chunkstore.Sum([]byte("x")), chunkstore.Sum([]byte("y"))}
+	var hits, reads atomic.Int64
 	var wg sync.WaitGroup
 	for w := range 4 {
 		wg.Go(func() {
@@ -200,7 +204,12 @@ func TestHotTierConcurrent(t *testing.T) {
 					continue
 				}
 				dst := make([]byte, e.Length)
-				if h.read(id, i, dst, 0) && !bytes.Equal(dst, data[e.Offset:e.End()]) {
+				reads.Add(1)
+				if !h.read(id, i, dst, 0) {
+					continue
+				}
+				hits.Add(1)
+				if !bytes.Equal(dst, data[e.Offset:e.End()]) {
 					t.Errorf("entry %d: wrong bytes", i)
 					return
 				}
@@ -208,9 +217,17 @@ func TestHotTierConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if st := h.stats(); st.Bytes > h.max || st.Bytes < 0 || st.Corrupt != 0 {
+	st := h.stats()
+	if st.Bytes > h.max || st.Bytes < 0 || st.Corrupt != 0 {
 		t.Fatalf("stats %+v", st)
 	}
+	if hits.Load() == 0 || st.Hits != hits.Load() {
+		t.Fatalf("%d of %d reads hit, the tier counts %d hits; want some, and the same count", hits.Load(), reads.Load(), st.Hits)
+	}
+	if st.Evictions == 0 {
+		t.Fatalf("no eviction while 2 x 200 kB went through a 150 kB tier: %+v", st)
+	}
+	t.Logf("%d of %d reads hit; %+v", hits.Load(), reads.Load(), st)
 }
 
 // A full disk pauses filling; what is in the tier still reads back, and
