@@ -169,9 +169,10 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 // The values the import's stages hand each other.
 type (
 	// importSegment is segmentChunks consecutive chunks that share one
-	// durable commit. The reader creates it; after that only the committer
-	// touches it, except written, which the collector fills before it
-	// hands the segment on.
+	// durable commit. The reader creates it, the workers put into its
+	// batch (safe for concurrent use), the collector counts its chunks and
+	// fills written, then hands it to the committer, which alone touches
+	// it from then on.
 	importSegment struct {
 		n       int               // its position: segments commit in order
 		batch   *chunkstore.Batch // nil for a lazy import

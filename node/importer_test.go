@@ -429,3 +429,40 @@ func TestImportSlowCommitterNoDeadlock(t *testing.T) {
 		t.Errorf("%d commits for 16 segments (some all zero); want one per segment with new chunks", c)
 	}
 }
+
+// TestImportProgressAndResult: Progress is called with growing byte counts
+// up to the size, from one goroutine, and the result adds up.
+func TestImportProgressAndResult(t *testing.T) {
+	t.Parallel()
+	st := openStore(t, t.TempDir())
+	img := testImage(12, 6<<20)
+	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	var calls []int64 // no lock: Progress is called from one goroutine (-race checks)
+	res, err := Import(t.Context(), st, src, ImportOptions{Name: "p", segmentChunks: 8, Progress: func(done, total int64) {
+		if total != int64(len(img)) {
+			t.Errorf("progress total %d, want %d", total, len(img))
+		}
+		calls = append(calls, done)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(calls) == 0 || calls[len(calls)-1] != int64(len(img)) {
+		t.Fatalf("progress calls %v; want the last at %d", calls, len(img))
+	}
+	for i := 1; i < len(calls); i++ {
+		if calls[i] < calls[i-1] {
+			t.Fatalf("progress went back: %v", calls)
+		}
+	}
+	u := st.Usage()
+	if res.Size != int64(len(img)) || res.NewChunks != int(u.Chunks) || res.UniqueChunks != int(u.Chunks) ||
+		res.NewRawBytes != u.RawBytes || res.NewStoredBytes != u.StoredBytes || res.Chunks < res.UniqueChunks ||
+		res.DedupRatio < 1 || res.CompressionRatio <= 1 || res.Format != chunkstore.FormatRaw {
+		t.Fatalf("result %+v, store %+v", res, u)
+	}
+}
