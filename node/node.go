@@ -68,33 +68,47 @@ type Node struct {
 	live     liveSet
 	stats    stats
 	handlers inflight // admin API requests being served
+	fetches  inflight // chunk fetches (peers, origin) under way
 }
 
-// inflight counts the requests being served, so that Run can wait for them.
+// inflight counts work that uses the store (admin API requests, chunk
+// fetches), so that Run can wait for it before closing the store.
 type inflight struct {
-	mu     sync.RWMutex // held shared by Add, so that no Add follows closed
+	what string // for the log: "admin API requests"
+
+	mu     sync.RWMutex // held shared around Add, so that no Add follows closed
 	closed bool
 	wg     sync.WaitGroup
 }
 
+// enter counts one more, or reports false once wait has begun.
+func (f *inflight) enter() bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if f.closed {
+		return false
+	}
+	f.wg.Add(1)
+	return true
+}
+
+func (f *inflight) leave() { f.wg.Done() }
+
+// track counts h's requests; it refuses them once wait has begun.
 func (f *inflight) track(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		f.mu.RLock()
-		if f.closed {
-			f.mu.RUnlock()
+		if !f.enter() {
 			replyError(w, http.StatusServiceUnavailable, errors.New("the daemon is shutting down"))
 			return
 		}
-		f.wg.Add(1)
-		f.mu.RUnlock()
-		defer f.wg.Done()
+		defer f.leave()
 		h.ServeHTTP(w, r)
 	})
 }
 
-// wait refuses new requests and returns when every tracked one has ended.
-// Their contexts are cancelled by then (Run's context is their base), so only
-// a handler that ignores its context keeps it waiting, and that is logged.
+// wait refuses new work and returns when all of it has ended. Its contexts
+// are cancelled by then (they derive from Run's), so only work that ignores
+// its context keeps it waiting, and that is logged.
 func (f *inflight) wait(log *slog.Logger) {
 	f.mu.Lock()
 	f.closed = true
@@ -108,7 +122,7 @@ func (f *inflight) wait(log *slog.Logger) {
 		case <-done:
 			return
 		case <-t.C:
-			log.Warn("still waiting for admin API requests to end before closing the store")
+			log.Warn("still waiting for work to end before closing the store", "work", f.what)
 		}
 	}
 }
@@ -154,6 +168,8 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		images:    make(map[chunkstore.ID]*image),
 		imageIdle: DefaultImageIdle,
 		hotAuto:   hotAuto,
+		handlers:  inflight{what: "admin API requests"},
+		fetches:   inflight{what: "chunk fetches"},
 	}
 	n.reg, n.gatherer = cfg.Registerer, cfg.Gatherer
 	if n.reg == nil {
@@ -336,6 +352,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	err = g.Wait()
 	n.handlers.wait(n.log)
 	n.bg.Wait()
+	n.fetches.wait(n.log)
 	if peer != nil {
 		n.cl.stop()
 		if cerr := peer.Close(); cerr != nil {

@@ -15,6 +15,9 @@ import (
 	"github.com/hoardvm/hoard/p2p"
 )
 
+// errStopping fails the reads that need a fetch while the node stops.
+var errStopping = errors.New("the daemon is stopping; retry on its next start")
+
 // ErrOrigin is wrapped by read errors caused by the origin (unreachable,
 // failing, too slow, or serving bytes that no longer match the manifest).
 var ErrOrigin = errors.New("origin fetch failed")
@@ -265,6 +268,12 @@ func (n *Node) chunk1(ctx context.Context, img *image, idx int, why int) ([]byte
 	// One fetch per chunk, whoever asks; it runs on the node's context so that
 	// a reader that goes away does not cancel it for the others.
 	ch := n.flights.DoChan(e.ID.String(), func() (any, error) {
+		// Counted, so that Run closes the store only after the fetch
+		// (which stores what it got) has ended.
+		if !n.fetches.enter() {
+			return nil, errStopping
+		}
+		defer n.fetches.leave()
 		return n.fetch(img, idx, why)
 	})
 	select {

@@ -5,12 +5,17 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/origin"
 )
 
 // TestRunCancelsAndWaitsForImports (issue 7, item 8): stopping the daemon
@@ -88,5 +93,98 @@ func TestRunCancelsAndWaitsForImports(t *testing.T) {
 		t.Logf("the import's client saw: %v", err)
 	case <-time.After(10 * time.Second):
 		t.Fatal("the import request is still running after Run returned: Run did not cancel it and wait for it")
+	}
+}
+
+// lateFetcher answers a fetch only after the node began to stop: it waits
+// for ctx, then for release (or 2 s), and then returns the right bytes, as a
+// peer whose answer was on the wire when the daemon was told to stop.
+type lateFetcher struct {
+	data     []byte
+	m        *chunkstore.Manifest
+	asked    chan struct{}
+	once     sync.Once
+	release  chan struct{}
+	answered atomic.Bool
+}
+
+func (f *lateFetcher) Fetch(ctx context.Context, _ chunkstore.ID, index int, _ chunkstore.ID) ([]byte, error) {
+	f.once.Do(func() { close(f.asked) })
+	<-ctx.Done()
+	select {
+	case <-f.release:
+	case <-time.After(2 * time.Second):
+	}
+	e := f.m.Entries[index]
+	f.answered.Store(true)
+	return f.data[e.Offset:e.End()], nil
+}
+
+// TestRunWaitsForFetches (issue 7, item 8): a chunk fetch under way when the
+// daemon stops stores what it got before Run closes the store: Run returns
+// only after the fetch ended. It used to close the store under it (then the
+// store's Put panicked: "pebble: closed").
+func TestRunWaitsForFetches(t *testing.T) {
+	t.Parallel()
+	data := randBytes(1<<20, 51)
+	path := filepath.Join(t.TempDir(), "lazy.raw")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f := &lateFetcher{data: data, asked: make(chan struct{}), release: make(chan struct{})}
+	n, err := node.New(node.Config{DataDir: t.TempDir(), NBDSocket: "-", APIListen: "127.0.0.1:0", HotCache: -1, Readahead: -1,
+		NoProfilePrefetch: true, Fetcher: f}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ran := make(chan error, 1)
+	go func() { ran <- n.Run(ctx) }()
+	select {
+	case <-n.Ready():
+	case err := <-ran:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("node not ready after 10 s")
+	}
+	src, err := origin.Open(ctx, path, origin.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := node.Import(ctx, n.Store(), src, node.ImportOptions{Name: "lazy", Lazy: true})
+	src.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.m, err = n.Store().GetManifest(ctx, res.Manifest); err != nil {
+		t.Fatal(err)
+	}
+	x, err := n.Open(ctx, "lazy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithCancel(context.Background())
+	defer rcancel()
+	go x.ReadAt(rctx, make([]byte, 4096), 0)
+	select {
+	case <-f.asked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read never asked the fetcher")
+	}
+
+	cancel()
+	select {
+	case err := <-ran:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run still running 20 s after its context was cancelled")
+	}
+	answered := f.answered.Load()
+	close(f.release)
+	if !answered {
+		t.Fatal("Run returned, and closed the store, while a chunk fetch was still under way")
 	}
 }
