@@ -235,9 +235,11 @@ func (p *importPipeline) run(ctx context.Context, split chunkstore.Splitter) err
 	chunks := make(chan importChunk, p.o.Workers*4)
 	dones := make(chan importDone, p.o.Workers*4)
 	// One segment may be committing while two more wait, so that a slow
-	// fsync does not stall the reader at once; the collector blocks when a
-	// fourth completes (and with it the workers and the reader): at most
-	// four segments of pack bytes are not durable yet.
+	// fsync does not stall the reader at once; when a fourth completes the
+	// collector blocks, then the workers, then the reader. So an import
+	// holds at most 5*Workers+1 chunk buffers in memory, and about five
+	// segments of pack bytes that are not durable yet (those complete and
+	// the one or two being cut).
 	ready := make(chan *importSegment, 2)
 
 	g.Go(func() error {
