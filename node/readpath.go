@@ -28,10 +28,9 @@ type image struct {
 	m  *chunkstore.Manifest
 
 	// srcLock (a one-slot semaphore, so that waiting for it honours a
-	// context) guards src, srcUsers and dropped, and is held while the
-	// origin is opened (a HEAD and its retries): only reads that need the
-	// origin wait for it, never mu, which every read takes to record the
-	// profile.
+	// context) guards src and srcUsers, and is held while the origin is
+	// opened (a HEAD and its retries): only reads that need the origin
+	// wait for it, never mu, which every read takes to record the profile.
 	srcLock  chan struct{}
 	src      origin.Source // opened on the first miss, then reused
 	srcUsers int           // reads using src now
