@@ -29,9 +29,10 @@ type ImportOptions struct {
 	Progress func(done, total int64)
 
 	// For tests: chunks per segment (0: segmentChunks), and a hook the
-	// committer calls before each commit (to slow it down).
+	// committer calls before committing segment seg (to slow it down, or
+	// to fail the commit with the error it returns).
 	segmentChunks int
-	beforeCommit  func()
+	beforeCommit  func(seg int) error
 }
 
 // ImportResult summarises an import.
@@ -393,7 +394,10 @@ func (p *importPipeline) commit(ctx context.Context, in <-chan *importSegment) e
 			continue // lazy: nothing was written
 		}
 		if p.o.beforeCommit != nil {
-			p.o.beforeCommit()
+			if err := p.o.beforeCommit(s.n); err != nil {
+				s.batch.Abort()
+				return err
+			}
 		}
 		if err := s.batch.Commit(ctx); err != nil {
 			return err // the batch removed what it wrote

@@ -407,9 +407,10 @@ func TestImportSlowCommitterNoDeadlock(t *testing.T) {
 	go func() {
 		res, err := Import(t.Context(), st, src, ImportOptions{Name: "slow", Chunking: chunkstore.Fixed64K, Workers: 4,
 			segmentChunks: 4,
-			beforeCommit: func() {
+			beforeCommit: func(int) error {
 				commits.Add(1)
-				time.Sleep(20 * time.Millisecond)
+				time.Sleep(20 * time.Millisecond) // a slow fsync
+				return nil
 			}})
 		done <- outcome{res, err}
 	}()
@@ -465,4 +466,39 @@ func TestImportProgressAndResult(t *testing.T) {
 		res.DedupRatio < 1 || res.CompressionRatio <= 1 || res.Format != chunkstore.FormatRaw {
 		t.Fatalf("result %+v, store %+v", res, u)
 	}
+}
+
+// TestImportCommitFails: when the commit of a segment fails after earlier
+// ones were made durable, the import fails with that error, promptly, and
+// leaves nothing behind: no image, no chunk, no pin.
+func TestImportCommitFails(t *testing.T) {
+	t.Parallel()
+	st := openStore(t, t.TempDir())
+	img := testImage(13, 4<<20)
+	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	boom := errors.New("commit failed (test)")
+	done := make(chan error, 1)
+	go func() {
+		_, err := Import(t.Context(), st, src, ImportOptions{Name: "f", Chunking: chunkstore.Fixed64K, segmentChunks: 4, Pin: true,
+			beforeCommit: func(seg int) error {
+				if seg == 3 {
+					return boom
+				}
+				return nil
+			}})
+		done <- err
+	}()
+	select {
+	case err = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("import whose commit failed still running after 30 s")
+	}
+	if !errors.Is(err, boom) {
+		t.Fatalf("import: %v; want the commit's error", err)
+	}
+	assertNothingRegistered(t, st)
 }
