@@ -36,14 +36,18 @@ func (n *Node) Open(ctx context.Context, name string) (nbd.Export, error) {
 		}
 		return nil, err
 	}
-	img, err := n.image(ctx, id)
-	if err != nil {
-		return nil, err
+	for {
+		img, err := n.image(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		x := &export{n: n, img: img, name: name}
+		x.next.Store(-1)
+		if n.attach(img, x) {
+			return x, nil
+		}
+		// Forgotten as idle between the lookup and the attach: load it again.
 	}
-	x := &export{n: n, img: img, name: name}
-	x.next.Store(-1)
-	n.attach(img, x)
-	return x, nil
 }
 
 // List implements nbd.Exporter: every name, and the CID of manifests without one.
@@ -72,9 +76,15 @@ func (n *Node) List(ctx context.Context) ([]nbd.ExportInfo, error) {
 
 // attach counts an open export; the first one of an image protects its chunks
 // from eviction, starts a profile recording and prefetches the stored profile.
-func (n *Node) attach(img *image, x *export) {
-	n.stats.exportsOpen.Add(1)
+// It reports false, attaching nothing, if img was dropped from the node.
+func (n *Node) attach(img *image, x *export) bool {
 	img.mu.Lock()
+	if img.dropped.Load() {
+		img.mu.Unlock()
+		return false
+	}
+	n.stats.exportsOpen.Add(1)
+	img.touch()
 	img.opens++
 	img.exps[x] = struct{}{}
 	first := img.opens == 1
@@ -88,11 +98,13 @@ func (n *Node) attach(img *image, x *export) {
 			n.prefetchProfile(img)
 		}
 	}
+	return true
 }
 
 // detach undoes attach; the last export of an image persists its profile.
 func (n *Node) detach(img *image, x *export) {
 	n.stats.exportsOpen.Add(-1)
+	img.touch()
 	img.mu.Lock()
 	img.opens--
 	delete(img.exps, x)
@@ -127,9 +139,11 @@ func (n *Node) shutdownImages() {
 		img.mu.Lock()
 		rec := img.rec
 		img.rec = nil
+		img.mu.Unlock()
+		img.srcLock <- struct{}{} // nothing reads any more: never waits long
 		src := img.src
 		img.src = nil
-		img.mu.Unlock()
+		<-img.srcLock
 		n.saveProfile(img, rec)
 		if src != nil {
 			src.Close()

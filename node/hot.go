@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"golang.org/x/sys/unix"
 )
 
 // The hot tier keeps the decoded chunks of the images being read in one sparse
@@ -87,6 +88,32 @@ func newHotTier(dir string, max int64, log *slog.Logger) (*hotTier, error) {
 		return nil, fmt.Errorf("create hot cache %s: %w (set cache.hot to 0 to run without it)", dir, err)
 	}
 	return &hotTier{dir: dir, max: max, log: log, files: map[chunkstore.ID]*hotFile{}}, nil
+}
+
+// minHotCache is the smallest hot tier worth keeping: below it, the default
+// size turns the tier off.
+const minHotCache = 32 << 20
+
+// autoHotSize is the hot tier's size when none is configured: DefaultHotCache,
+// or a quarter of the disk space free under dir when that is less, so that
+// the tier never takes the space the chunk store needs; 0 (off) when that is
+// under minHotCache or the free space cannot be learned.
+func autoHotSize(dir string, log *slog.Logger) int64 {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		log.Warn("cannot learn the free disk space; hot cache off (set cache.hot to turn it on)", "path", dir, "err", err)
+		return 0
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	size := min(int64(DefaultHotCache), free/4)
+	if size < minHotCache {
+		log.Info("little free disk space: hot cache off (set cache.hot to turn it on)", "path", dir, "free_bytes", free)
+		return 0
+	}
+	if size < DefaultHotCache {
+		log.Info("hot cache smaller than its default: a quarter of the free disk space", "path", dir, "free_bytes", free, "hot_bytes", size)
+	}
+	return size
 }
 
 // hotPause is how long the tier stops filling after a failed write.

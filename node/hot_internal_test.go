@@ -2,13 +2,16 @@ package node
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
 )
@@ -176,12 +179,15 @@ func TestHotTierEvictsLeastRecentlyRead(t *testing.T) {
 	}
 }
 
-// Concurrent puts, reads and evictions (run with -race).
+// Concurrent puts, reads and evictions (run with -race): reads that hit
+// return the right bytes, and some do hit (a tier that never served a read
+// would pass the byte check), while evictions happen.
 func TestHotTierConcurrent(t *testing.T) {
 	data := hotData(200_000, 9)
 	m := hotManifest(t, data, 9)
 	h := newTestHot(t, 150_000)
 	ids := []chunkstore.ID{chunkstore.Sum([]byte("x")), chunkstore.Sum([]byte("y"))}
+	var hits, reads atomic.Int64
 	var wg sync.WaitGroup
 	for w := range 4 {
 		wg.Go(func() {
@@ -198,7 +204,12 @@ func TestHotTierConcurrent(t *testing.T) {
 					continue
 				}
 				dst := make([]byte, e.Length)
-				if h.read(id, i, dst, 0) && !bytes.Equal(dst, data[e.Offset:e.End()]) {
+				reads.Add(1)
+				if !h.read(id, i, dst, 0) {
+					continue
+				}
+				hits.Add(1)
+				if !bytes.Equal(dst, data[e.Offset:e.End()]) {
 					t.Errorf("entry %d: wrong bytes", i)
 					return
 				}
@@ -206,9 +217,17 @@ func TestHotTierConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if st := h.stats(); st.Bytes > h.max || st.Bytes < 0 || st.Corrupt != 0 {
+	st := h.stats()
+	if st.Bytes > h.max || st.Bytes < 0 || st.Corrupt != 0 {
 		t.Fatalf("stats %+v", st)
 	}
+	if hits.Load() == 0 || st.Hits != hits.Load() {
+		t.Fatalf("%d of %d reads hit, the tier counts %d hits; want some, and the same count", hits.Load(), reads.Load(), st.Hits)
+	}
+	if st.Evictions == 0 {
+		t.Fatalf("no eviction while 2 x 200 kB went through a 150 kB tier: %+v", st)
+	}
+	t.Logf("%d of %d reads hit; %+v", hits.Load(), reads.Load(), st)
 }
 
 // A full disk pauses filling; what is in the tier still reads back, and
@@ -254,5 +273,52 @@ func TestHotTierDiskFull(t *testing.T) {
 	}
 	if st := h.stats(); st.Bytes != sum {
 		t.Fatalf("tier counts %d bytes, %d were written", st.Bytes, sum)
+	}
+}
+
+// TestHotTierDefaultFitsFreeSpace (issue 7, item 3): on a data dir with
+// 256 MiB of disk the default hot tier takes at most a quarter of the free
+// space (it used to be 4 GiB whatever the disk, so that filling it could fill
+// the disk the chunk store writes to); a configured size is used as given.
+func TestHotTierDefaultFitsFreeSpace(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	for _, tc := range []struct {
+		hot     int64 // Config.HotCache
+		atLeast int64
+		atMost  int64
+	}{
+		{hot: 0, atLeast: minHotCache, atMost: 64 << 20},
+		{hot: 1 << 30, atLeast: 1 << 30, atMost: 1 << 30},
+	} {
+		n, err := New(Config{DataDir: dir, NBDSocket: "-", APIListen: "127.0.0.1:0", HotCache: tc.hot}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		ran := make(chan error, 1)
+		go func() { ran <- n.Run(ctx) }()
+		select {
+		case <-n.Ready():
+		case err := <-ran:
+			t.Fatalf("Run: %v", err)
+		case <-time.After(10 * time.Second):
+			t.Fatal("node not ready after 10 s")
+		}
+		var size int64
+		if n.hot != nil {
+			size = n.hot.max
+		}
+		cancel()
+		if err := <-ran; err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+		if size < tc.atLeast || size > tc.atMost {
+			t.Errorf("cache.hot %d on a 256 MiB disk: hot tier of %d bytes, want [%d, %d]", tc.hot, size, tc.atLeast, tc.atMost)
+		}
 	}
 }

@@ -163,8 +163,11 @@ func (n *Node) RemoveImage(ctx context.Context, name string) (RemoveResult, erro
 		_, gerr := n.store.GetManifestBytes(ctx, id)
 		if gerr != nil {
 			n.mu.Lock()
-			delete(n.images, id)
+			img := n.images[id]
 			n.mu.Unlock()
+			if img != nil {
+				n.forget(img)
+			}
 		}
 		n.withdraw(name, id, gerr != nil)
 		if gerr != nil && n.hot != nil {

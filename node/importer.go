@@ -10,6 +10,7 @@ import (
 	"io"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
@@ -26,6 +27,12 @@ type ImportOptions struct {
 	Workers  int                 // hashing/compression workers; 0: GOMAXPROCS
 	// Progress, if set, is called from one goroutine as bytes are consumed.
 	Progress func(done, total int64)
+
+	// For tests: chunks per segment (0: segmentChunks), and a hook the
+	// committer calls before committing segment seg (to slow it down, or
+	// to fail the commit with the error it returns).
+	segmentChunks int
+	beforeCommit  func(seg int) error
 }
 
 // ImportResult summarises an import.
@@ -50,24 +57,17 @@ type ImportResult struct {
 // segmentChunks is how many chunks share one durable commit (~64 MiB).
 const segmentChunks = 1024
 
-type importJob struct {
-	idx  int
-	seg  int
-	data []byte
-	buf  *[]byte
-}
-
-type importSeg struct {
-	batch   *chunkstore.Batch
-	pending int             // chunks handed to workers and not finished
-	closed  bool            // the reader has moved past this segment
-	written []chunkstore.ID // new chunks written by this segment, in inflight until it commits
-}
-
 // Import streams src once: it cuts it into chunks, hashes them, and (unless
 // Lazy) compresses and stores the new ones in parallel, then registers the
 // manifest (and name) atomically. If anything fails, no image is registered and
 // chunks written only for this import are removed.
+//
+// It is one pipeline under one errgroup (see importPipeline): read and split
+// -> hash, compress and write (Workers) -> collect, in chunk order -> commit
+// segments, in order. Each stage owns its state and hands values to the next
+// over bounded channels, every send also watching the context, and no lock is
+// held across a send, so a slow commit only slows the stages before it (and
+// bounds the chunk bytes in memory) instead of wedging them.
 func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o ImportOptions) (*ImportResult, error) {
 	start := time.Now()
 	if o.Chunking.Kind == "" {
@@ -78,9 +78,11 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 			return nil, err
 		}
 	}
-	workers := o.Workers
-	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+	if o.Workers <= 0 {
+		o.Workers = runtime.GOMAXPROCS(0)
+	}
+	if o.segmentChunks <= 0 {
+		o.segmentChunks = segmentChunks
 	}
 	rc, err := src.Stream(ctx)
 	if err != nil {
@@ -112,229 +114,42 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 	}
 	var nonce [8]byte
 	rand.Read(nonce[:])
-	owner := "import:" + hex.EncodeToString(nonce[:])
-
-	type result struct {
-		length int64
-		id     chunkstore.ID
-		zero   bool
-	}
-	var (
-		mu        sync.Mutex
-		results   []result
-		segs      = map[int]*importSeg{}
-		newIDs    []chunkstore.ID
-		newRaw    int64
-		newStored int64
-		commitCh  = make(chan *importSeg, 2)
-		// inflight holds the chunks written by segments not committed yet:
-		// the store cannot see them, so a chunk that recurs in the next
-		// segment would otherwise be written twice.
-		inflight = map[chunkstore.ID]struct{}{}
-	)
-	pool := sync.Pool{New: func() any { b := make([]byte, o.Chunking.Max); return &b }}
-	jobs := make(chan importJob, workers*4)
-	ictx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	g, gctx := errgroup.WithContext(ictx)
-
-	// finish marks one chunk of seg done and hands a complete segment to the committer.
-	finish := func(seg int) {
-		s := segs[seg]
-		s.pending--
-		if s.closed && s.pending == 0 {
-			delete(segs, seg)
-			if !o.Lazy {
-				commitCh <- s
-			}
-		}
-	}
-
-	// Reader: cut the stream into chunks.
-	g.Go(func() error {
-		defer close(jobs)
-		var done int64
-		total := src.Size()
-		lastProgress := time.Now()
-		for i := 0; ; i++ {
-			b, err := split.Next()
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			if err != nil {
-				return err // the origin's error names the source and what to do
-			}
-			buf := pool.Get().(*[]byte)
-			data := append((*buf)[:0], b...)
-			seg := i / segmentChunks
-			mu.Lock()
-			results = append(results, result{length: int64(len(data))})
-			s := segs[seg]
-			if s == nil {
-				s = &importSeg{batch: st.NewBatch(owner)}
-				segs[seg] = s
-				if prev := segs[seg-1]; prev != nil {
-					prev.closed = true
-					prev.pending++ // balance the finish below
-					finish(seg - 1)
-				}
-			}
-			s.pending++
-			mu.Unlock()
-			select {
-			case jobs <- importJob{idx: i, seg: seg, data: data, buf: buf}:
-			case <-gctx.Done():
-				return gctx.Err()
-			}
-			done += int64(len(data))
-			if o.Progress != nil && time.Since(lastProgress) > 100*time.Millisecond {
-				o.Progress(done, total)
-				lastProgress = time.Now()
-			}
-		}
-		mu.Lock()
-		for seg, s := range segs {
-			s.closed = true
-			s.pending++
-			finish(seg)
-		}
-		mu.Unlock()
-		if o.Progress != nil {
-			o.Progress(done, total)
-		}
-		return nil
-	})
-
-	// Workers: zero check, hash, compress and write.
-	var wg sync.WaitGroup
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		g.Go(func() error {
-			defer wg.Done()
-			for j := range jobs {
-				r := result{length: int64(len(j.data)), zero: chunkstore.IsZero(j.data)}
-				var stored int64
-				switch {
-				case r.zero:
-				case o.Lazy:
-					r.id = chunkstore.Sum(j.data)
-				default:
-					r.id = chunkstore.Sum(j.data)
-					mu.Lock()
-					s := segs[j.seg]
-					_, dup := inflight[r.id]
-					inflight[r.id] = struct{}{}
-					mu.Unlock()
-					if !dup {
-						var err error
-						// The ID was just computed from these bytes: no second hash.
-						if stored, err = s.batch.PutHashed(gctx, r.id, j.data); err != nil {
-							return err
-						}
-					}
-					mu.Lock()
-					switch {
-					case stored > 0:
-						s.written = append(s.written, r.id)
-					case !dup:
-						delete(inflight, r.id) // already in the store
-					}
-					mu.Unlock()
-				}
-				pool.Put(j.buf)
-				mu.Lock()
-				results[j.idx] = r
-				if stored > 0 {
-					newIDs = append(newIDs, r.id)
-					newRaw += r.length
-					newStored += stored
-				}
-				finish(j.seg)
-				mu.Unlock()
-			}
-			return nil
-		})
-	}
-	go func() { wg.Wait(); close(commitCh) }()
-
-	// Committer: make each finished segment durable while later ones are cut.
-	// After a failure it keeps draining (aborting) so that no sender blocks.
-	g.Go(func() error {
-		var failed error
-		for s := range commitCh {
-			if failed != nil {
-				s.batch.Abort()
-				continue
-			}
-			if err := s.batch.Commit(gctx); err != nil {
-				failed = err
-				cancel(err)
-				continue
-			}
-			mu.Lock()
-			for _, id := range s.written {
-				delete(inflight, id)
-			}
-			mu.Unlock()
-		}
-		return failed
-	})
-
-	fail := func(err error) (*ImportResult, error) {
-		// Leave nothing behind: drop the import's pins and the chunks it added
-		// that no image references.
-		cctx := context.WithoutCancel(ctx)
-		mu.Lock()
-		for _, s := range segs {
-			s.batch.Abort()
-		}
-		mu.Unlock()
-		st.Unpin(cctx, owner)
-		var orphans []chunkstore.ID
-		for _, id := range newIDs {
-			if ref, _ := st.Referenced(cctx, id); !ref {
-				if pin, _ := st.Pinned(cctx, id); !pin {
-					orphans = append(orphans, id)
-				}
-			}
-		}
-		st.Delete(cctx, orphans...)
-		return nil, fmt.Errorf("import %s: %w", src.Ref().Location, err)
-	}
-	if err := g.Wait(); err != nil {
-		return fail(err)
+	p := &importPipeline{st: st, o: o, owner: "import:" + hex.EncodeToString(nonce[:]), total: src.Size()}
+	if err := p.run(ctx, split); err != nil {
+		return p.fail(ctx, src, err)
 	}
 
 	ref := src.Ref()
 	mb := chunkstore.NewBuilder(o.Chunking, format, chunkstore.Source{Kind: ref.Kind, Location: ref.Location, Checksum: ref.Checksum})
-	for _, r := range results {
+	for _, r := range p.entries {
 		mb.Add(r.length, r.id, r.zero)
 	}
 	m := mb.Manifest()
 	if m.Size != src.Size() {
-		return fail(fmt.Errorf("%w: read %d bytes, the source announced %d", origin.ErrShort, m.Size, src.Size()))
+		return p.fail(ctx, src, fmt.Errorf("%w: read %d bytes, the source announced %d", origin.ErrShort, m.Size, src.Size()))
 	}
 	mid, err := st.PutManifest(ctx, m)
 	if err != nil {
-		return fail(err)
+		return p.fail(ctx, src, err)
 	}
 	if o.Pin {
 		if err := st.Pin(ctx, chunkstore.PinOwnerImage(mid), m.ChunkIDs()); err != nil {
-			return fail(err)
+			return p.fail(ctx, src, err)
 		}
 	}
 	if o.Name != "" {
 		if err := st.SetName(ctx, o.Name, mid); err != nil {
-			return fail(err)
+			return p.fail(ctx, src, err)
 		}
 	}
-	if err := st.Unpin(ctx, owner); err != nil {
+	if err := st.Unpin(ctx, p.owner); err != nil {
 		return nil, err
 	}
 	sum := m.Summarize()
 	res := &ImportResult{Name: o.Name, Manifest: mid, Format: format, Source: ref, Size: m.Size,
 		NonZeroBytes: sum.NonZeroBytes, Chunks: sum.Chunks, UniqueChunks: sum.UniqueChunks,
-		NewChunks: len(newIDs), NewRawBytes: newRaw, Duration: time.Since(start), Lazy: o.Lazy}
+		NewChunks: len(p.newIDs), NewRawBytes: p.newRaw, NewStoredBytes: p.newStored,
+		Duration: time.Since(start), Lazy: o.Lazy}
 	var uniqueRaw int64
 	seen := map[chunkstore.ID]bool{}
 	for _, e := range m.Entries {
@@ -346,9 +161,308 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 	if uniqueRaw > 0 {
 		res.DedupRatio = float64(sum.NonZeroBytes) / float64(uniqueRaw)
 	}
-	res.NewStoredBytes = newStored
 	if res.NewStoredBytes > 0 {
-		res.CompressionRatio = float64(newRaw) / float64(res.NewStoredBytes)
+		res.CompressionRatio = float64(p.newRaw) / float64(res.NewStoredBytes)
 	}
 	return res, nil
+}
+
+// The values the import's stages hand each other.
+type (
+	// importSegment is segmentChunks consecutive chunks that share one
+	// durable commit. The reader creates it, the workers put into its
+	// batch (safe for concurrent use), the collector counts its chunks and
+	// fills written, then hands it to the committer, which alone touches
+	// it from then on.
+	importSegment struct {
+		n       int               // its position: segments commit in order
+		batch   *chunkstore.Batch // nil for a lazy import
+		written []chunkstore.ID   // chunks this segment wrote (claimed in inflight)
+		done    int               // chunks collected (collector)
+		settled bool              // committed, or its commit failed (committer)
+	}
+	// importChunk is one chunk cut by the reader, for a worker. buf goes
+	// back to the pool once the worker is done with data.
+	importChunk struct {
+		idx  int
+		seg  *importSegment
+		data []byte
+		buf  *[]byte
+	}
+	// importEntry is what the manifest records of a chunk.
+	importEntry struct {
+		length int64
+		id     chunkstore.ID
+		zero   bool
+	}
+	// importDone is a worker's result for one chunk, for the collector.
+	importDone struct {
+		idx    int
+		seg    *importSegment
+		entry  importEntry
+		stored int64 // > 0: this chunk was written by this import
+	}
+)
+
+// importPipeline is the state of one Import. The stages own disjoint parts
+// of it; Import reads the results after run returns (errgroup.Wait orders it).
+type importPipeline struct {
+	st    *chunkstore.Store
+	o     ImportOptions
+	owner string // pin owner of the import's chunks until the image is registered
+	total int64  // the source's announced size, for Progress
+
+	// inflight holds the chunks written by segments not committed yet: the
+	// store cannot see them, so a chunk that recurs in a later segment
+	// would otherwise be written twice. Workers claim, the committer
+	// releases; nothing blocks while holding it.
+	inflight inflightSet
+
+	// Reader's; read by fail after run.
+	segs    []*importSegment
+	nchunks int         // chunks cut, valid once readAll is set
+	readAll atomic.Bool // the reader reached the end of the stream
+	// Collector's.
+	entries   []importEntry
+	newIDs    []chunkstore.ID
+	newRaw    int64
+	newStored int64
+}
+
+// run drives the stages to the end of the stream, or to the first error.
+func (p *importPipeline) run(ctx context.Context, split chunkstore.Splitter) error {
+	g, gctx := errgroup.WithContext(ctx)
+	pool := sync.Pool{New: func() any { b := make([]byte, p.o.Chunking.Max); return &b }}
+	chunks := make(chan importChunk, p.o.Workers*4)
+	dones := make(chan importDone, p.o.Workers*4)
+	// One segment may be committing while two more wait, so that a slow
+	// fsync does not stall the reader at once; when a fourth completes the
+	// collector blocks, then the workers, then the reader. So an import
+	// holds at most 5*Workers+1 chunk buffers in memory, and about five
+	// segments of pack bytes that are not durable yet (those complete and
+	// the one or two being cut).
+	ready := make(chan *importSegment, 2)
+
+	g.Go(func() error {
+		err := p.read(gctx, split, &pool, chunks)
+		if err == nil {
+			p.readAll.Store(true)
+		}
+		close(chunks)
+		return err
+	})
+	var workers sync.WaitGroup
+	for range p.o.Workers {
+		workers.Add(1)
+		g.Go(func() error {
+			defer workers.Done()
+			return p.work(gctx, &pool, chunks, dones)
+		})
+	}
+	g.Go(func() error {
+		workers.Wait()
+		close(dones)
+		return nil
+	})
+	g.Go(func() error {
+		defer close(ready)
+		return p.collect(gctx, dones, ready)
+	})
+	g.Go(func() error { return p.commit(gctx, ready) })
+	return g.Wait()
+}
+
+// read cuts the stream into chunks and hands them to the workers in order.
+func (p *importPipeline) read(ctx context.Context, split chunkstore.Splitter, pool *sync.Pool, out chan<- importChunk) error {
+	var done int64
+	lastProgress := time.Now()
+	var seg *importSegment
+	n := 0
+	for ; ; n++ {
+		b, err := split.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return err // the origin's error names the source and what to do
+		}
+		if n%p.o.segmentChunks == 0 {
+			seg = &importSegment{n: len(p.segs)}
+			if !p.o.Lazy {
+				seg.batch = p.st.NewBatch(p.owner)
+			}
+			p.segs = append(p.segs, seg)
+		}
+		buf := pool.Get().(*[]byte)
+		data := append((*buf)[:0], b...)
+		select {
+		case out <- importChunk{idx: n, seg: seg, data: data, buf: buf}:
+		case <-ctx.Done():
+			pool.Put(buf)
+			return ctx.Err()
+		}
+		done += int64(len(data))
+		if p.o.Progress != nil && time.Since(lastProgress) > 100*time.Millisecond {
+			p.o.Progress(done, p.total)
+			lastProgress = time.Now()
+		}
+	}
+	p.nchunks = n
+	if p.o.Progress != nil {
+		p.o.Progress(done, p.total)
+	}
+	return nil
+}
+
+// work checks, hashes and (unless lazy) compresses and writes chunks.
+func (p *importPipeline) work(ctx context.Context, pool *sync.Pool, in <-chan importChunk, out chan<- importDone) error {
+	for c := range in {
+		d := importDone{idx: c.idx, seg: c.seg, entry: importEntry{length: int64(len(c.data)), zero: chunkstore.IsZero(c.data)}}
+		if !d.entry.zero {
+			d.entry.id = chunkstore.Sum(c.data)
+			if c.seg.batch != nil && p.inflight.claim(d.entry.id) {
+				// The ID was just computed from these bytes: no second hash.
+				stored, err := c.seg.batch.PutHashed(ctx, d.entry.id, c.data)
+				if err != nil {
+					pool.Put(c.buf)
+					return err
+				}
+				if stored == 0 {
+					p.inflight.release(d.entry.id) // already in the store
+				}
+				d.stored = stored
+			}
+		}
+		pool.Put(c.buf)
+		select {
+		case out <- d:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// collect records each chunk's manifest entry and hands each complete
+// segment, in order, to the committer.
+func (p *importPipeline) collect(ctx context.Context, in <-chan importDone, out chan<- *importSegment) error {
+	var segs []*importSegment // by position, as they are first seen
+	next := 0                 // the first segment not handed on
+	collected := 0
+	for d := range in {
+		collected++
+		if d.idx >= len(p.entries) {
+			p.entries = append(p.entries, make([]importEntry, d.idx+1-len(p.entries))...)
+		}
+		p.entries[d.idx] = d.entry
+		s := d.seg
+		if s.n >= len(segs) {
+			segs = append(segs, make([]*importSegment, s.n+1-len(segs))...)
+		}
+		segs[s.n] = s
+		if d.stored > 0 {
+			s.written = append(s.written, d.entry.id)
+			p.newIDs = append(p.newIDs, d.entry.id)
+			p.newRaw += d.entry.length
+			p.newStored += d.stored
+		}
+		s.done++
+		for ; next < len(segs) && segs[next] != nil && segs[next].done == p.o.segmentChunks; next++ {
+			if err := send(ctx, out, segs[next]); err != nil {
+				return err
+			}
+		}
+	}
+	// The input ended. Unless a stage failed (its error is the import's),
+	// every chunk was collected and only the last segment is not full.
+	if !p.readAll.Load() || collected != p.nchunks {
+		return nil
+	}
+	for ; next < len(segs); next++ {
+		if err := send(ctx, out, segs[next]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// commit makes each segment durable, in order, while later ones are cut.
+func (p *importPipeline) commit(ctx context.Context, in <-chan *importSegment) error {
+	for s := range in {
+		s.settled = true
+		if s.batch == nil {
+			continue // lazy: nothing was written
+		}
+		if p.o.beforeCommit != nil {
+			if err := p.o.beforeCommit(s.n); err != nil {
+				s.batch.Abort()
+				return err
+			}
+		}
+		if err := s.batch.Commit(ctx); err != nil {
+			return err // the batch removed what it wrote
+		}
+		p.inflight.release(s.written...)
+	}
+	return nil
+}
+
+// fail undoes an import that cannot complete: it leaves nothing behind, neither
+// the import's pins nor the chunks it added that no image references.
+func (p *importPipeline) fail(ctx context.Context, src origin.Source, err error) (*ImportResult, error) {
+	cctx := context.WithoutCancel(ctx)
+	for _, s := range p.segs {
+		if s.batch != nil && !s.settled {
+			s.batch.Abort()
+		}
+	}
+	p.st.Unpin(cctx, p.owner)
+	var orphans []chunkstore.ID
+	for _, id := range p.newIDs {
+		if ref, _ := p.st.Referenced(cctx, id); !ref {
+			if pin, _ := p.st.Pinned(cctx, id); !pin {
+				orphans = append(orphans, id)
+			}
+		}
+	}
+	p.st.Delete(cctx, orphans...)
+	return nil, fmt.Errorf("import %s: %w", src.Ref().Location, err)
+}
+
+// send hands v to the next stage, or gives up when ctx is done.
+func send[T any](ctx context.Context, ch chan<- T, v T) error {
+	select {
+	case ch <- v:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// inflightSet is a set of chunk IDs safe for concurrent use.
+type inflightSet struct {
+	mu  sync.Mutex
+	ids map[chunkstore.ID]struct{}
+}
+
+// claim adds id and reports whether it was not in the set yet.
+func (s *inflightSet) claim(id chunkstore.ID) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.ids[id]; ok {
+		return false
+	}
+	if s.ids == nil {
+		s.ids = make(map[chunkstore.ID]struct{})
+	}
+	s.ids[id] = struct{}{}
+	return true
+}
+
+func (s *inflightSet) release(ids ...chunkstore.ID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, id := range ids {
+		delete(s.ids, id)
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -381,4 +382,123 @@ func TestImportRecurringChunksWrittenOnce(t *testing.T) {
 	if got := readBack(t, st, res.Manifest); !bytes.Equal(got, img) {
 		t.Fatal("image read back differs")
 	}
+}
+
+// TestImportSlowCommitterNoDeadlock (issue 7, item 7): with 4-chunk segments
+// and a committer slower than the workers, several segments complete while
+// one commit runs. The import used to deadlock there (a worker sent the
+// segment to the committer while holding the lock the committer needed
+// next); it must finish, read back exactly, and commit every segment.
+func TestImportSlowCommitterNoDeadlock(t *testing.T) {
+	t.Parallel()
+	st := openStore(t, t.TempDir())
+	img := testImage(11, 4<<20) // 64 fixed chunks: 16 segments of 4
+	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	var commits atomic.Int32
+	type outcome struct {
+		res *ImportResult
+		err error
+	}
+	done := make(chan outcome, 1)
+	go func() {
+		res, err := Import(t.Context(), st, src, ImportOptions{Name: "slow", Chunking: chunkstore.Fixed64K, Workers: 4,
+			segmentChunks: 4,
+			beforeCommit: func(int) error {
+				commits.Add(1)
+				time.Sleep(20 * time.Millisecond) // a slow fsync
+				return nil
+			}})
+		done <- outcome{res, err}
+	}()
+	var o outcome
+	select {
+	case o = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("import with a slow committer still running after 30 s (%d commits started): deadlocked", commits.Load())
+	}
+	if o.err != nil {
+		t.Fatal(o.err)
+	}
+	if got := readBack(t, st, o.res.Manifest); !bytes.Equal(got, img) {
+		t.Fatal("image read back differs")
+	}
+	if c := commits.Load(); c < 8 {
+		t.Errorf("%d commits for 16 segments (some all zero); want one per segment with new chunks", c)
+	}
+}
+
+// TestImportProgressAndResult: Progress is called with growing byte counts
+// up to the size, from one goroutine, and the result adds up.
+func TestImportProgressAndResult(t *testing.T) {
+	t.Parallel()
+	st := openStore(t, t.TempDir())
+	img := testImage(12, 6<<20)
+	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	var calls []int64 // no lock: Progress is called from one goroutine (-race checks)
+	res, err := Import(t.Context(), st, src, ImportOptions{Name: "p", segmentChunks: 8, Progress: func(done, total int64) {
+		if total != int64(len(img)) {
+			t.Errorf("progress total %d, want %d", total, len(img))
+		}
+		calls = append(calls, done)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(calls) == 0 || calls[len(calls)-1] != int64(len(img)) {
+		t.Fatalf("progress calls %v; want the last at %d", calls, len(img))
+	}
+	for i := 1; i < len(calls); i++ {
+		if calls[i] < calls[i-1] {
+			t.Fatalf("progress went back: %v", calls)
+		}
+	}
+	u := st.Usage()
+	if res.Size != int64(len(img)) || res.NewChunks != int(u.Chunks) || res.UniqueChunks != int(u.Chunks) ||
+		res.NewRawBytes != u.RawBytes || res.NewStoredBytes != u.StoredBytes || res.Chunks < res.UniqueChunks ||
+		res.DedupRatio < 1 || res.CompressionRatio <= 1 || res.Format != chunkstore.FormatRaw {
+		t.Fatalf("result %+v, store %+v", res, u)
+	}
+}
+
+// TestImportCommitFails: when the commit of a segment fails after earlier
+// ones were made durable, the import fails with that error, promptly, and
+// leaves nothing behind: no image, no chunk, no pin.
+func TestImportCommitFails(t *testing.T) {
+	t.Parallel()
+	st := openStore(t, t.TempDir())
+	img := testImage(13, 4<<20)
+	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	boom := errors.New("commit failed (test)")
+	done := make(chan error, 1)
+	go func() {
+		_, err := Import(t.Context(), st, src, ImportOptions{Name: "f", Chunking: chunkstore.Fixed64K, segmentChunks: 4, Pin: true,
+			beforeCommit: func(seg int) error {
+				if seg == 3 {
+					return boom
+				}
+				return nil
+			}})
+		done <- err
+	}()
+	select {
+	case err = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("import whose commit failed still running after 30 s")
+	}
+	if !errors.Is(err, boom) {
+		t.Fatalf("import: %v; want the commit's error", err)
+	}
+	assertNothingRegistered(t, st)
 }

@@ -54,16 +54,78 @@ type Node struct {
 
 	cache     *memCache
 	hot       *hotTier // nil: off
+	hotAuto   bool     // Config.HotCache was not set: size it by the free space (autoHotSize)
 	flights   singleflight.Group
-	originSem chan struct{}
+	origSlots originSlots
 	bgSem     chan struct{}
 	bg        sync.WaitGroup
 
 	mu     sync.Mutex
 	images map[chunkstore.ID]*image
+	// imageIdle: images without an open export unused this long are
+	// dropped from images (DefaultImageIdle; tests shorten it).
+	imageIdle time.Duration
 
-	live  liveSet
-	stats stats
+	live     liveSet
+	stats    stats
+	handlers inflight // admin API requests being served
+	fetches  inflight // chunk fetches (peers, origin) under way
+}
+
+// inflight counts work that uses the store (admin API requests, chunk
+// fetches), so that Run can wait for it before closing the store.
+type inflight struct {
+	what string // for the log: "admin API requests"
+
+	mu     sync.RWMutex // held shared around Add, so that no Add follows closed
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// enter counts one more, or reports false once wait has begun.
+func (f *inflight) enter() bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if f.closed {
+		return false
+	}
+	f.wg.Add(1)
+	return true
+}
+
+func (f *inflight) leave() { f.wg.Done() }
+
+// track counts h's requests; it refuses them once wait has begun.
+func (f *inflight) track(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !f.enter() {
+			replyError(w, http.StatusServiceUnavailable, errors.New("the daemon is shutting down"))
+			return
+		}
+		defer f.leave()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// wait refuses new work and returns when all of it has ended. Its contexts
+// are cancelled by then (they derive from Run's), so only work that ignores
+// its context keeps it waiting, and that is logged.
+func (f *inflight) wait(log *slog.Logger) {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+	done := make(chan struct{})
+	go func() { f.wg.Wait(); close(done) }()
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			log.Warn("still waiting for work to end before closing the store", "work", f.what)
+		}
+	}
 }
 
 // usage is the store's usage, zero before Run opened it.
@@ -88,6 +150,7 @@ func (n *Node) hotStats() HotStats {
 
 // New checks cfg and builds a Node. It starts nothing and opens nothing.
 func New(cfg Config, log *slog.Logger) (*Node, error) {
+	hotAuto := cfg.HotCache == 0
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		return nil, err
@@ -101,9 +164,13 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		baseLog:   log,
 		ready:     make(chan struct{}),
 		cache:     newMemCache(cfg.MemCache),
-		originSem: make(chan struct{}, cfg.OriginConcurrency),
+		origSlots: originSlots{per: cfg.OriginConcurrency},
 		bgSem:     make(chan struct{}, cfg.PrefetchConcurrency),
 		images:    make(map[chunkstore.ID]*image),
+		imageIdle: DefaultImageIdle,
+		hotAuto:   hotAuto,
+		handlers:  inflight{what: "admin API requests"},
+		fetches:   inflight{what: "chunk fetches"},
 	}
 	n.reg, n.gatherer = cfg.Registerer, cfg.Gatherer
 	if n.reg == nil {
@@ -171,7 +238,13 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			err = fmt.Errorf("close chunk store: %w", cerr)
 		}
 	}()
-	if n.hot, err = newHotTier(filepath.Join(cfg.DataDir, "hot"), cfg.HotCache, n.log.With("component", "hot")); err != nil {
+	hotSize := cfg.HotCache
+	hotDir := filepath.Join(cfg.DataDir, "hot")
+	if n.hotAuto {
+		os.RemoveAll(hotDir) // the last run's cache is not used space
+		hotSize = autoHotSize(cfg.DataDir, n.log.With("component", "hot"))
+	}
+	if n.hot, err = newHotTier(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
 		return err
 	}
 	if n.hot != nil {
@@ -227,6 +300,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 
 	g, gctx := errgroup.WithContext(ctx)
 	n.runCtx = gctx
+	g.Go(func() error { n.sweepImages(gctx); return nil })
 	if peer != nil {
 		g.Go(func() error { return peer.Run(gctx) })
 		g.Go(func() error { n.cl.advertiseAll(gctx); return nil })
@@ -248,6 +322,11 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	}
 	if apiLn != nil {
 		hs := n.apiServer()
+		// Every request runs on Run's context, so that stopping cancels
+		// in-flight work (an import), and is counted, so that Run waits for
+		// its handlers before it closes the store they use.
+		hs.BaseContext = func(net.Listener) context.Context { return gctx }
+		hs.Handler = n.handlers.track(hs.Handler)
 		g.Go(func() error {
 			if err := hs.Serve(netutil.LimitListener(apiLn, n.cfg.APIMaxConns)); !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("admin API: %w", err)
@@ -275,7 +354,9 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	close(n.ready)
 
 	err = g.Wait()
+	n.handlers.wait(n.log)
 	n.bg.Wait()
+	n.fetches.wait(n.log)
 	if peer != nil {
 		n.cl.stop()
 		if cerr := peer.Close(); cerr != nil {

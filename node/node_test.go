@@ -362,11 +362,11 @@ func TestProfileRecordedAndPrefetched(t *testing.T) {
 	}
 	run(t, "qemu-io", append([]string{"-r", "-f", "raw"}, append(cmds, tn.uri("boot"))...)...)
 	var p node.ProfileInfo
-	waitFor(t, "profile saved", func() bool {
+	eventually(t, 10*time.Second, func() bool {
 		var err error
 		p, err = tn.client.Profile(t.Context(), "boot")
 		return err == nil && p.Boots == 1
-	})
+	}, "no boot profile saved: %+v", p)
 	if len(p.Entries) != len(offs) {
 		t.Fatalf("profile has %d chunks, want %d: %+v", len(p.Entries), len(offs), p)
 	}
@@ -384,9 +384,9 @@ func TestProfileRecordedAndPrefetched(t *testing.T) {
 	}
 	before := tn.counters(t).PrefetchChunks["profile"]
 	run(t, "qemu-io", "-r", "-f", "raw", "-c", "sleep 2000", tn.uri("boot"))
-	waitFor(t, "profile prefetched", func() bool {
+	eventually(t, 10*time.Second, func() bool {
 		return tn.counters(t).PrefetchChunks["profile"]-before == int64(len(offs))
-	})
+	}, "the %d chunks of the profile not prefetched", len(offs))
 	for _, e := range p.Entries {
 		if ok, _ := st.Has(t.Context(), e.ID); !ok {
 			t.Errorf("profile chunk %d not in the store after prefetch", e.Index)
@@ -398,15 +398,10 @@ func TestProfileRecordedAndPrefetched(t *testing.T) {
 	}
 }
 
+// waitFor is eventually with a 10 s bound, for the tests that still call it.
 func waitFor(t *testing.T, what string, ok func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	eventually(t, 10*time.Second, ok, "timed out waiting for %s", what)
 }
 
 func randBytes(n int, seed uint64) []byte {
@@ -456,5 +451,18 @@ func TestOneFetchPerChunk(t *testing.T) {
 	}
 	if c := tn.counters(t); c.OriginBytes == 0 || c.OriginBytes > int64(len(data)) {
 		t.Errorf("fetched %d origin bytes for a %d-byte image", c.OriginBytes, len(data))
+	}
+}
+
+// eventually polls cond until it holds, failing the test with the message
+// (a format and its arguments) when timeout passes first.
+func eventually(t testing.TB, timeout time.Duration, cond func() bool, format string, args ...any) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: "+format, append([]any{timeout}, args...)...)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -5,13 +5,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/hoardvm/hoard/p2p"
 )
+
+// errStopping fails the reads that need a fetch while the node stops.
+var errStopping = errors.New("the daemon is stopping; retry on its next start")
 
 // ErrOrigin is wrapped by read errors caused by the origin (unreachable,
 // failing, too slow, or serving bytes that no longer match the manifest).
@@ -22,12 +27,23 @@ type image struct {
 	id chunkstore.ID
 	m  *chunkstore.Manifest
 
-	mu     sync.Mutex
-	src    origin.Source // opened on the first miss, then reused
-	opens  int
-	rec    *recorder // profile being recorded, nil when none
-	exps   map[*export]struct{}
-	closed bool
+	// srcLock (a one-slot semaphore, so that waiting for it honours a
+	// context) guards src and srcUsers, and is held while the origin is
+	// opened (a HEAD and its retries): only reads that need the origin
+	// wait for it, never mu, which every read takes to record the profile.
+	srcLock  chan struct{}
+	src      origin.Source // opened on the first miss, then reused
+	srcUsers int           // reads using src now
+	// dropped is set (under mu) when the image leaves Node.images; its
+	// source is closed by the last read using it then.
+	dropped atomic.Bool
+
+	lastUsed atomic.Int64 // unix nanos: looked up, attached, detached or read from its origin
+
+	mu    sync.Mutex
+	opens int
+	rec   *recorder // profile being recorded, nil when none
+	exps  map[*export]struct{}
 
 	haveMu sync.Mutex
 	have   p2p.Bitmap // entries in the local store, for peers; nil until asked
@@ -40,6 +56,7 @@ func (n *Node) image(ctx context.Context, id chunkstore.ID) (*image, error) {
 	img := n.images[id]
 	n.mu.Unlock()
 	if img != nil {
+		img.touch()
 		return img, nil
 	}
 	m, err := n.store.GetManifest(ctx, id)
@@ -49,21 +66,142 @@ func (n *Node) image(ctx context.Context, id chunkstore.ID) (*image, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if img := n.images[id]; img != nil {
+		img.touch()
 		return img, nil
 	}
-	img = &image{id: id, m: m, exps: make(map[*export]struct{})}
+	img = &image{id: id, m: m, exps: make(map[*export]struct{}), srcLock: make(chan struct{}, 1)}
+	img.touch()
 	n.images[id] = img
 	return img, nil
 }
 
-// source opens the image's origin on first use. Failures are not cached, so
-// an origin that comes back is used again.
-func (n *Node) source(ctx context.Context, img *image) (origin.Source, error) {
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if img.src != nil {
-		return img.src, nil
+func (img *image) touch() { img.lastUsed.Store(time.Now().UnixNano()) }
+
+// DefaultImageIdle is how long the node keeps an image without open exports
+// that nobody reads (NBD, peers) before it forgets it and closes its origin.
+const DefaultImageIdle = 5 * time.Minute
+
+// dropIdleImages forgets the images that have no open export and were not
+// used since before now-idle, and closes their origin sources: Node.images
+// holds the images in use, not every image ever read. An image looked up
+// again is loaded again. It returns how many it forgot.
+func (n *Node) dropIdleImages(now time.Time, idle time.Duration) int {
+	var srcs []origin.Source
+	dropped := 0
+	n.mu.Lock()
+	for id, img := range n.images {
+		if now.UnixNano()-img.lastUsed.Load() < idle.Nanoseconds() {
+			continue
+		}
+		img.mu.Lock()
+		idle := img.opens == 0
+		if idle {
+			img.dropped.Store(true) // under mu: attach sees it (see Open)
+		}
+		img.mu.Unlock()
+		if !idle {
+			continue
+		}
+		delete(n.images, id)
+		dropped++
+		if src := img.closeSource(); src != nil {
+			srcs = append(srcs, src)
+		}
 	}
+	n.mu.Unlock()
+	for _, src := range srcs {
+		src.Close()
+	}
+	return dropped
+}
+
+// sweepImages drops idle images (dropIdleImages) until ctx is done.
+func (n *Node) sweepImages(ctx context.Context) {
+	t := time.NewTicker(max(n.imageIdle/4, time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			if k := n.dropIdleImages(now, n.imageIdle); k > 0 {
+				n.log.Debug("forgot idle images and closed their origins", "images", k)
+			}
+		}
+	}
+}
+
+// forget removes img from the node (its image was removed) and closes its
+// source; reads still under way finish on it.
+func (n *Node) forget(img *image) {
+	n.mu.Lock()
+	if n.images[img.id] == img {
+		delete(n.images, img.id)
+	}
+	n.mu.Unlock()
+	img.mu.Lock()
+	img.dropped.Store(true)
+	img.mu.Unlock()
+	if src := img.closeSource(); src != nil {
+		src.Close()
+	}
+}
+
+// closeSource takes the source of a dropped image for the caller to close;
+// nil when there is none or when reads use it or open it now: the last of
+// them closes it (see source).
+func (img *image) closeSource() origin.Source {
+	select {
+	case img.srcLock <- struct{}{}:
+	default:
+		return nil // being opened
+	}
+	defer func() { <-img.srcLock }()
+	if img.srcUsers > 0 {
+		return nil
+	}
+	src := img.src
+	img.src = nil
+	return src
+}
+
+// source opens the image's origin on first use; the caller calls release when
+// done with it. Failures are not cached, so an origin that comes back is used
+// again.
+func (n *Node) source(ctx context.Context, img *image) (src origin.Source, release func(), err error) {
+	img.touch()
+	select {
+	case img.srcLock <- struct{}{}:
+	case <-ctx.Done():
+		return nil, nil, fmt.Errorf("%w: image %s: waited too long for its origin to open: %w", ErrOrigin, img.id, ctx.Err())
+	}
+	defer func() { <-img.srcLock }()
+	if img.src == nil {
+		if img.src, err = n.openSource(ctx, img); err != nil {
+			return nil, nil, err
+		}
+	}
+	img.srcUsers++
+	return img.src, img.releaseSource, nil
+}
+
+// releaseSource ends a use of img.src; the last use of a dropped image's
+// source closes it.
+func (img *image) releaseSource() {
+	img.srcLock <- struct{}{} // src is open: nobody holds the lock for long
+	img.srcUsers--
+	var src origin.Source
+	if img.srcUsers == 0 && img.dropped.Load() {
+		src, img.src = img.src, nil
+	}
+	<-img.srcLock
+	if src != nil {
+		src.Close()
+	}
+}
+
+// openSource opens img's origin.
+func (n *Node) openSource(ctx context.Context, img *image) (origin.Source, error) {
 	s := img.m.Source
 	ref := s.Location
 	switch s.Kind {
@@ -82,7 +220,6 @@ func (n *Node) source(ctx context.Context, img *image) (origin.Source, error) {
 		return nil, fmt.Errorf("%w: %s is now %d bytes, the manifest says %d: the image changed at the origin; re-add it (hoard image rm, hoard image add)",
 			ErrOrigin, s.Location, src.Size(), img.m.Size)
 	}
-	img.src = src
 	return src, nil
 }
 
@@ -130,6 +267,12 @@ func (n *Node) chunk1(ctx context.Context, img *image, idx int, why int) ([]byte
 	// One fetch per chunk, whoever asks; it runs on the node's context so that
 	// a reader that goes away does not cancel it for the others.
 	ch := n.flights.DoChan(e.ID.String(), func() (any, error) {
+		// Counted, so that Run closes the store only after the fetch
+		// (which stores what it got) has ended.
+		if !n.fetches.enter() {
+			return nil, errStopping
+		}
+		defer n.fetches.leave()
 		return n.fetch(img, idx, why)
 	})
 	select {
@@ -267,16 +410,16 @@ func (n *Node) fetcher() Fetcher {
 }
 
 func (n *Node) fromOrigin(ctx context.Context, img *image, e chunkstore.Entry) ([]byte, error) {
-	select {
-	case n.originSem <- struct{}{}:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("%w: chunk at offset %d: waited too long for an origin slot: %w", ErrOrigin, e.Offset, ctx.Err())
+	release, err := n.origSlots.acquire(ctx, originKey(img.m.Source))
+	if err != nil {
+		return nil, fmt.Errorf("%w: chunk at offset %d: waited too long for an origin slot: %w", ErrOrigin, e.Offset, err)
 	}
-	defer func() { <-n.originSem }()
-	src, err := n.source(ctx, img)
+	defer release()
+	src, done, err := n.source(ctx, img)
 	if err != nil {
 		return nil, err
 	}
+	defer done()
 	start := time.Now()
 	b := make([]byte, e.Length)
 	if err := src.ReadAt(ctx, b, e.Offset); err != nil {
@@ -292,6 +435,66 @@ func (n *Node) fromOrigin(ctx context.Context, img *image, e chunkstore.Entry) (
 			ErrOrigin, img.m.Source.Location, e.Offset, e.End(), e.ID)
 	}
 	return b, nil
+}
+
+// originKey names the origin a source's requests go to, for its slots: the
+// host of an HTTP URL, Glance, or the file. One hanging origin then holds
+// only its own slots, never those of the others.
+func originKey(s chunkstore.Source) string {
+	if s.Kind == "http" {
+		if u, err := url.Parse(s.Location); err == nil {
+			return "http:" + u.Host
+		}
+	}
+	if s.Kind == "glance" {
+		return "glance"
+	}
+	return s.Kind + ":" + s.Location
+}
+
+// originSlots bounds concurrent requests per origin (Config.OriginConcurrency
+// each). An origin's slots are dropped when nobody holds or waits for them.
+type originSlots struct {
+	per int
+
+	mu sync.Mutex
+	m  map[string]*slotSet
+}
+
+type slotSet struct {
+	ch    chan struct{}
+	users int // holders and waiters, under originSlots.mu
+}
+
+// acquire takes one of key's slots, waiting until ctx is done; release gives
+// it back.
+func (o *originSlots) acquire(ctx context.Context, key string) (release func(), err error) {
+	o.mu.Lock()
+	if o.m == nil {
+		o.m = make(map[string]*slotSet)
+	}
+	s := o.m[key]
+	if s == nil {
+		s = &slotSet{ch: make(chan struct{}, o.per)}
+		o.m[key] = s
+	}
+	s.users++
+	o.mu.Unlock()
+	select {
+	case s.ch <- struct{}{}:
+		return func() { <-s.ch; o.leave(key, s) }, nil
+	case <-ctx.Done():
+		o.leave(key, s)
+		return nil, ctx.Err()
+	}
+}
+
+func (o *originSlots) leave(key string, s *slotSet) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if s.users--; s.users == 0 {
+		delete(o.m, key)
+	}
 }
 
 // keep stores a fetched chunk (copy-on-read) and caches it. A store failure

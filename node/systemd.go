@@ -47,4 +47,3 @@ func systemdListeners() (map[string]net.Listener, error) {
 func notifySystemd(state string) {
 	_, _ = daemon.SdNotify(false, state)
 }
-

@@ -118,18 +118,26 @@ func startPeerDaemon(t *testing.T, data string, env []string, args ...string) *p
 			t.Logf("daemon %s log:\n%s", data, tail(d.logs.String(), 60))
 		}
 	})
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if _, err := os.Stat(filepath.Join(data, "api.addr")); err == nil {
-			return d
-		}
+	eventually(t, 15*time.Second, func() bool {
 		select {
 		case err := <-d.done:
 			t.Fatalf("daemon exited: %v\n%s", err, d.logs.String())
 		default:
 		}
+		_, err := os.Stat(filepath.Join(data, "api.addr"))
+		return err == nil
+	}, "daemon %s not ready (no api.addr)", data)
+	return d
+}
+
+// eventually polls cond until it holds, failing the test with the message
+// (a format and its arguments) when timeout passes first.
+func eventually(t testing.TB, timeout time.Duration, cond func() bool, format string, args ...any) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("daemon not ready after 15s\n%s", d.logs.String())
+			t.Fatalf("after %s: "+format, append([]any{timeout}, args...)...)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -216,12 +224,15 @@ func TestClusterOfDaemons(t *testing.T) {
 	}
 	cmpDone := make(chan error, 1)
 	go func() { cmpDone <- cmp.Wait() }()
-	time.Sleep(500 * time.Millisecond)
-	select {
-	case <-cmpDone:
-		t.Fatal("node C finished reading before the serving peer was killed: make the image larger or the upload limit lower")
-	default:
-	}
+	// Kill A once C is reading from the peers, and not done.
+	eventually(t, 20*time.Second, func() bool {
+		select {
+		case err := <-cmpDone:
+			t.Fatalf("node C finished reading (%v) before the serving peer was killed: make the image larger or the upload limit lower", err)
+		default:
+		}
+		return c.status(t).Counters.ReadBytes["peer"] > 0
+	}, "node C read nothing from its peers")
 	a.kill()
 	if err := <-cmpDone; err != nil {
 		t.Fatalf("qemu-img compare while the serving peer died: %v\n%s", err, cmpOut.String())
@@ -245,15 +256,8 @@ func TestClusterOfDaemons(t *testing.T) {
 // waitPeers waits until d is connected to at least n peers.
 func waitPeers(t *testing.T, d *peerDaemon, n int) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	eventually(t, 20*time.Second, func() bool {
 		s := d.status(t)
-		if s.Cluster != nil && s.Cluster.ConnectedPeers >= n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("daemon %s: %+v peers after 20s, want %d", d.data, s.Cluster, n)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return s.Cluster != nil && s.Cluster.ConnectedPeers >= n
+	}, "daemon %s connected to fewer than %d peers", d.data, n)
 }

@@ -52,7 +52,7 @@ Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
 	f.String("p2p-upload-limit", "", "bytes per second served to peers, e.g. 100MiB (config p2p.upload_limit; default unlimited)")
 	f.StringSlice("p2p-allow", nil, "only these peer IDs may connect (config p2p.allow; default any node with the swarm key)")
 	f.String("mem-cache", "64MiB", "memory for verified, uncompressed chunks; 0 for none (config cache.memory)")
-	f.String("hot-cache", "4GiB", "disk under <data_dir>/hot for the decoded chunks of images being read, served from the page cache like a raw file; 0 for none (config cache.hot)")
+	f.String("hot-cache", "", "disk under <data_dir>/hot for the decoded chunks of images being read, served from the page cache like a raw file; 0 for none (config cache.hot; default 4GiB, or a quarter of the free disk space if less)")
 	return c
 }
 
@@ -74,12 +74,14 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 	if mem == 0 {
 		mem = -1 // none
 	}
-	hot, err := parseSize(v.GetString("cache.hot"))
-	if err != nil {
-		return node.Config{}, fmt.Errorf("cache.hot: %w", err)
-	}
-	if hot == 0 {
-		hot = -1 // none
+	var hot int64 // not set: the node sizes it by the free disk space
+	if s := v.GetString("cache.hot"); s != "" {
+		if hot, err = parseSize(s); err != nil {
+			return node.Config{}, fmt.Errorf("cache.hot: %w", err)
+		}
+		if hot == 0 {
+			hot = -1 // none
+		}
 	}
 	var nbdBuf int64
 	if s := v.GetString("nbd.max_buffered"); s != "" {
