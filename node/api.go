@@ -285,7 +285,7 @@ func reply(w http.ResponseWriter, v any, err error) {
 			code = http.StatusNotFound
 		case errors.Is(err, origin.ErrForbidden):
 			code = http.StatusForbidden
-		case strings.Contains(err.Error(), "already exists"), strings.Contains(err.Error(), "open export"):
+		case errors.Is(err, chunkstore.ErrExists), strings.Contains(err.Error(), "already exists"), strings.Contains(err.Error(), "open export"):
 			code = http.StatusConflict
 		case strings.Contains(err.Error(), "invalid image name"), strings.Contains(err.Error(), "absolute path"):
 			code = http.StatusBadRequest

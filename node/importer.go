@@ -128,19 +128,24 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 	if m.Size != src.Size() {
 		return p.fail(ctx, src, fmt.Errorf("%w: read %d bytes, the source announced %d", origin.ErrShort, m.Size, src.Size()))
 	}
-	mid, err := st.PutManifest(ctx, m)
-	if err != nil {
-		return p.fail(ctx, src, err)
-	}
+	// Pin first, then store the manifest and its name in one commit: a
+	// concurrent add of another image under the same name loses with
+	// ErrExists and leaves no orphan manifest behind.
+	mid := m.ID()
 	if o.Pin {
+		_, merr := st.GetManifestBytes(ctx, mid)
+		known := merr == nil
 		if err := st.Pin(ctx, chunkstore.PinOwnerImage(mid), m.ChunkIDs()); err != nil {
 			return p.fail(ctx, src, err)
 		}
-	}
-	if o.Name != "" {
-		if err := st.SetName(ctx, o.Name, mid); err != nil {
+		if _, err := st.PutNamedManifest(ctx, o.Name, m); err != nil {
+			if !known {
+				_ = st.Unpin(ctx, chunkstore.PinOwnerImage(mid))
+			}
 			return p.fail(ctx, src, err)
 		}
+	} else if _, err := st.PutNamedManifest(ctx, o.Name, m); err != nil {
+		return p.fail(ctx, src, err)
 	}
 	if err := st.Unpin(ctx, p.owner); err != nil {
 		return nil, err

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -501,4 +502,43 @@ func TestImportCommitFails(t *testing.T) {
 		t.Fatalf("import: %v; want the commit's error", err)
 	}
 	assertNothingRegistered(t, st)
+}
+
+// Concurrent imports of different images under one name: exactly one wins,
+// the others fail with ErrExists, and no orphan manifest or pin is left.
+func TestImportSameNameConcurrently(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st := openStore(t, t.TempDir())
+	const n = 4
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		src, err := origin.Open(ctx, writeFile(t, testImage(uint64(100+i), 1<<20)), origin.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = Import(ctx, st, src, ImportOptions{Name: "same", Chunking: chunkstore.DefaultCDC, Pin: i%2 == 0})
+		}()
+	}
+	wg.Wait()
+	won := 0
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			won++
+		case !errors.Is(err, chunkstore.ErrExists):
+			t.Fatalf("import %d: %v; want success or ErrExists", i, err)
+		}
+	}
+	ms, err := st.Manifests(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if won != 1 || len(ms) != 1 {
+		t.Fatalf("%d imports won and %d manifests stored; want 1 and 1", won, len(ms))
+	}
 }

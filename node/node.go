@@ -224,7 +224,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	if err := n.loadAPIToken(); err != nil {
 		return err
 	}
-	st, err := chunkstore.Open(filepath.Join(cfg.DataDir, "store"),
+	st, err := chunkstore.OpenContext(ctx, filepath.Join(cfg.DataDir, "store"),
 		chunkstore.WithQuota(cfg.StoreQuota),
 		chunkstore.WithCodec(cfg.StoreCompression),
 		chunkstore.WithLogger(n.log.With("component", "chunkstore")),
