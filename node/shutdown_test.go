@@ -65,7 +65,7 @@ func TestRunCancelsAndWaitsForImports(t *testing.T) {
 	}
 	added := make(chan error, 1)
 	go func() {
-		_, err := node.NewClient(n.APIAddr().String(), "").AddImage(context.Background(), node.ImportRequest{Source: origin.URL + "/slow.raw", Name: "slow"})
+		_, err := node.NewClient(n.APIAddr().String(), n.APIToken()).AddImage(context.Background(), node.ImportRequest{Source: origin.URL + "/slow.raw", Name: "slow"})
 		added <- err
 	}()
 	select {
