@@ -231,7 +231,25 @@ func (p *Peer) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { p.bootstrapLoop(ctx); return nil })
 	g.Go(func() error { p.reprovideLoop(ctx); return nil })
+	g.Go(func() error { p.idleLoop(ctx); return nil })
 	return g.Wait()
+}
+
+// idleLoop closes chunk streams no request used for the idle timeout (5 min),
+// and with them the pools of peers no longer asked.
+func (p *Peer) idleLoop(ctx context.Context) {
+	t := time.NewTicker(p.o.streamIdle / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			if n := p.closeIdle(now.Add(-p.o.streamIdle)); n > 0 {
+				p.log.Debug("closed idle chunk streams", "streams", n)
+			}
+		}
+	}
 }
 
 func (p *Peer) reprovideLoop(ctx context.Context) {

@@ -95,7 +95,9 @@ type Peer struct {
 	retry    map[cid.Cid]string // announcements that failed, retried soon by the reprovide loop
 	names    map[string]chunkstore.ID
 	bad      map[peer.ID]time.Time
-	pools    map[peer.ID]*pool
+	pools    map[peer.ID]*pool            // peers with live chunk streams
+	conns    map[*conn]struct{}           // every client stream, whatever its pool
+	served   map[network.Stream]struct{} // streams being served (handleStream)
 	load     map[peer.ID]int64 // chunks requested and not yet answered
 	closed   bool
 	kick     chan struct{} // wakes the reprovide loop (after bootstrap)
@@ -115,6 +117,7 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 	p := &Peer{o: o, log: o.log.With("component", "p2p"),
 		provided: make(map[cid.Cid]string), retry: make(map[cid.Cid]string), names: make(map[string]chunkstore.ID),
 		bad: make(map[peer.ID]time.Time), pools: make(map[peer.ID]*pool),
+		conns: make(map[*conn]struct{}), served: make(map[network.Stream]struct{}),
 		load: make(map[peer.ID]int64), kick: make(chan struct{}, 1)}
 	p.verify = o.verify
 	if p.verify == nil {
@@ -300,11 +303,24 @@ func (p *Peer) Close() error {
 	p.closed = true
 	pools := p.pools
 	p.pools = map[peer.ID]*pool{}
+	var streams []network.Stream
+	for c := range p.conns {
+		streams = append(streams, c.s)
+	}
+	for s := range p.served {
+		streams = append(streams, s)
+	}
 	p.mu.Unlock()
 	p.host.RemoveStreamHandler(ProtocolChunks)
 	p.cancel()
 	for _, pl := range pools {
 		pl.closeAll()
+	}
+	// Every stream, pooled or not, client or server: a reader or a writer
+	// blocked on a peer that stopped answering returns only when its stream
+	// is reset, and Close waits for them all.
+	for _, s := range streams {
+		s.Reset()
 	}
 	err := p.dht.Close()
 	if p.ownHost {
@@ -393,7 +409,13 @@ func (p *Peer) markBad(id peer.ID, why error) {
 	p.log.Warn("peer sent bad data; not asking it again for a while", "peer_id", id.String(), "cause", why)
 	p.metrics.badPeers.Inc()
 	p.mu.Lock()
-	p.bad[id] = time.Now()
+	now := time.Now()
+	for b, t := range p.bad {
+		if now.Sub(t) > p.o.badPeerTTL {
+			delete(p.bad, b)
+		}
+	}
+	p.bad[id] = now
 	pl := p.pools[id]
 	delete(p.pools, id)
 	p.mu.Unlock()
