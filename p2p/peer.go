@@ -95,10 +95,10 @@ type Peer struct {
 	retry    map[cid.Cid]string // announcements that failed, retried soon by the reprovide loop
 	names    map[string]chunkstore.ID
 	bad      map[peer.ID]time.Time
-	pools    map[peer.ID]*pool            // peers with live chunk streams
-	conns    map[*conn]struct{}           // every client stream, whatever its pool
+	pools    map[peer.ID]*pool           // peers with live chunk streams
+	conns    map[*conn]struct{}          // every client stream, whatever its pool
 	served   map[network.Stream]struct{} // streams being served (handleStream)
-	load     map[peer.ID]int64 // chunks requested and not yet answered
+	load     map[peer.ID]int64           // chunks requested and not yet answered
 	closed   bool
 	kick     chan struct{} // wakes the reprovide loop (after bootstrap)
 }
