@@ -67,4 +67,13 @@
 // marked bad and not asked again for a while. A server works on up to 16
 // requests per stream at once and sends chunks through the upload token bucket
 // (WithUploadLimit). Any malformed frame resets the stream.
+//
+// Every write on a chunk stream, by either side, has a deadline (the write
+// timeout, default 10 s, plus the frame's size at 1 MiB/s; WithWriteTimeout):
+// a peer that stops reading gets its stream reset, and the requests on it fail
+// and are asked of another holder. A holder that lets a fetch stall (another
+// holder's hedged copy arrives first, or nothing arrives before the stall
+// timeout) is asked last for 30 s, so a stopped peer, whose connection stays up
+// until keep-alives fail, costs one hedge delay rather than one per read.
+// Close resets every stream, client or served, and waits for their goroutines.
 package p2p

@@ -95,6 +95,7 @@ type Peer struct {
 	retry    map[cid.Cid]string // announcements that failed, retried soon by the reprovide loop
 	names    map[string]chunkstore.ID
 	bad      map[peer.ID]time.Time
+	slow     map[peer.ID]time.Time       // stalled a fetch recently (see markSlow)
 	pools    map[peer.ID]*pool           // peers with live chunk streams
 	conns    map[*conn]struct{}          // every client stream, whatever its pool
 	served   map[network.Stream]struct{} // streams being served (handleStream)
@@ -116,7 +117,7 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 	}
 	p := &Peer{o: o, log: o.log.With("component", "p2p"),
 		provided: make(map[cid.Cid]string), retry: make(map[cid.Cid]string), names: make(map[string]chunkstore.ID),
-		bad: make(map[peer.ID]time.Time), pools: make(map[peer.ID]*pool),
+		bad: make(map[peer.ID]time.Time), slow: make(map[peer.ID]time.Time), pools: make(map[peer.ID]*pool),
 		conns: make(map[*conn]struct{}), served: make(map[network.Stream]struct{}),
 		load: make(map[peer.ID]int64), kick: make(chan struct{}, 1)}
 	p.verify = o.verify
@@ -422,6 +423,44 @@ func (p *Peer) markBad(id peer.ID, why error) {
 	if pl != nil {
 		pl.closeAll()
 	}
+}
+
+// slowPeerTTL is how long a peer that stalled a fetch is asked only when no
+// other holder has the chunk.
+const slowPeerTTL = 30 * time.Second
+
+// markSlow records that id let a fetch stall: nothing arrived before another
+// holder's copy (hedge) or before the stall timeout. A stopped or overloaded
+// peer keeps its connection for a while (until keep-alives fail, ~30 s), and
+// without this every read would wait for the hedge delay again.
+func (p *Peer) markSlow(id peer.ID) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	for s, t := range p.slow {
+		if now.Sub(t) > slowPeerTTL {
+			delete(p.slow, s)
+		}
+	}
+	if _, ok := p.slow[id]; !ok {
+		p.log.Debug("peer stalled a fetch; asking others first for a while", "peer_id", id.String())
+	}
+	p.slow[id] = now
+}
+
+// clearSlow records that id delivered.
+func (p *Peer) clearSlow(id peer.ID) {
+	p.mu.Lock()
+	delete(p.slow, id)
+	p.mu.Unlock()
+}
+
+// isSlow reports whether id stalled a fetch in the last slowPeerTTL.
+func (p *Peer) isSlow(id peer.ID) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	t, ok := p.slow[id]
+	return ok && time.Since(t) <= slowPeerTTL
 }
 
 func (p *Peer) outstanding(id peer.ID) int64 {
