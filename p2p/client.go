@@ -64,12 +64,14 @@ func (pl *pool) closeAll() {
 // goroutine hands reply frames to the calls by request ID.
 type conn struct {
 	s       network.Stream
-	wmu     sync.Mutex // serializes frames; every write has a deadline (writeFrame)
+	wsem    chan struct{} // held while writing a frame; every write has a deadline (writeFrame)
 	w       *bufio.Writer
 	mu      sync.Mutex
 	pending map[uint64]*call
 	used    time.Time // last request sent
 	err     error
+	cancels []uint64 // CANCELs to send (by sendCancels)
+	sending bool     // a sendCancels goroutine runs
 }
 
 type call struct {
@@ -113,9 +115,17 @@ func (p *Peer) writeTimeout(n int) time.Duration {
 // write that fails (or times out: the peer stopped reading) may have left
 // part of a frame on the stream, so the stream is reset; its reader then
 // fails the calls pending on it.
-func (p *Peer) writeFrame(c *conn, frame []byte) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
+// The write also ends with ctx: a write still under way then is stuck on a
+// peer that does not read (a frame is small), and the stream is reset.
+func (p *Peer) writeFrame(ctx context.Context, c *conn, frame []byte) error {
+	select {
+	case c.wsem <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-c.wsem }()
+	stop := context.AfterFunc(ctx, func() { c.s.Reset() })
+	defer stop()
 	c.s.SetWriteDeadline(time.Now().Add(p.writeTimeout(len(frame))))
 	_, err := c.w.Write(frame)
 	if err == nil {
@@ -123,6 +133,9 @@ func (p *Peer) writeFrame(c *conn, frame []byte) error {
 	}
 	if err != nil {
 		c.s.Reset()
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (stream reset: write still blocked)", ctx.Err())
+		}
 	}
 	return err
 }
@@ -228,7 +241,7 @@ func (p *Peer) getConn(ctx context.Context, remote peer.ID) (*conn, error) {
 		}
 		return nil, fmt.Errorf("open chunk stream to %s: %w", remote, err)
 	}
-	c := &conn{s: s, w: bufio.NewWriterSize(s, 16<<10), pending: map[uint64]*call{}, used: time.Now()}
+	c := &conn{s: s, wsem: make(chan struct{}, 1), w: bufio.NewWriterSize(s, 16<<10), pending: map[uint64]*call{}, used: time.Now()}
 	// Register c with the node (so Close resets it) and its pool under p.mu,
 	// unless the node closed or the pool was closed (peer marked bad) while
 	// the stream opened: a stream no pool holds would be reset by no one.
@@ -273,7 +286,7 @@ func (p *Peer) send(ctx context.Context, remote peer.ID, req *message) (*call, e
 	c.pending[req.ReqID] = cl
 	c.used = time.Now()
 	c.mu.Unlock()
-	if err := p.writeFrame(c, appendMessage(nil, req)); err != nil {
+	if err := p.writeFrame(ctx, c, appendMessage(nil, req)); err != nil {
 		cl.finish(false)
 		return nil, fmt.Errorf("send to %s: %w", remote, err)
 	}
@@ -309,7 +322,60 @@ func (cl *call) finish(cancel bool) {
 	delete(cl.c.pending, cl.id)
 	cl.c.mu.Unlock()
 	if still && cancel {
-		cl.p.writeFrame(cl.c, appendMessage(nil, &message{Type: msgCancel, ReqID: cl.id}))
+		cl.p.cancelLater(cl.c, cl.id)
+	}
+}
+
+// cancelLater queues a CANCEL for request id on c. CANCELs are written by one
+// goroutine per stream, so a caller that gives up never waits for a write to
+// a peer that stopped reading (at most the write timeout; on mocknet, whose
+// streams have no deadlines, until Close).
+func (p *Peer) cancelLater(c *conn, id uint64) {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.cancels = append(c.cancels, id)
+	start := !c.sending
+	c.sending = true
+	c.mu.Unlock()
+	if !start {
+		return
+	}
+	p.mu.Lock()
+	closed := p.closed
+	if !closed {
+		p.wg.Add(1)
+	}
+	p.mu.Unlock()
+	if !closed {
+		go p.sendCancels(c)
+	}
+}
+
+func (p *Peer) sendCancels(c *conn) {
+	defer p.wg.Done()
+	for {
+		c.mu.Lock()
+		ids := c.cancels
+		c.cancels = nil
+		if len(ids) == 0 || c.err != nil {
+			c.sending = false
+			c.mu.Unlock()
+			return
+		}
+		c.mu.Unlock()
+		var b []byte
+		for _, id := range ids {
+			b = appendMessage(b, &message{Type: msgCancel, ReqID: id})
+		}
+		if err := p.writeFrame(p.ctx, c, b); err != nil {
+			c.mu.Lock()
+			c.sending, c.cancels = false, nil
+			c.mu.Unlock()
+			return
+		}
 	}
 }
 

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"os"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -34,8 +36,21 @@ func within(t testing.TB, d time.Duration, what string, f func()) {
 	select {
 	case <-done:
 	case <-time.After(d):
-		t.Fatalf("%s did not return within %v", what, d)
+		t.Fatalf("%s did not return within %v; this package's goroutines:\n%s", what, d, ourStacks())
 	}
+}
+
+// ourStacks returns the stacks of the goroutines running this package's code.
+func ourStacks() string {
+	buf := make([]byte, 8<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	var out []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "hoard/p2p.(*") {
+			out = append(out, g)
+		}
+	}
+	return strings.Join(out, "\n\n")
 }
 
 // mute makes p accept chunk streams and never read or answer them (a peer
@@ -268,5 +283,25 @@ func TestPoolsDropWithTheirStreams(t *testing.T) {
 	// And a peer asked again gets a fresh stream.
 	if _, err := a.Fetch(ctx, peers[5].ID(), img.id, img.wants(), false, func(Chunk) error { return nil }); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRequestsEndWithTheirContext: on a stream to a peer that stopped
+// reading, a request's caller gets its answer (an error) when its context
+// ends, though its write is stuck (mocknet streams have no deadlines: only
+// the context can end it), and so does the next caller on that stream.
+func TestRequestsEndWithTheirContext(t *testing.T) {
+	t.Parallel()
+	img := newTestImage(t, 2, 1024, 25)
+	peers, _ := mockCluster(t, 2, func(int) Backend { return nil })
+	mute(t, peers[1])
+	for try := range 3 {
+		ctx, cancel := context.WithTimeout(t.Context(), 500*time.Millisecond)
+		within(t, 10*time.Second, "Have to a peer that stopped reading", func() {
+			if _, err := peers[0].Have(ctx, peers[1].ID(), img.id); err == nil {
+				t.Errorf("Have %d to a mute peer succeeded", try)
+			}
+		})
+		cancel()
 	}
 }
