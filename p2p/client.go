@@ -27,7 +27,17 @@ type pool struct {
 	mu      sync.Mutex
 	conns   []*conn
 	opening int
+	opened  chan struct{} // closed when an opening stream is done (getConn waits on it)
 	closed  bool
+}
+
+// openDone records that a stream finished opening (or failed to); pl.mu is held.
+func (pl *pool) openDone() {
+	pl.opening--
+	if pl.opened != nil {
+		close(pl.opened)
+		pl.opened = nil
+	}
 }
 
 func (pl *pool) size() int {
@@ -54,6 +64,10 @@ func (pl *pool) closeAll() {
 	conns := pl.conns
 	pl.conns = nil
 	pl.closed = true
+	if pl.opened != nil {
+		close(pl.opened) // getConn's waiters see closed
+		pl.opened = nil
+	}
 	pl.mu.Unlock()
 	for _, c := range conns {
 		c.s.Reset()
@@ -214,27 +228,50 @@ func (p *Peer) getConn(ctx context.Context, remote peer.ID) (*conn, error) {
 	}
 	pl.mu.Lock()
 	var best *conn
-	bestN, live := 0, 0
-	for _, c := range pl.conns {
-		n, ok := c.inflight()
-		if !ok {
-			continue // failed or idle-closed; its reader drops it
+	for {
+		bestN, live := 0, 0
+		best = nil
+		for _, c := range pl.conns {
+			n, ok := c.inflight()
+			if !ok {
+				continue // failed or idle-closed; its reader drops it
+			}
+			live++
+			if best == nil || n < bestN {
+				best, bestN = c, n
+			}
 		}
-		live++
-		if best == nil || n < bestN {
-			best, bestN = c, n
+		full := live+pl.opening >= max(p.o.streamsPerPeer, 1)
+		if best != nil && (bestN == 0 || full) {
+			pl.mu.Unlock()
+			return best, nil
 		}
-	}
-	if best != nil && (bestN == 0 || live+pl.opening >= p.o.streamsPerPeer) {
+		if !full {
+			break
+		}
+		// Every stream the pool may have is opening: wait for one.
+		if pl.opened == nil {
+			pl.opened = make(chan struct{})
+		}
+		opened := pl.opened
 		pl.mu.Unlock()
-		return best, nil
+		select {
+		case <-opened:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("open chunk stream to %s: %w", remote, ctx.Err())
+		}
+		pl.mu.Lock()
+		if pl.closed {
+			pl.mu.Unlock()
+			return nil, fmt.Errorf("open chunk stream to %s: %w", remote, errStreamsClosed)
+		}
 	}
 	pl.opening++
 	pl.mu.Unlock()
 	s, err := p.host.NewStream(network.WithAllowLimitedConn(ctx, "hoard"), remote, ProtocolChunks)
 	if err != nil {
 		pl.mu.Lock()
-		pl.opening--
+		pl.openDone()
 		pl.mu.Unlock()
 		if best != nil {
 			return best, nil
@@ -247,7 +284,7 @@ func (p *Peer) getConn(ctx context.Context, remote peer.ID) (*conn, error) {
 	// the stream opened: a stream no pool holds would be reset by no one.
 	p.mu.Lock()
 	pl.mu.Lock()
-	pl.opening--
+	pl.openDone()
 	ok := !p.closed && !pl.closed
 	if ok {
 		pl.conns = append(pl.conns, c)

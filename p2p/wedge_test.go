@@ -13,6 +13,7 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/libp2p/go-libp2p/core/network"
+	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 )
 
 // eventually polls cond every 10 ms until it holds, failing the test after d.
@@ -303,5 +304,38 @@ func TestRequestsEndWithTheirContext(t *testing.T) {
 			}
 		})
 		cancel()
+	}
+}
+
+// TestStreamsPerPeerWhileOpening: many requests at once to a peer with no
+// stream yet open at most WithStreamsPerPeer streams (they used to open one
+// each while the first were opening: a never-reading peer then took every
+// request unread, no window filled, and no write deadline could fire).
+func TestStreamsPerPeerWhileOpening(t *testing.T) {
+	t.Parallel()
+	img := newTestImage(t, 4, 1024, 26)
+	peers, mn := mockCluster(t, 2, func(int) Backend { return &fakeBackend{img: img} }, WithStreamsPerPeer(2))
+	// Opening a stream takes a while: a protocol negotiation round trip on a
+	// slow link.
+	for _, l := range mn.LinksBetweenPeers(peers[0].ID(), peers[1].ID()) {
+		l.SetOptions(mocknet.LinkOptions{Latency: 50 * time.Millisecond})
+	}
+	if err := peers[0].host.Peerstore().RemoveProtocols(peers[1].ID(), ProtocolChunks); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for range 64 {
+		wg.Go(func() {
+			if _, err := peers[0].Have(t.Context(), peers[1].ID(), img.id); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	peers[0].mu.Lock()
+	n := len(peers[0].conns)
+	peers[0].mu.Unlock()
+	if n > 2 {
+		t.Fatalf("%d streams to one peer, want at most 2", n)
 	}
 }
