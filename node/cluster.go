@@ -492,7 +492,9 @@ func (c *cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	live := make([]peer.ID, 0, len(v.haves)+1)
 	live = append(live, c.p.ID())
 	for pid := range v.haves {
-		if !c.p.Bad(pid) {
+		// A peer that just stalled a fetch (stopped?) is no designated
+		// fetcher: its askers would wait DesignatedTimeout for nothing.
+		if !c.p.Bad(pid) && !c.p.Slow(pid) {
 			live = append(live, pid)
 		}
 	}

@@ -160,6 +160,11 @@ func (f *fetchRun) launch(j *job) {
 	j.start = time.Now()
 	j.ctx, j.cancel = context.WithCancel(f.ctx)
 	stallAfter := f.p.o.stallTimeout
+	if f.p.isSlow(j.peer) {
+		// It stalled a fetch moments ago (stopped?): when it is the only
+		// holder left, give it the hedge delay, not the full stall timeout.
+		stallAfter = min(stallAfter, max(f.p.o.hedgeAfter, 100*time.Millisecond))
+	}
 	go func() {
 		stall := time.AfterFunc(stallAfter, func() { j.stalled.Store(true); j.cancel() })
 		defer stall.Stop()

@@ -455,6 +455,11 @@ func (p *Peer) clearSlow(id peer.ID) {
 	p.mu.Unlock()
 }
 
+// Slow reports whether id stalled a fetch (sent nothing before another
+// holder's copy or the stall timeout) in the last 30 s and has delivered
+// nothing since: a stopped or overloaded peer whose connection is still up.
+func (p *Peer) Slow(id peer.ID) bool { return p.isSlow(id) }
+
 // isSlow reports whether id stalled a fetch in the last slowPeerTTL.
 func (p *Peer) isSlow(id peer.ID) bool {
 	p.mu.Lock()

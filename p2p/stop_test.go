@@ -36,17 +36,11 @@ func TestHelperHolderProcess(t *testing.T) {
 	bufio.NewReader(os.Stdin).ReadString('\n') // until the parent goes
 }
 
-// TestRealStoppedHolderFailover: one of two holders is SIGSTOPped (its
-// connection stays up, nothing answers). Single-chunk reads fail over to the
-// other holder: the first after the hedge delay, the rest at once, since the
-// stalled peer is asked last for a while; not 1 s each, nor the old 10 s.
-func TestRealStoppedHolderFailover(t *testing.T) {
-	t.Parallel()
-	img := stoppedImage(t)
-	keyText := GenerateSwarmKey()
-	key, _ := DecodeSwarmKey(keyText)
-	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
-	defer cancel()
+// holderProcess starts the test binary as a holder process (see
+// TestHelperHolderProcess) on swarm key keyText and returns its address and
+// the process, which the test's cleanup ends (SIGCONT first).
+func holderProcess(t *testing.T, ctx context.Context, keyText []byte) (peer.AddrInfo, *os.Process) {
+	t.Helper()
 	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestHelperHolderProcess$")
 	cmd.Env = append(os.Environ(), "HOARD_P2P_HOLDER_KEY="+string(keyText))
 	cmd.Stderr = os.Stderr
@@ -61,12 +55,12 @@ func TestRealStoppedHolderFailover(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
+	t.Cleanup(func() {
 		cmd.Process.Signal(syscall.SIGCONT)
 		stdin.Close()
 		cmd.Process.Kill()
 		cmd.Wait()
-	}()
+	})
 	sc := bufio.NewScanner(out)
 	var addr string
 	for addr == "" && sc.Scan() {
@@ -76,9 +70,24 @@ func TestRealStoppedHolderFailover(t *testing.T) {
 	if err != nil {
 		t.Fatalf("holder process said %q: %v", addr, err)
 	}
+	return *ai, cmd.Process
+}
+
+// TestRealStoppedHolderFailover: one of two holders is SIGSTOPped (its
+// connection stays up, nothing answers). Single-chunk reads fail over to the
+// other holder: the first after the hedge delay, the rest at once, since the
+// stalled peer is asked last for a while; not 1 s each, nor the old 10 s.
+func TestRealStoppedHolderFailover(t *testing.T) {
+	t.Parallel()
+	img := stoppedImage(t)
+	keyText := GenerateSwarmKey()
+	key, _ := DecodeSwarmKey(keyText)
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	ai, proc := holderProcess(t, ctx, keyText)
 	a := realPeer(t, WithSwarmKey(key))
 	healthy := realPeer(t, WithSwarmKey(key), WithBackend(&fakeBackend{img: img}))
-	for _, to := range []peer.AddrInfo{*ai, info(healthy)} {
+	for _, to := range []peer.AddrInfo{ai, info(healthy)} {
 		if err := a.host.Connect(ctx, to); err != nil {
 			t.Fatal(err)
 		}
@@ -87,7 +96,7 @@ func TestRealStoppedHolderFailover(t *testing.T) {
 	if _, err := a.Fetch(ctx, ai.ID, img.id, img.wants()[:1], false, func(Chunk) error { return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := proc.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	all := NewBitmap(len(img.chunks))
@@ -116,5 +125,50 @@ func TestRealStoppedHolderFailover(t *testing.T) {
 	// code paid the hedge delay on every read (8 s).
 	if total > 4*time.Second {
 		t.Fatalf("%d reads took %v: the stopped holder was asked first again and again", len(img.chunks), total)
+	}
+}
+
+// TestRealStoppedOnlyHolder: when the only holder is SIGSTOPped, the first
+// read gives up after the stall timeout; later reads, once it is known to
+// stall, after the hedge delay (the caller then goes to the designated
+// fetcher or the origin), not the stall timeout each time.
+func TestRealStoppedOnlyHolder(t *testing.T) {
+	t.Parallel()
+	img := stoppedImage(t)
+	keyText := GenerateSwarmKey()
+	key, _ := DecodeSwarmKey(keyText)
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	ai, proc := holderProcess(t, ctx, keyText)
+	const hedge, stall = 300 * time.Millisecond, 4 * time.Second
+	a := realPeer(t, WithSwarmKey(key), WithHedging(hedge, stall))
+	if err := a.host.Connect(ctx, ai); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Fetch(ctx, ai.ID, img.id, img.wants()[:1], false, func(Chunk) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := proc.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	all := NewBitmap(len(img.chunks))
+	for i := range img.chunks {
+		all.Set(i)
+	}
+	haves := map[peer.ID]Bitmap{ai.ID: all}
+	for i := range 4 {
+		start := time.Now()
+		missing, err := a.FetchFrom(ctx, img.id, img.wants()[i:i+1], haves, 1, func(Chunk) error { return nil })
+		d := time.Since(start)
+		if err != nil || len(missing) != 1 {
+			t.Fatalf("read %d from a stopped holder: missing %v, %v", i, missing, err)
+		}
+		t.Logf("read %d: gave up after %v", i, d)
+		if i > 0 && d > stall/2 {
+			t.Fatalf("read %d waited %v for a holder known to stall (stall timeout %v)", i, d, stall)
+		}
+	}
+	if !a.Slow(ai.ID) {
+		t.Fatal("the stopped holder is not reported slow")
 	}
 }
