@@ -28,7 +28,10 @@
 // datastore in the data dir) holds image-level keys only, never one per chunk:
 // the manifest CID ("I hold chunks of this image") and NameKey(name), a CID of
 // sha256("hoard-name:"+name), whose providers answer RESOLVE with the manifest
-// ID. A node that needs chunks finds the image's providers, asks them for have
+// ID. ResolveName asks every provider it finds: when they name different
+// manifests (two nodes imported different images under one name) it refuses
+// with ErrNameConflict, naming both CIDs, rather than take the first answer;
+// the user pulls the one meant by its CID. A node that needs chunks finds the image's providers, asks them for have
 // bitmaps, and fetches each chunk from a peer that has it. Run re-announces
 // every key each reprovide interval (default 30 min, 8 at a time); records live
 // 3 intervals, so a withdrawn image stops being found after at most that.
