@@ -138,6 +138,9 @@ func (p *Peer) writeFrame(ctx context.Context, c *conn, frame []byte) error {
 		return ctx.Err()
 	}
 	defer func() { <-c.wsem }()
+	if err := ctx.Err(); err != nil {
+		return err // both were ready: do not start a write only to reset it
+	}
 	stop := context.AfterFunc(ctx, func() { c.s.Reset() })
 	defer stop()
 	c.s.SetWriteDeadline(time.Now().Add(p.writeTimeout(len(frame))))
@@ -270,9 +273,15 @@ func (p *Peer) getConn(ctx context.Context, remote peer.ID) (*conn, error) {
 	pl.mu.Unlock()
 	s, err := p.host.NewStream(network.WithAllowLimitedConn(ctx, "hoard"), remote, ProtocolChunks)
 	if err != nil {
+		p.mu.Lock()
 		pl.mu.Lock()
 		pl.openDone()
+		empty := len(pl.conns) == 0 && pl.opening == 0
 		pl.mu.Unlock()
+		if empty && p.pools[remote] == pl {
+			delete(p.pools, remote) // an unreachable peer leaves no pool behind
+		}
+		p.mu.Unlock()
 		if best != nil {
 			return best, nil
 		}

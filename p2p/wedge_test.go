@@ -281,6 +281,16 @@ func TestPoolsDropWithTheirStreams(t *testing.T) {
 		defer a.mu.Unlock()
 		return len(a.pools) == 0 && len(a.conns) == 0
 	})
+	// A peer that cannot be reached leaves no pool either.
+	if err := mn.UnlinkPeers(a.ID(), peers[1].ID()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Have(ctx, peers[1].ID(), img.id); err == nil {
+		t.Fatal("Have from an unlinked peer succeeded")
+	}
+	if n := npools(); n != 0 {
+		t.Fatalf("%d pools after a failed dial", n)
+	}
 	// And a peer asked again gets a fresh stream.
 	if _, err := a.Fetch(ctx, peers[5].ID(), img.id, img.wants(), false, func(Chunk) error { return nil }); err != nil {
 		t.Fatal(err)
