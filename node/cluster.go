@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"os"
 	"slices"
@@ -22,6 +23,22 @@ import (
 // maxViewPeers bounds how many peers are asked for their have-bitmap of an
 // image when its view is refreshed.
 const maxViewPeers = 64
+
+const (
+	// maxViews bounds the images whose peer views are kept; the least
+	// recently used go first.
+	maxViews = 1024
+	// viewIdle drops the view of an image no read used for this long.
+	viewIdle = 10 * time.Minute
+	// viewGrace is how long the first view of an image waits for slow peers
+	// once one peer has answered: a stopped peer must not hold the first
+	// read for the whole Have timeout (3 s, then 5 s). The refresh goes on
+	// and its complete view replaces this one.
+	viewGrace = 500 * time.Millisecond
+	// resolveTimeout bounds the shared work of resolving an unknown image
+	// name through the cluster.
+	resolveTimeout = 30 * time.Second
+)
 
 // cluster is the node's side of the p2p layer: it serves the store to peers
 // (p2p.Backend), advertises images, and fetches missing chunks from peers
@@ -49,7 +66,38 @@ type cluster struct {
 // view is what this node knows of an image's peers: their have-bitmaps.
 type view struct {
 	at    time.Time
+	used  time.Time              // last read that used it (under cluster.mu)
 	haves map[peer.ID]p2p.Bitmap // peers that know the manifest (bitmap not empty)
+	// complete is nil for a complete view; for a partial one (slow peers not
+	// in yet) it is closed when the complete view replaces it.
+	complete chan struct{}
+}
+
+// putView stores v as manifest's view and drops views unused for viewIdle,
+// then the least recently used beyond maxViews. c.mu is held.
+func (c *cluster) putView(manifest chunkstore.ID, v *view, now time.Time) {
+	if old := c.views[manifest]; old != nil && old.used.After(v.used) {
+		v.used = old.used
+	}
+	if v.used.IsZero() {
+		v.used = now
+	}
+	c.views[manifest] = v
+	for id, x := range c.views {
+		if now.Sub(x.used) > viewIdle {
+			delete(c.views, id)
+		}
+	}
+	for len(c.views) > maxViews {
+		var oldest chunkstore.ID
+		var at time.Time
+		for id, x := range c.views {
+			if at.IsZero() || x.used.Before(at) {
+				oldest, at = id, x.used
+			}
+		}
+		delete(c.views, oldest)
+	}
 }
 
 // p2pEnabled reports whether the config asks for the cluster.
@@ -197,6 +245,9 @@ func (n *Node) withdraw(name string, id chunkstore.ID, manifestGone bool) {
 func (c *cluster) peerView(ctx context.Context, manifest chunkstore.ID, maxWait time.Duration) *view {
 	c.mu.Lock()
 	v := c.views[manifest]
+	if v != nil {
+		v.used = time.Now()
+	}
 	c.mu.Unlock()
 	if v != nil && time.Since(v.at) < c.n.cfg.P2P.ViewTTL {
 		return v
@@ -225,8 +276,9 @@ func (c *cluster) peerView(ctx context.Context, manifest chunkstore.ID, maxWait 
 }
 
 // startRefresh refreshes the view of manifest in the background unless that
-// is under way; the returned channel is closed when it is done (nil once the
-// cluster is closing). stop waits for refreshes.
+// is under way; the returned channel is closed when a view is there: the
+// complete one, or a partial one viewGrace after the first peer answered
+// (nil once the cluster is closing). stop waits for refreshes.
 func (c *cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -237,18 +289,51 @@ func (c *cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
 		return nil
 	}
 	ch := make(chan struct{})
+	complete := make(chan struct{})
 	c.refreshing[manifest] = ch
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		nv := c.refresh(c.n.runCtx, manifest)
+		var once sync.Once
+		published := func() { once.Do(func() { close(ch) }) }
+		nv := c.refresh(c.n.runCtx, manifest, func(partial *view) {
+			partial.complete = complete
+			c.mu.Lock()
+			if c.views[manifest] == nil { // a first view only: never replace a complete one
+				c.putView(manifest, partial, time.Now())
+			}
+			c.mu.Unlock()
+			published()
+		})
 		c.mu.Lock()
-		c.views[manifest] = nv
+		c.putView(manifest, nv, time.Now())
 		delete(c.refreshing, manifest)
 		c.mu.Unlock()
-		close(ch)
+		close(complete)
+		published()
 	}()
 	return ch
+}
+
+// completeView waits (at most maxWait) for the complete view when v is
+// partial, and returns the view to use.
+func (c *cluster) completeView(ctx context.Context, manifest chunkstore.ID, v *view, maxWait time.Duration) *view {
+	if v.complete == nil {
+		return v
+	}
+	timer := time.NewTimer(maxWait)
+	defer timer.Stop()
+	select {
+	case <-v.complete:
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if nv := c.views[manifest]; nv != nil {
+			return nv
+		}
+	case <-ctx.Done():
+	case <-timer.C:
+	}
+	return v
 }
 
 // stop waits for background view refreshes; none starts afterwards.
@@ -260,8 +345,10 @@ func (c *cluster) stop() {
 }
 
 // refresh asks the image's providers and this node's neighbours (connected
-// first) for their have-bitmaps.
-func (c *cluster) refresh(ctx context.Context, manifest chunkstore.ID) *view {
+// first) for their have-bitmaps. viewGrace after the first peer that holds
+// some of the image answered, partial is called (at most once, and only
+// while peers are still being waited for) with a copy of the view so far.
+func (c *cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial func(*view)) *view {
 	self := c.p.ID()
 	seen := map[peer.ID]bool{self: true}
 	var cands []peer.ID
@@ -290,6 +377,18 @@ func (c *cluster) refresh(ctx context.Context, manifest chunkstore.ID) *view {
 	}
 	v := &view{at: time.Now(), haves: map[peer.ID]p2p.Bitmap{}}
 	var mu sync.Mutex
+	var grace *time.Timer
+	graceDone := make(chan struct{})
+	finished := false
+	defer func() { // no partial view after the complete one; wait for one under way
+		mu.Lock()
+		finished = true
+		running := grace != nil && !grace.Stop()
+		mu.Unlock()
+		if running {
+			<-graceDone
+		}
+	}()
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
 	for _, id := range cands {
@@ -311,6 +410,19 @@ func (c *cluster) refresh(ctx context.Context, manifest chunkstore.ID) *view {
 			}
 			mu.Lock()
 			v.haves[id] = bm
+			if grace == nil && partial != nil {
+				grace = time.AfterFunc(viewGrace, func() {
+					defer close(graceDone)
+					mu.Lock()
+					if finished {
+						mu.Unlock()
+						return
+					}
+					pv := &view{at: v.at, haves: maps.Clone(v.haves)}
+					mu.Unlock()
+					partial(pv)
+				})
+			}
 			mu.Unlock()
 			return nil
 		})
@@ -374,10 +486,15 @@ func (c *cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 			return got, gotStored, nil
 		}
 	}
+	// The designated fetcher is chosen from the complete view only: nodes
+	// whose views differ choose differently, and the origin pays.
+	v = c.completeView(ctx, manifest, v, maxWait)
 	live := make([]peer.ID, 0, len(v.haves)+1)
 	live = append(live, c.p.ID())
 	for pid := range v.haves {
-		if !c.p.Bad(pid) {
+		// A peer that just stalled a fetch (stopped?) is no designated
+		// fetcher: its askers would wait DesignatedTimeout for nothing.
+		if !c.p.Bad(pid) && !c.p.Slow(pid) {
 			live = append(live, pid)
 		}
 	}
@@ -414,63 +531,90 @@ func (c *cluster) forget(manifest chunkstore.ID) {
 // resolveRemote registers an image this node has never seen, by name or
 // manifest CID: the name is resolved through the DHT, the manifest fetched
 // from a provider (verified by CID), stored and named, and advertised.
+// Concurrent callers for one name share one resolution, which runs on a
+// context of its own (the node's, bounded by resolveTimeout): a caller that
+// gives up stops waiting without failing the others.
 func (c *cluster) resolveRemote(ctx context.Context, name string) (chunkstore.ID, error) {
-	r, err, _ := c.sf.Do("name:"+name, func() (any, error) {
-		if id, err := c.n.store.Resolve(ctx, name); err == nil {
-			return id, nil
+	ch := c.sf.DoChan("name:"+name, func() (any, error) {
+		c.mu.Lock()
+		if c.closing {
+			c.mu.Unlock()
+			return nil, errors.New("node is shutting down")
 		}
-		var id chunkstore.ID
-		var provs []peer.AddrInfo
-		var err error
-		byID := false
-		if pid, perr := chunkstore.ParseID(name); perr == nil {
-			id, byID = pid, true
-			provs, err = c.p.FindProviders(ctx, id)
-		} else {
-			id, provs, err = c.p.ResolveName(ctx, name)
+		c.wg.Add(1)
+		c.mu.Unlock()
+		defer c.wg.Done()
+		base := c.n.runCtx
+		if base == nil {
+			base = context.WithoutCancel(ctx)
 		}
-		if err != nil {
-			return nil, err
-		}
-		var enc []byte
-		lastErr := fmt.Errorf("image %q: no peer holds it: %w", name, chunkstore.ErrNotFound)
-		for _, ai := range provs {
-			mctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			enc, err = c.p.Manifest(mctx, ai.ID, id)
-			cancel()
-			if err == nil {
-				break
-			}
-			lastErr = err
-		}
-		if enc == nil {
-			return nil, lastErr
-		}
-		m, err := chunkstore.DecodeManifest(enc)
-		if err != nil {
-			return nil, fmt.Errorf("image %q: manifest from peers: %w", name, err)
-		}
-		got, err := c.n.store.PutManifest(ctx, m)
-		if err != nil {
-			return nil, err
-		}
-		if got != id {
-			return nil, fmt.Errorf("image %q: manifest re-encodes to %s, want %s", name, got, id)
-		}
-		regName := name
-		if byID {
-			regName = id.String()
-		} else if err := c.n.store.SetName(ctx, name, id); err != nil {
-			return nil, err
-		}
-		c.log.Info("image registered from peers", "image", name, "manifest", id.String(), "size", m.Size, "from_peers", len(provs))
-		c.n.advertiseLater(regName, id)
-		return id, nil
+		wctx, cancel := context.WithTimeout(base, resolveTimeout)
+		defer cancel()
+		return c.resolveShared(wctx, name)
 	})
-	if err != nil {
-		return chunkstore.ID{}, err
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return chunkstore.ID{}, r.Err
+		}
+		return r.Val.(chunkstore.ID), nil
+	case <-ctx.Done():
+		return chunkstore.ID{}, fmt.Errorf("resolve image %q: %w", name, ctx.Err())
 	}
-	return r.(chunkstore.ID), nil
+}
+
+// resolveShared is resolveRemote's shared work.
+func (c *cluster) resolveShared(ctx context.Context, name string) (any, error) {
+	if id, err := c.n.store.Resolve(ctx, name); err == nil {
+		return id, nil
+	}
+	var id chunkstore.ID
+	var provs []peer.AddrInfo
+	var err error
+	byID := false
+	if pid, perr := chunkstore.ParseID(name); perr == nil {
+		id, byID = pid, true
+		provs, err = c.p.FindProviders(ctx, id)
+	} else {
+		id, provs, err = c.p.ResolveName(ctx, name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var enc []byte
+	lastErr := fmt.Errorf("image %q: no peer holds it: %w", name, chunkstore.ErrNotFound)
+	for _, ai := range provs {
+		mctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		enc, err = c.p.Manifest(mctx, ai.ID, id)
+		cancel()
+		if err == nil {
+			break
+		}
+		lastErr = err
+	}
+	if enc == nil {
+		return nil, lastErr
+	}
+	m, err := chunkstore.DecodeManifest(enc)
+	if err != nil {
+		return nil, fmt.Errorf("image %q: manifest from peers: %w", name, err)
+	}
+	got, err := c.n.store.PutManifest(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	if got != id {
+		return nil, fmt.Errorf("image %q: manifest re-encodes to %s, want %s", name, got, id)
+	}
+	regName := name
+	if byID {
+		regName = id.String()
+	} else if err := c.n.store.SetName(ctx, name, id); err != nil {
+		return nil, err
+	}
+	c.log.Info("image registered from peers", "image", name, "manifest", id.String(), "size", m.Size, "from_peers", len(provs))
+	c.n.advertiseLater(regName, id)
+	return id, nil
 }
 
 // PullImage registers an image known to the cluster by name (or manifest CID)

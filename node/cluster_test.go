@@ -2,15 +2,19 @@ package node_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/p2p"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 )
 
@@ -31,6 +35,12 @@ func mockImage(size int, seed uint64) (data []byte, nonZero int64) {
 // startMockCluster starts n nodes on one mocknet, all bootstrapping from the
 // first.
 func startMockCluster(t *testing.T, n int, cfg func(i int, c *node.Config)) []*testNode {
+	nodes, _ := startMockNet(t, n, cfg)
+	return nodes
+}
+
+// startMockNet is startMockCluster that also returns the mocknet.
+func startMockNet(t *testing.T, n int, cfg func(i int, c *node.Config)) ([]*testNode, mocknet.Mocknet) {
 	t.Helper()
 	mn := mocknet.New()
 	t.Cleanup(func() { mn.Close() })
@@ -75,7 +85,7 @@ func startMockCluster(t *testing.T, n int, cfg func(i int, c *node.Config)) []*t
 		}
 		return true
 	})
-	return nodes
+	return nodes, mn
 }
 
 // openRetry opens an export, retrying while the cluster is still learning
@@ -167,5 +177,125 @@ func TestClusterCoalescesOriginReads(t *testing.T) {
 	}
 	if peerBytes == 0 {
 		t.Error("no chunk came from a peer")
+	}
+}
+
+// TestClusterNameConflict: two nodes import different images under one name.
+// A third node refuses the name, naming both manifests and how to choose,
+// instead of taking whichever provider answers first; it can pull either by
+// its CID.
+func TestClusterNameConflict(t *testing.T) {
+	t.Parallel()
+	dataA, _ := mockImage(1<<20, 51)
+	dataB, _ := mockImage(1<<20, 52)
+	srvA, srvB := newRangeServer(t, dataA), newRangeServer(t, dataB)
+	cl := startMockCluster(t, 3, nil)
+	a := addImage(t, cl[0], node.ImportRequest{Source: srvA.URL + "/a.raw", Name: "deb", Lazy: true})
+	b := addImage(t, cl[1], node.ImportRequest{Source: srvB.URL + "/b.raw", Name: "deb", Lazy: true})
+	if a.Manifest == b.Manifest {
+		t.Fatal("two different images have one manifest")
+	}
+	// Until both claims are announced.
+	waitFor(t, "both claims on the name to be seen", func() bool {
+		_, _, err := cl[2].P2P().ResolveName(t.Context(), "deb")
+		return errors.Is(err, p2p.ErrNameConflict)
+	})
+	_, err := cl[2].PullImage(t.Context(), "deb")
+	if err == nil {
+		t.Fatal("pulled a name two images claim")
+	}
+	for _, want := range []string{a.Manifest.String(), b.Manifest.String(), "hoard image pull"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("pull of a conflicting name: %q does not say %s", err, want)
+		}
+	}
+	if _, err := cl[2].Open(t.Context(), "deb"); err == nil || !strings.Contains(err.Error(), b.Manifest.String()) {
+		t.Errorf("NBD open of a conflicting name: %v", err)
+	}
+	info, err := cl[2].PullImage(t.Context(), b.Manifest.String())
+	if err != nil || info.Manifest != b.Manifest {
+		t.Fatalf("pull by CID: %+v, %v", info, err)
+	}
+}
+
+// TestClusterResolveSurvivesCancelledCaller: two callers resolve one unknown
+// name at once and the first gives up; the shared resolution goes on for the
+// second.
+func TestClusterResolveSurvivesCancelledCaller(t *testing.T) {
+	t.Parallel()
+	data, _ := mockImage(1<<20, 53)
+	srv := newRangeServer(t, data)
+	cl, mn := startMockNet(t, 2, nil)
+	res := addImage(t, cl[0], node.ImportRequest{Source: srv.URL + "/r.raw", Name: "shared", Lazy: true})
+	waitFor(t, "the name to be announced", func() bool {
+		id, _, err := cl[1].P2P().ResolveName(t.Context(), "shared")
+		return err == nil && id == res.Manifest
+	})
+	// Slow links: the resolution (DHT lookup, RESOLVE, MANIFEST) takes many
+	// round trips of 2 x 50 ms, long past the first caller's 100 ms.
+	for _, l := range mn.LinksBetweenPeers(cl[0].P2P().ID(), cl[1].P2P().ID()) {
+		l.SetOptions(mocknet.LinkOptions{Latency: 50 * time.Millisecond})
+	}
+	first, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	errs := make(chan error, 2)
+	go func() {
+		_, err := cl[1].PullImage(first, "shared")
+		errs <- err
+	}()
+	time.Sleep(10 * time.Millisecond) // the first caller starts the flight
+	info, err := cl[1].PullImage(t.Context(), "shared")
+	if err != nil || info.Manifest != res.Manifest {
+		t.Fatalf("second caller: %+v, %v (the first caller's cancel failed the shared resolution)", info, err)
+	}
+	if err := <-errs; !errors.Is(err, context.DeadlineExceeded) {
+		t.Logf("first caller: %v", err)
+	}
+}
+
+// TestClusterFirstReadWithStoppedPeer: a connected peer that stopped
+// answering (its chunk streams accept and never reply) does not hold a
+// node's first read of an image for the whole have-bitmap timeout (3 s, then
+// 5 s): the first view is used once a holder answered and a short grace passed.
+func TestClusterFirstReadWithStoppedPeer(t *testing.T) {
+	t.Parallel()
+	data, _ := mockImage(1<<20, 54)
+	srv := newRangeServer(t, data)
+	cl := startMockCluster(t, 3, nil)
+	addImage(t, cl[0], node.ImportRequest{Source: srv.URL + "/s.raw", Name: "stopped"})
+	stop := make(chan struct{})
+	var mu sync.Mutex
+	var held []network.Stream
+	t.Cleanup(func() {
+		close(stop)
+		mu.Lock()
+		defer mu.Unlock()
+		for _, s := range held {
+			s.Reset()
+		}
+	})
+	cl[2].P2P().Host().SetStreamHandler(p2p.ProtocolChunks, func(s network.Stream) {
+		mu.Lock()
+		held = append(held, s)
+		mu.Unlock()
+		<-stop
+	})
+	x := openRetry(t, cl[1], "stopped")
+	defer x.Close()
+	start := time.Now()
+	p := make([]byte, 64<<10)
+	if err := x.ReadAt(t.Context(), p, 0); err != nil {
+		t.Fatal(err)
+	}
+	d := time.Since(start)
+	if !bytes.Equal(p, data[:len(p)]) {
+		t.Fatal("wrong bytes")
+	}
+	t.Logf("first read with a stopped peer: %v", d)
+	if d > 3*time.Second {
+		t.Fatalf("first read took %v with a stopped peer in the view: it waited for the stopped peer's have-bitmap", d)
+	}
+	if c := cl[1].counters(t); c.ReadBytes["peer"] == 0 {
+		t.Errorf("the read did not come from the holder: %+v", c.ReadBytes)
 	}
 }

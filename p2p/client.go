@@ -20,11 +20,24 @@ import (
 // peer is marked bad (see Peer.Bad).
 var ErrBadPeer = errors.New("peer sent bad data")
 
-// pool is a peer's long-lived chunk streams.
+// pool is a peer's long-lived chunk streams. A pool is dropped from
+// Peer.pools when its last stream ends, and once closed (the peer was marked
+// bad, or the node is closing) it takes no new stream.
 type pool struct {
 	mu      sync.Mutex
 	conns   []*conn
 	opening int
+	opened  chan struct{} // closed when an opening stream is done (getConn waits on it)
+	closed  bool
+}
+
+// openDone records that a stream finished opening (or failed to); pl.mu is held.
+func (pl *pool) openDone() {
+	pl.opening--
+	if pl.opened != nil {
+		close(pl.opened)
+		pl.opened = nil
+	}
 }
 
 func (pl *pool) size() int {
@@ -33,21 +46,28 @@ func (pl *pool) size() int {
 	return len(pl.conns)
 }
 
-func (pl *pool) remove(c *conn) {
+// remove drops c and reports whether the pool is now empty and idle.
+func (pl *pool) remove(c *conn) (empty bool) {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	for i, x := range pl.conns {
 		if x == c {
 			pl.conns = append(pl.conns[:i], pl.conns[i+1:]...)
-			return
+			break
 		}
 	}
+	return len(pl.conns) == 0 && pl.opening == 0
 }
 
 func (pl *pool) closeAll() {
 	pl.mu.Lock()
 	conns := pl.conns
 	pl.conns = nil
+	pl.closed = true
+	if pl.opened != nil {
+		close(pl.opened) // getConn's waiters see closed
+		pl.opened = nil
+	}
 	pl.mu.Unlock()
 	for _, c := range conns {
 		c.s.Reset()
@@ -58,27 +78,29 @@ func (pl *pool) closeAll() {
 // goroutine hands reply frames to the calls by request ID.
 type conn struct {
 	s       network.Stream
-	wmu     sync.Mutex
+	wsem    chan struct{} // held while writing a frame; every write has a deadline (writeFrame)
 	w       *bufio.Writer
 	mu      sync.Mutex
 	pending map[uint64]*call
+	used    time.Time // last request sent
 	err     error
+	cancels []uint64 // CANCELs to send (by sendCancels)
+	sending bool     // a sendCancels goroutine runs
 }
 
 type call struct {
 	ch   chan *message // reply frames; closed after the last one or when the stream dies
 	done chan struct{} // closed by the caller when it stops listening
 	c    *conn
+	p    *Peer
 	id   uint64
 }
 
-func (c *conn) inflight() int {
+// inflight returns the requests in flight on c; ok is false once c failed.
+func (c *conn) inflight() (n int, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.err != nil {
-		return 1 << 30
-	}
-	return len(c.pending)
+	return len(c.pending), c.err == nil
 }
 
 func (c *conn) fail(err error) {
@@ -91,6 +113,48 @@ func (c *conn) fail(err error) {
 		close(cl.ch)
 		delete(c.pending, id)
 	}
+}
+
+// minSendRate is the slowest a peer may take our bytes before a write gives
+// up: a write of n bytes may take the write timeout plus n at this rate (as
+// boxo's bitswap network bounds its sends, with a data-center rate).
+const minSendRate = 1 << 20
+
+// writeTimeout is how long writing n bytes to a peer may take.
+func (p *Peer) writeTimeout(n int) time.Duration {
+	return p.o.writeTimeout + time.Duration(int64(n)*int64(time.Second)/minSendRate)
+}
+
+// writeFrame writes one frame and flushes it within the write timeout. A
+// write that fails (or times out: the peer stopped reading) may have left
+// part of a frame on the stream, so the stream is reset; its reader then
+// fails the calls pending on it.
+// The write also ends with ctx: a write still under way then is stuck on a
+// peer that does not read (a frame is small), and the stream is reset.
+func (p *Peer) writeFrame(ctx context.Context, c *conn, frame []byte) error {
+	select {
+	case c.wsem <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-c.wsem }()
+	if err := ctx.Err(); err != nil {
+		return err // both were ready: do not start a write only to reset it
+	}
+	stop := context.AfterFunc(ctx, func() { c.s.Reset() })
+	defer stop()
+	c.s.SetWriteDeadline(time.Now().Add(p.writeTimeout(len(frame))))
+	_, err := c.w.Write(frame)
+	if err == nil {
+		err = c.w.Flush()
+	}
+	if err != nil {
+		c.s.Reset()
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (stream reset: write still blocked)", ctx.Err())
+		}
+	}
+	return err
 }
 
 func (p *Peer) readLoop(remote peer.ID, pl *pool, c *conn) {
@@ -128,9 +192,20 @@ func (p *Peer) readLoop(remote peer.ID, pl *pool, c *conn) {
 			}
 		}
 	}()
-	pl.remove(c)
 	c.s.Reset()
 	c.fail(fmt.Errorf("stream to %s: %w", remote, err))
+	p.dropConn(remote, pl, c)
+}
+
+// dropConn forgets c, and its pool when that was the pool's last stream, so
+// Peer.pools holds only peers with live streams.
+func (p *Peer) dropConn(remote peer.ID, pl *pool, c *conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.conns, c)
+	if pl.remove(c) && p.pools[remote] == pl {
+		delete(p.pools, remote)
+	}
 }
 
 func (p *Peer) poolFor(remote peer.ID) (*pool, error) {
@@ -156,44 +231,89 @@ func (p *Peer) getConn(ctx context.Context, remote peer.ID) (*conn, error) {
 	}
 	pl.mu.Lock()
 	var best *conn
-	bestN := 0
-	for _, c := range pl.conns {
-		if n := c.inflight(); best == nil || n < bestN {
-			best, bestN = c, n
+	for {
+		bestN, live := 0, 0
+		best = nil
+		for _, c := range pl.conns {
+			n, ok := c.inflight()
+			if !ok {
+				continue // failed or idle-closed; its reader drops it
+			}
+			live++
+			if best == nil || n < bestN {
+				best, bestN = c, n
+			}
 		}
-	}
-	if best != nil && (bestN == 0 || len(pl.conns)+pl.opening >= p.o.streamsPerPeer) {
+		full := live+pl.opening >= max(p.o.streamsPerPeer, 1)
+		if best != nil && (bestN == 0 || full) {
+			pl.mu.Unlock()
+			return best, nil
+		}
+		if !full {
+			break
+		}
+		// Every stream the pool may have is opening: wait for one.
+		if pl.opened == nil {
+			pl.opened = make(chan struct{})
+		}
+		opened := pl.opened
 		pl.mu.Unlock()
-		return best, nil
+		select {
+		case <-opened:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("open chunk stream to %s: %w", remote, ctx.Err())
+		}
+		pl.mu.Lock()
+		if pl.closed {
+			pl.mu.Unlock()
+			return nil, fmt.Errorf("open chunk stream to %s: %w", remote, errStreamsClosed)
+		}
 	}
 	pl.opening++
 	pl.mu.Unlock()
 	s, err := p.host.NewStream(network.WithAllowLimitedConn(ctx, "hoard"), remote, ProtocolChunks)
-	pl.mu.Lock()
-	pl.opening--
 	if err != nil {
+		p.mu.Lock()
+		pl.mu.Lock()
+		pl.openDone()
+		empty := len(pl.conns) == 0 && pl.opening == 0
 		pl.mu.Unlock()
+		if empty && p.pools[remote] == pl {
+			delete(p.pools, remote) // an unreachable peer leaves no pool behind
+		}
+		p.mu.Unlock()
 		if best != nil {
 			return best, nil
 		}
 		return nil, fmt.Errorf("open chunk stream to %s: %w", remote, err)
 	}
-	c := &conn{s: s, w: bufio.NewWriterSize(s, 16<<10), pending: map[uint64]*call{}}
-	pl.conns = append(pl.conns, c)
-	pl.mu.Unlock()
+	c := &conn{s: s, wsem: make(chan struct{}, 1), w: bufio.NewWriterSize(s, 16<<10), pending: map[uint64]*call{}, used: time.Now()}
+	// Register c with the node (so Close resets it) and its pool under p.mu,
+	// unless the node closed or the pool was closed (peer marked bad) while
+	// the stream opened: a stream no pool holds would be reset by no one.
 	p.mu.Lock()
-	closed := p.closed
-	if !closed {
+	pl.mu.Lock()
+	pl.openDone()
+	ok := !p.closed && !pl.closed
+	if ok {
+		pl.conns = append(pl.conns, c)
+		p.conns[c] = struct{}{}
 		p.wg.Add(1)
 	}
+	pl.mu.Unlock()
 	p.mu.Unlock()
-	if closed {
+	if !ok {
 		s.Reset()
-		return nil, errors.New("p2p node closed")
+		return nil, fmt.Errorf("open chunk stream to %s: %w", remote, errStreamsClosed)
 	}
 	go p.readLoop(remote, pl, c)
 	return c, nil
 }
+
+var errIdle = errors.New("stream closed: idle")
+
+// errStreamsClosed: the node is closing, or the peer was just marked bad.
+var errStreamsClosed = errors.New("p2p node closed or peer dropped")
 
 // send registers a call and writes req on a pooled stream to remote.
 func (p *Peer) send(ctx context.Context, remote peer.ID, req *message) (*call, error) {
@@ -202,7 +322,7 @@ func (p *Peer) send(ctx context.Context, remote peer.ID, req *message) (*call, e
 		return nil, err
 	}
 	req.ReqID = p.reqID.Add(1)
-	cl := &call{ch: make(chan *message, 16), done: make(chan struct{}), c: c, id: req.ReqID}
+	cl := &call{ch: make(chan *message, 16), done: make(chan struct{}), c: c, p: p, id: req.ReqID}
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -210,19 +330,33 @@ func (p *Peer) send(ctx context.Context, remote peer.ID, req *message) (*call, e
 		return nil, err
 	}
 	c.pending[req.ReqID] = cl
+	c.used = time.Now()
 	c.mu.Unlock()
-	c.wmu.Lock()
-	_, err = c.w.Write(appendMessage(nil, req))
-	if err == nil {
-		err = c.w.Flush()
-	}
-	c.wmu.Unlock()
-	if err != nil {
-		c.s.Reset()
+	if err := p.writeFrame(ctx, c, appendMessage(nil, req)); err != nil {
 		cl.finish(false)
 		return nil, fmt.Errorf("send to %s: %w", remote, err)
 	}
 	return cl, nil
+}
+
+// closeIdle resets pooled streams that have had no request in flight since
+// before idleSince, so streams to peers no longer asked do not stay open.
+func (p *Peer) closeIdle(idleSince time.Time) int {
+	p.mu.Lock()
+	var idle []*conn
+	for c := range p.conns {
+		c.mu.Lock()
+		if c.err == nil && len(c.pending) == 0 && c.used.Before(idleSince) {
+			c.err = errIdle // no new request goes on it
+			idle = append(idle, c)
+		}
+		c.mu.Unlock()
+	}
+	p.mu.Unlock()
+	for _, c := range idle {
+		c.s.Reset() // its reader drops it from its pool
+	}
+	return len(idle)
 }
 
 // finish stops listening; when the reply is incomplete it tells the server to
@@ -234,11 +368,60 @@ func (cl *call) finish(cancel bool) {
 	delete(cl.c.pending, cl.id)
 	cl.c.mu.Unlock()
 	if still && cancel {
-		cl.c.wmu.Lock()
-		if _, err := cl.c.w.Write(appendMessage(nil, &message{Type: msgCancel, ReqID: cl.id})); err == nil {
-			cl.c.w.Flush()
+		cl.p.cancelLater(cl.c, cl.id)
+	}
+}
+
+// cancelLater queues a CANCEL for request id on c. CANCELs are written by one
+// goroutine per stream, so a caller that gives up never waits for a write to
+// a peer that stopped reading (at most the write timeout; on mocknet, whose
+// streams have no deadlines, until Close).
+func (p *Peer) cancelLater(c *conn, id uint64) {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.cancels = append(c.cancels, id)
+	start := !c.sending
+	c.sending = true
+	c.mu.Unlock()
+	if !start {
+		return
+	}
+	p.mu.Lock()
+	closed := p.closed
+	if !closed {
+		p.wg.Add(1)
+	}
+	p.mu.Unlock()
+	if !closed {
+		go p.sendCancels(c)
+	}
+}
+
+func (p *Peer) sendCancels(c *conn) {
+	defer p.wg.Done()
+	for {
+		c.mu.Lock()
+		ids := c.cancels
+		c.cancels = nil
+		if len(ids) == 0 || c.err != nil {
+			c.sending = false
+			c.mu.Unlock()
+			return
 		}
-		cl.c.wmu.Unlock()
+		c.mu.Unlock()
+		var b []byte
+		for _, id := range ids {
+			b = appendMessage(b, &message{Type: msgCancel, ReqID: id})
+		}
+		if err := p.writeFrame(p.ctx, c, b); err != nil {
+			c.mu.Lock()
+			c.sending, c.cancels = false, nil
+			c.mu.Unlock()
+			return
+		}
 	}
 }
 

@@ -176,9 +176,21 @@ func (p *Peer) findProviders(ctx context.Context, key cid.Cid) ([]peer.AddrInfo,
 	return out, nil
 }
 
-// ResolveName finds the manifest name stands for by asking the providers of its
-// name key (NameKey), and returns it with the peers that said so. The first
-// answer wins; answers are not verifiable (a manifest is, once fetched).
+// ErrNameConflict is returned by ResolveName when the providers of a name do
+// not agree on the manifest it stands for (two nodes imported different images
+// under one name): no answer is picked silently.
+var ErrNameConflict = errors.New("image name claimed by different images")
+
+// resolveTimeout bounds each provider's answer to a RESOLVE.
+const resolveTimeout = 5 * time.Second
+
+// ResolveName finds the manifest name stands for by asking every provider of
+// its name key (NameKey, up to 20 peers, concurrently, each for at most 5 s),
+// and returns it with the peers that said so, then the others. When
+// providers disagree it returns an error wrapping ErrNameConflict that names
+// the manifests and their peers: a name record is not verifiable (a manifest
+// is, once fetched), so a node must not take whichever answer came first. A
+// name this node provides itself resolves to its own manifest.
 func (p *Peer) ResolveName(ctx context.Context, name string) (chunkstore.ID, []peer.AddrInfo, error) {
 	p.mu.Lock()
 	local, ok := p.names[name]
@@ -190,37 +202,69 @@ func (p *Peer) ResolveName(ctx context.Context, name string) (chunkstore.ID, []p
 	if ok {
 		return local, provs, nil
 	}
-	var lastErr error = chunkstore.ErrNotFound
-	for _, ai := range provs {
+	type answer struct {
+		ai  peer.AddrInfo
+		id  chunkstore.ID
+		err error
+	}
+	answers := make([]answer, len(provs))
+	var g errgroup.Group
+	for i, ai := range provs {
+		answers[i].ai = ai
 		if p.Bad(ai.ID) {
+			answers[i].err = ErrBadPeer
 			continue
 		}
-		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		id, err := p.resolve(rctx, ai.ID, name)
-		cancel()
-		if err != nil {
-			lastErr = err
+		g.Go(func() error {
+			rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
+			defer cancel()
+			answers[i].id, answers[i].err = p.resolve(rctx, ai.ID, name)
+			return nil
+		})
+	}
+	g.Wait()
+	var lastErr error = chunkstore.ErrNotFound
+	byID := map[chunkstore.ID][]peer.AddrInfo{}
+	var order []chunkstore.ID // in provider order: connected, then nearest first
+	for _, a := range answers {
+		if a.err != nil {
+			if !errors.Is(a.err, chunkstore.ErrNotFound) {
+				lastErr = a.err
+			}
 			continue
 		}
-		var agree []peer.AddrInfo
+		if _, seen := byID[a.id]; !seen {
+			order = append(order, a.id)
+		}
+		byID[a.id] = append(byID[a.id], a.ai)
+	}
+	switch len(order) {
+	case 0:
+		if ctx.Err() != nil {
+			return chunkstore.ID{}, nil, fmt.Errorf("resolve %q: %w", name, ctx.Err())
+		}
+		return chunkstore.ID{}, nil, fmt.Errorf("resolve %q: no peer knows it (%w); add the image on one node with hoard image add", name, lastErr)
+	case 1:
+		id := order[0]
+		agree := byID[id]
+		var rest []peer.AddrInfo
 		for _, a := range provs {
-			if a.ID == ai.ID {
-				agree = append(agree, a)
+			if !slices.ContainsFunc(agree, func(b peer.AddrInfo) bool { return b.ID == a.ID }) {
+				rest = append(rest, a)
 			}
 		}
-		return id, append(agree, others(provs, ai.ID)...), nil
+		return id, append(slices.Clone(agree), rest...), nil
 	}
-	return chunkstore.ID{}, nil, fmt.Errorf("resolve %q: no peer knows it (%w); add the image on one node with hoard image add", name, lastErr)
-}
-
-func others(ais []peer.AddrInfo, not peer.ID) []peer.AddrInfo {
-	var out []peer.AddrInfo
-	for _, a := range ais {
-		if a.ID != not {
-			out = append(out, a)
+	claims := make([]string, 0, len(order))
+	for _, id := range order {
+		var who []string
+		for _, a := range byID[id] {
+			who = append(who, a.ID.String())
 		}
+		claims = append(claims, fmt.Sprintf("%s (peers %s)", id, strings.Join(who, ", ")))
 	}
-	return out
+	return chunkstore.ID{}, nil, fmt.Errorf("resolve %q: %w: %s; pull the one you mean by its manifest CID (hoard image pull <cid>), and rename or remove the other on its node",
+		name, ErrNameConflict, strings.Join(claims, " and "))
 }
 
 // Run joins the cluster through the bootstrap peers (retrying with backoff, and
@@ -231,7 +275,25 @@ func (p *Peer) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { p.bootstrapLoop(ctx); return nil })
 	g.Go(func() error { p.reprovideLoop(ctx); return nil })
+	g.Go(func() error { p.idleLoop(ctx); return nil })
 	return g.Wait()
+}
+
+// idleLoop closes chunk streams no request used for the idle timeout (5 min),
+// and with them the pools of peers no longer asked.
+func (p *Peer) idleLoop(ctx context.Context) {
+	t := time.NewTicker(p.o.streamIdle / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			if n := p.closeIdle(now.Add(-p.o.streamIdle)); n > 0 {
+				p.log.Debug("closed idle chunk streams", "streams", n)
+			}
+		}
+	}
 }
 
 func (p *Peer) reprovideLoop(ctx context.Context) {

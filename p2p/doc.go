@@ -28,7 +28,10 @@
 // datastore in the data dir) holds image-level keys only, never one per chunk:
 // the manifest CID ("I hold chunks of this image") and NameKey(name), a CID of
 // sha256("hoard-name:"+name), whose providers answer RESOLVE with the manifest
-// ID. A node that needs chunks finds the image's providers, asks them for have
+// ID. ResolveName asks every provider it finds: when they name different
+// manifests (two nodes imported different images under one name) it refuses
+// with ErrNameConflict, naming both CIDs, rather than take the first answer;
+// the user pulls the one meant by its CID. A node that needs chunks finds the image's providers, asks them for have
 // bitmaps, and fetches each chunk from a peer that has it. Run re-announces
 // every key each reprovide interval (default 30 min, 8 at a time); records live
 // 3 intervals, so a withdrawn image stops being found after at most that.
@@ -67,4 +70,13 @@
 // marked bad and not asked again for a while. A server works on up to 16
 // requests per stream at once and sends chunks through the upload token bucket
 // (WithUploadLimit). Any malformed frame resets the stream.
+//
+// Every write on a chunk stream, by either side, has a deadline (the write
+// timeout, default 10 s, plus the frame's size at 1 MiB/s; WithWriteTimeout):
+// a peer that stops reading gets its stream reset, and the requests on it fail
+// and are asked of another holder. A holder that lets a fetch stall (another
+// holder's hedged copy arrives first, or nothing arrives before the stall
+// timeout) is asked last for 30 s, so a stopped peer, whose connection stays up
+// until keep-alives fail, costs one hedge delay rather than one per read.
+// Close resets every stream, client or served, and waits for their goroutines.
 package p2p

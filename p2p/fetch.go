@@ -2,6 +2,7 @@ package p2p
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
@@ -39,10 +40,18 @@ func (p *Peer) FetchFrom(ctx context.Context, manifest chunkstore.ID, wants []Wa
 		select {
 		case r := <-f.results:
 			if r.chunk != nil {
+				if r.job.delivered == 0 {
+					p.clearSlow(r.job.peer)
+				}
+				r.job.delivered++
 				if _, ok := f.pending[r.chunk.Index]; !ok {
 					continue // a hedge lost the race
 				}
 				delete(f.pending, r.chunk.Index)
+				if h := r.job; h.of != nil && h.of.delivered == 0 && f.jobs[h.of] {
+					// A hedge delivered before the peer first asked sent anything.
+					p.markSlow(h.of.peer)
+				}
 				if err := fn(*r.chunk); err != nil {
 					return append(f.missing, f.pendingList()...), err
 				}
@@ -55,6 +64,9 @@ func (p *Peer) FetchFrom(ctx context.Context, manifest chunkstore.ID, wants []Wa
 			r.job.cancel()
 			for _, w := range r.job.wants {
 				f.inFlight[w.Index]--
+			}
+			if r.job.stalled.Load() {
+				p.markSlow(r.job.peer)
 			}
 			if r.err != nil && f.ctx.Err() == nil {
 				p.log.Debug("batch failed; asking another peer", "peer_id", r.job.peer.String(), "cause", r.err)
@@ -86,13 +98,16 @@ type fetchResult struct {
 }
 
 type job struct {
-	peer   peer.ID
-	wants  []Want
-	hedge  bool // this job is a hedge
-	hedged bool // a hedge was launched for this job
-	start  time.Time
-	ctx    context.Context
-	cancel context.CancelFunc
+	peer      peer.ID
+	wants     []Want
+	hedge     bool // this job is a hedge
+	of        *job // the job this one hedges
+	hedged    bool // a hedge was launched for this job
+	delivered int  // chunks received (by FetchFrom's loop)
+	stalled   atomic.Bool
+	start     time.Time
+	ctx       context.Context
+	cancel    context.CancelFunc
 }
 
 // fetchRun is FetchFrom's state, owned by its loop goroutine.
@@ -145,8 +160,13 @@ func (f *fetchRun) launch(j *job) {
 	j.start = time.Now()
 	j.ctx, j.cancel = context.WithCancel(f.ctx)
 	stallAfter := f.p.o.stallTimeout
+	if f.p.isSlow(j.peer) {
+		// It stalled a fetch moments ago (stopped?): when it is the only
+		// holder left, give it the hedge delay, not the full stall timeout.
+		stallAfter = min(stallAfter, max(f.p.o.hedgeAfter, 100*time.Millisecond))
+	}
 	go func() {
-		stall := time.AfterFunc(stallAfter, j.cancel)
+		stall := time.AfterFunc(stallAfter, func() { j.stalled.Store(true); j.cancel() })
 		defer stall.Stop()
 		_, err := f.p.Fetch(j.ctx, j.peer, f.manifest, j.wants, false, func(c Chunk) error {
 			stall.Reset(stallAfter)
@@ -202,6 +222,6 @@ func (f *fetchRun) hedge(j *job) {
 		}
 	}
 	for id, ws := range groups {
-		f.launch(&job{peer: id, wants: ws, hedge: true})
+		f.launch(&job{peer: id, wants: ws, hedge: true, of: j})
 	}
 }

@@ -33,6 +33,8 @@ type options struct {
 	badPeerTTL        time.Duration
 	hedgeAfter        time.Duration
 	stallTimeout      time.Duration
+	writeTimeout      time.Duration
+	streamIdle        time.Duration
 	lookupTimeout     time.Duration
 	maxProviders      int
 }
@@ -129,6 +131,12 @@ func WithHedging(hedgeAfter, stall time.Duration) Option {
 	return func(o *options) { o.hedgeAfter, o.stallTimeout = hedgeAfter, stall }
 }
 
+// WithWriteTimeout bounds every write to a peer's stream: a write of n bytes
+// may take d plus n at 1 MiB/s (default 10 s), after which the stream is reset
+// and its requests fail (and are asked elsewhere), so a peer that stops
+// reading cannot wedge a fetch or a server goroutine.
+func WithWriteTimeout(d time.Duration) Option { return func(o *options) { o.writeTimeout = d } }
+
 func defaults() options {
 	return options{
 		listen:            DefaultListenAddrs,
@@ -138,6 +146,8 @@ func defaults() options {
 		badPeerTTL:        time.Hour,
 		hedgeAfter:        time.Second,
 		stallTimeout:      10 * time.Second,
+		writeTimeout:      10 * time.Second,
+		streamIdle:        5 * time.Minute,
 		lookupTimeout:     10 * time.Second,
 		maxProviders:      20,
 	}

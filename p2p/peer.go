@@ -95,8 +95,11 @@ type Peer struct {
 	retry    map[cid.Cid]string // announcements that failed, retried soon by the reprovide loop
 	names    map[string]chunkstore.ID
 	bad      map[peer.ID]time.Time
-	pools    map[peer.ID]*pool
-	load     map[peer.ID]int64 // chunks requested and not yet answered
+	slow     map[peer.ID]time.Time       // stalled a fetch recently (see markSlow)
+	pools    map[peer.ID]*pool           // peers with live chunk streams
+	conns    map[*conn]struct{}          // every client stream, whatever its pool
+	served   map[network.Stream]struct{} // streams being served (handleStream)
+	load     map[peer.ID]int64           // chunks requested and not yet answered
 	closed   bool
 	kick     chan struct{} // wakes the reprovide loop (after bootstrap)
 }
@@ -114,7 +117,8 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 	}
 	p := &Peer{o: o, log: o.log.With("component", "p2p"),
 		provided: make(map[cid.Cid]string), retry: make(map[cid.Cid]string), names: make(map[string]chunkstore.ID),
-		bad: make(map[peer.ID]time.Time), pools: make(map[peer.ID]*pool),
+		bad: make(map[peer.ID]time.Time), slow: make(map[peer.ID]time.Time), pools: make(map[peer.ID]*pool),
+		conns: make(map[*conn]struct{}), served: make(map[network.Stream]struct{}),
 		load: make(map[peer.ID]int64), kick: make(chan struct{}, 1)}
 	p.verify = o.verify
 	if p.verify == nil {
@@ -300,11 +304,24 @@ func (p *Peer) Close() error {
 	p.closed = true
 	pools := p.pools
 	p.pools = map[peer.ID]*pool{}
+	var streams []network.Stream
+	for c := range p.conns {
+		streams = append(streams, c.s)
+	}
+	for s := range p.served {
+		streams = append(streams, s)
+	}
 	p.mu.Unlock()
 	p.host.RemoveStreamHandler(ProtocolChunks)
 	p.cancel()
 	for _, pl := range pools {
 		pl.closeAll()
+	}
+	// Every stream, pooled or not, client or server: a reader or a writer
+	// blocked on a peer that stopped answering returns only when its stream
+	// is reset, and Close waits for them all.
+	for _, s := range streams {
+		s.Reset()
 	}
 	err := p.dht.Close()
 	if p.ownHost {
@@ -393,13 +410,62 @@ func (p *Peer) markBad(id peer.ID, why error) {
 	p.log.Warn("peer sent bad data; not asking it again for a while", "peer_id", id.String(), "cause", why)
 	p.metrics.badPeers.Inc()
 	p.mu.Lock()
-	p.bad[id] = time.Now()
+	now := time.Now()
+	for b, t := range p.bad {
+		if now.Sub(t) > p.o.badPeerTTL {
+			delete(p.bad, b)
+		}
+	}
+	p.bad[id] = now
 	pl := p.pools[id]
 	delete(p.pools, id)
 	p.mu.Unlock()
 	if pl != nil {
 		pl.closeAll()
 	}
+}
+
+// slowPeerTTL is how long a peer that stalled a fetch is asked only when no
+// other holder has the chunk.
+const slowPeerTTL = 30 * time.Second
+
+// markSlow records that id let a fetch stall: nothing arrived before another
+// holder's copy (hedge) or before the stall timeout. A stopped or overloaded
+// peer keeps its connection for a while (until keep-alives fail, ~30 s), and
+// without this every read would wait for the hedge delay again.
+func (p *Peer) markSlow(id peer.ID) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	for s, t := range p.slow {
+		if now.Sub(t) > slowPeerTTL {
+			delete(p.slow, s)
+		}
+	}
+	if _, ok := p.slow[id]; !ok {
+		p.log.Debug("peer stalled a fetch; asking others first for a while", "peer_id", id.String())
+	}
+	p.slow[id] = now
+}
+
+// clearSlow records that id delivered.
+func (p *Peer) clearSlow(id peer.ID) {
+	p.mu.Lock()
+	delete(p.slow, id)
+	p.mu.Unlock()
+}
+
+// Slow reports whether id stalled a fetch (sent nothing before another
+// holder's copy or the stall timeout) in the last 30 s and has delivered
+// nothing since: a stopped or overloaded peer whose connection is still up.
+func (p *Peer) Slow(id peer.ID) bool { return p.isSlow(id) }
+
+// isSlow reports whether id stalled a fetch in the last slowPeerTTL.
+func (p *Peer) isSlow(id peer.ID) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	t, ok := p.slow[id]
+	return ok && time.Since(t) <= slowPeerTTL
 }
 
 func (p *Peer) outstanding(id peer.ID) int64 {

@@ -60,9 +60,10 @@ func Designated(chunk chunkstore.ID, peers []peer.ID) peer.ID {
 }
 
 // Pick chooses the peer to ask for entry index among those whose have-bitmap
-// has it: never a peer marked bad; the fewest requests in flight first, then
-// connected peers, then the lowest measured latency. ok is false when no usable
-// peer has the entry.
+// has it: never a peer marked bad; peers that stalled a fetch in the last 30 s
+// only when no other has it; then the fewest requests in flight, then
+// connected peers, then the lowest measured latency. ok is false when no
+// usable peer has the entry.
 func (p *Peer) Pick(haves map[peer.ID]Bitmap, index int) (peer.ID, bool) {
 	return p.pick(haves, index, nil)
 }
@@ -70,20 +71,23 @@ func (p *Peer) Pick(haves map[peer.ID]Bitmap, index int) (peer.ID, bool) {
 func (p *Peer) pick(haves map[peer.ID]Bitmap, index int, exclude map[peer.ID]bool) (peer.ID, bool) {
 	var best peer.ID
 	var bestLoad int64
-	var bestConn bool
+	var bestConn, bestSlow bool
 	var bestLat time.Duration
 	for id, bm := range haves {
 		if !bm.Has(index) || exclude[id] || id == p.host.ID() || p.Bad(id) {
 			continue
 		}
+		slow := p.isSlow(id)
 		load := p.outstanding(id)
 		conn := p.connected(id)
 		lat := p.host.Peerstore().LatencyEWMA(id)
-		better := best == "" || load < bestLoad ||
-			(load == bestLoad && conn && !bestConn) ||
-			(load == bestLoad && conn == bestConn && (lat < bestLat || (lat == bestLat && id < best)))
+		same := slow == bestSlow
+		better := best == "" || (!slow && bestSlow) ||
+			(same && load < bestLoad) ||
+			(same && load == bestLoad && conn && !bestConn) ||
+			(same && load == bestLoad && conn == bestConn && (lat < bestLat || (lat == bestLat && id < best)))
 		if better {
-			best, bestLoad, bestConn, bestLat = id, load, conn, lat
+			best, bestLoad, bestConn, bestSlow, bestLat = id, load, conn, slow, lat
 		}
 	}
 	return best, best != ""

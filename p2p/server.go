@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/libp2p/go-libp2p/core/network"
@@ -23,10 +24,15 @@ const (
 const maxServerInflight = 16
 
 // frameWriter serializes frames of concurrent responses onto one stream.
+// Every write has a deadline (Peer.writeTimeout of its size), so a requester
+// that stops reading fails the stream instead of holding its requests, and
+// the node's Close, forever.
 type frameWriter struct {
-	mu  sync.Mutex
-	w   *bufio.Writer
-	err error
+	mu      sync.Mutex
+	s       interface{ SetWriteDeadline(time.Time) error } // nil: no deadline (tests)
+	w       *bufio.Writer
+	timeout func(n int) time.Duration
+	err     error
 }
 
 func (fw *frameWriter) write(m *message, flush bool) error {
@@ -34,6 +40,11 @@ func (fw *frameWriter) write(m *message, flush bool) error {
 	defer fw.mu.Unlock()
 	if fw.err != nil {
 		return fw.err
+	}
+	// This call may write out what is buffered as well as its own frame.
+	if fw.s != nil {
+		n := fw.w.Buffered() + len(m.Data) + len(m.Stored.Payload) + 64
+		fw.s.SetWriteDeadline(time.Now().Add(fw.timeout(n)))
 	}
 	var hdr [64]byte
 	if m.Type == msgChunk {
@@ -60,14 +71,25 @@ func (fw *frameWriter) write(m *message, flush bool) error {
 
 func (p *Peer) handleStream(s network.Stream) {
 	remote := s.Conn().RemotePeer()
-	if p.Bad(remote) {
+	p.mu.Lock()
+	closed := p.closed
+	if !closed {
+		p.served[s] = struct{}{}
+		p.wg.Add(1)
+	}
+	p.mu.Unlock()
+	if closed || p.Bad(remote) {
 		s.Reset()
+		if !closed {
+			p.unserve(s)
+		}
 		return
 	}
+	defer p.unserve(s)
 	ctx, cancel := context.WithCancel(p.ctx)
 	defer cancel()
 	r := bufio.NewReaderSize(s, 32<<10)
-	fw := &frameWriter{w: bufio.NewWriterSize(s, 256<<10)}
+	fw := &frameWriter{s: s, w: bufio.NewWriterSize(s, 256<<10), timeout: p.writeTimeout}
 	sem := make(chan struct{}, maxServerInflight)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -120,6 +142,14 @@ func (p *Peer) handleStream(s network.Stream) {
 			}
 		}()
 	}
+}
+
+// unserve forgets a stream handleStream is done with.
+func (p *Peer) unserve(s network.Stream) {
+	p.mu.Lock()
+	delete(p.served, s)
+	p.mu.Unlock()
+	p.wg.Done()
 }
 
 // serve answers one request; an error means the stream is broken.
