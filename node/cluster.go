@@ -698,11 +698,27 @@ func (b backend) Chunk(ctx context.Context, manifest chunkstore.ID, index int, f
 }
 
 // haveBitmap returns which entries of img are in the local store, from a
-// cache refreshed every 30 s and updated as chunks are fetched.
+// cache refreshed every 30 s and updated as chunks are fetched. The store scan
+// runs without haveMu, so markHave (after every fetch) never waits for it;
+// marks made during a scan are added to its result. One scan at a time: other
+// callers wait for it (or their ctx) and share its result.
 func (n *Node) haveBitmap(ctx context.Context, img *image) p2p.Bitmap {
 	img.haveMu.Lock()
-	defer img.haveMu.Unlock()
-	if img.have == nil || time.Since(img.haveAt) > 30*time.Second {
+	for img.have == nil || time.Since(img.haveAt) > 30*time.Second {
+		if scan := img.haveScan; scan != nil {
+			stale := img.have
+			img.haveMu.Unlock()
+			select {
+			case <-scan:
+			case <-ctx.Done():
+				return p2p.Bitmap(slices.Clone(stale))
+			}
+			img.haveMu.Lock()
+			continue
+		}
+		scan := make(chan struct{})
+		img.haveScan, img.haveMarks = scan, nil
+		img.haveMu.Unlock()
 		bm := p2p.NewBitmap(len(img.m.Entries))
 		for i, e := range img.m.Entries {
 			if e.Zero {
@@ -712,9 +728,21 @@ func (n *Node) haveBitmap(ctx context.Context, img *image) p2p.Bitmap {
 				bm.Set(i)
 			}
 		}
+		img.haveMu.Lock()
+		for _, i := range img.haveMarks {
+			bm.Set(i)
+		}
+		img.haveScan, img.haveMarks = nil, nil
+		close(scan)
+		if ctx.Err() != nil { // an interrupted scan is incomplete: not cached
+			img.haveMu.Unlock()
+			return bm
+		}
 		img.have, img.haveAt = bm, time.Now()
 	}
-	return p2p.Bitmap(slices.Clone(img.have))
+	out := p2p.Bitmap(slices.Clone(img.have))
+	img.haveMu.Unlock()
+	return out
 }
 
 // markHave records in img's cached bitmap that entry idx is now stored.
@@ -723,5 +751,8 @@ func (img *image) markHave(idx int) {
 	defer img.haveMu.Unlock()
 	if img.have != nil {
 		img.have.Set(idx)
+	}
+	if img.haveScan != nil {
+		img.haveMarks = append(img.haveMarks, idx)
 	}
 }

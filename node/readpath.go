@@ -45,9 +45,11 @@ type image struct {
 	rec   *recorder // profile being recorded, nil when none
 	exps  map[*export]struct{}
 
-	haveMu sync.Mutex
-	have   p2p.Bitmap // entries in the local store, for peers; nil until asked
-	haveAt time.Time
+	haveMu    sync.Mutex
+	have      p2p.Bitmap // entries in the local store, for peers; nil until asked
+	haveAt    time.Time
+	haveScan  chan struct{} // closed when the running store scan ends; nil when none runs
+	haveMarks []int         // entries marked while a scan runs, added to its result
 }
 
 // image returns the node's state for manifest id, loading the manifest once.
