@@ -92,7 +92,9 @@ func startMockNet(t *testing.T, n int, cfg func(i int, c *node.Config)) ([]*test
 // about the image.
 func openRetry(t *testing.T, tn *testNode, name string) nbd.Export {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	// 50 mocknet nodes under -race on 2 loaded cores: name resolution can
+	// take tens of seconds (it once missed 30 s in a full run).
+	deadline := time.Now().Add(90 * time.Second)
 	for {
 		x, err := tn.Open(t.Context(), name)
 		if err == nil {
