@@ -72,6 +72,18 @@ func (s *Store) compact(ctx context.Context, frac float64) (int64, error) {
 	return reclaimed, first
 }
 
+// compactFreed compacts after chunks were deleted (Delete, GC, RemoveName):
+// the deletion stands, so a compaction refused on a nearly full disk is
+// logged, not returned; the space comes back when a later one can run.
+func (s *Store) compactFreed(ctx context.Context) (int64, error) {
+	n, err := s.compact(ctx, compactThreshold)
+	if errors.Is(err, ErrDiskFull) {
+		s.opts.log.Warn("disk nearly full: compaction postponed; free space under the data dir", "dir", s.dir, "err", err)
+		return n, nil
+	}
+	return n, err
+}
+
 // removePack deletes a compacted pack, once the index shows nothing in it:
 // the per-pack live count is only a cache of that.
 func (s *Store) removePack(p *pack) (int64, error) {

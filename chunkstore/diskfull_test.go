@@ -339,6 +339,11 @@ func TestCompactionKeepsDiskReserve(t *testing.T) {
 			t.Fatalf("read while compaction is refused: %v", err)
 		}
 	}
+	// A delete stands although its compaction is postponed.
+	if err := s.Delete(ctx, keep[11]); err != nil {
+		t.Fatalf("delete on a nearly full disk: %v", err)
+	}
+	keep = keep[:11]
 	freeUp(t, filler, 2*live)
 	n, err := s.Compact(ctx)
 	if err != nil || n == 0 {

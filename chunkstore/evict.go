@@ -200,7 +200,7 @@ func (s *Store) Delete(ctx context.Context, ids ...ID) error {
 	if err != nil || len(ids) == 0 {
 		return err
 	}
-	_, err = s.compact(ctx, compactThreshold)
+	_, err = s.compactFreed(ctx)
 	return err
 }
 

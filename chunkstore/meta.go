@@ -340,7 +340,7 @@ func (s *Store) RemoveName(ctx context.Context, name string) (Removed, error) {
 	if err != nil || res.Chunks == 0 {
 		return res, err
 	}
-	if _, err := s.Compact(ctx); err != nil {
+	if _, err := s.compactFreed(ctx); err != nil {
 		return res, fmt.Errorf("remove image %q: %w", name, err)
 	}
 	return res, nil
@@ -722,7 +722,7 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 		return res, err
 	}
 	res.Chunks, res.StoredBytes = len(still), freed
-	res.ReclaimedDiskBytes, err = s.compact(ctx, compactThreshold)
+	res.ReclaimedDiskBytes, err = s.compactFreed(ctx)
 	return res, err
 }
 
