@@ -119,4 +119,23 @@ func TestGCKeepsHeldChunks(t *testing.T) {
 	if ok, _ := s.Has(ctx, ids[1]); ok {
 		t.Fatal("gc kept a chunk nothing holds")
 	}
+
+	// Removing an image keeps its chunks that an open batch holds, too.
+	x := putRandom(t, s, r, 1, 9000)[0]
+	if _, err := s.PutNamedManifest(ctx, "img", testManifest(t, s, "/img", mustGet(t, s, x))); err != nil {
+		t.Fatal(err)
+	}
+	b = s.NewBatch("image:y")
+	if _, err := b.Put(ctx, x, mustGet(t, s, x)); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := s.RemoveName(ctx, "img"); err != nil || res.Chunks != 0 {
+		t.Fatalf("remove image: %+v, %v; want its held chunk kept", res, err)
+	}
+	if err := b.Commit(ctx); err != nil {
+		t.Fatalf("commit after the image was removed: %v", err)
+	}
+	if ok, _ := s.Has(ctx, x); !ok {
+		t.Fatal("the held chunk was removed with the image")
+	}
 }

@@ -395,15 +395,11 @@ func (s *Store) removeName(ctx context.Context, name string) (Removed, error) {
 	res.ManifestRemoved = true
 	var garbage []ID
 	for _, c := range m.ChunkIDs() {
-		ref, err := s.hasPrefix(append([]byte{pfxRef}, c.digest[:]...))
+		g, err := s.garbage(c.digest) // an open batch's dedup hit stays, as in GC
 		if err != nil {
 			return res, fmt.Errorf("remove image %q: %w", name, err)
 		}
-		pin, err := s.hasPrefix(append([]byte{pfxPin}, c.digest[:]...))
-		if err != nil {
-			return res, fmt.Errorf("remove image %q: %w", name, err)
-		}
-		if !ref && !pin {
+		if g {
 			garbage = append(garbage, c)
 		}
 	}
