@@ -72,7 +72,7 @@ func (s *Store) compact(ctx context.Context, frac float64) (int64, error) {
 	return reclaimed, first
 }
 
-// compactFreed compacts after chunks were deleted (Delete, GC, RemoveName):
+// compactFreed compacts after chunks were deleted (Delete, Evict, GC, RemoveName):
 // the deletion stands, so a compaction refused on a nearly full disk is
 // logged, not returned; the space comes back when a later one can run.
 func (s *Store) compactFreed(ctx context.Context) (int64, error) {

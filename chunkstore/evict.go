@@ -136,7 +136,7 @@ func (s *Store) evict(ctx context.Context, need int64) (int64, error) {
 	if err != nil {
 		return freed, err
 	}
-	reclaimed, err := s.compact(ctx, compactThreshold)
+	reclaimed, err := s.compactFreed(ctx)
 	if victims > 0 {
 		s.opts.log.Info("evicted chunks", "chunks", victims, "bytes", freed, "disk_bytes_reclaimed", reclaimed)
 	}
