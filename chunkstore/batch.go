@@ -17,6 +17,11 @@ import (
 // Put stores one chunk, verifying data against id. Storing a chunk that is
 // already there only refreshes its access time.
 func (s *Store) Put(ctx context.Context, id ID, data []byte) error {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return fmt.Errorf("put chunk %s: %w", id, err)
+	}
 	for attempt := 0; ; attempt++ {
 		b := s.NewBatch("")
 		if _, err := b.Put(ctx, id, data); err != nil {
@@ -144,8 +149,13 @@ func (s *Store) PutStored(ctx context.Context, id ID, st Stored) error {
 	if packHeaderSize+len(st.Payload) > maxEntrySize {
 		return fmt.Errorf("put chunk %s: a %d-byte payload is more than a chunk can take", id, len(st.Payload))
 	}
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return fmt.Errorf("put chunk %s: %w", id, err)
+	}
 	b := s.NewBatch("")
-	_, err := b.write(ctx, id, st.RawLen, func(buf []byte) ([]byte, byte) {
+	_, err = b.write(ctx, id, st.RawLen, func(buf []byte) ([]byte, byte) {
 		buf = append(slices.Grow(buf[:0], packHeaderSize+len(st.Payload))[:packHeaderSize], st.Payload...)
 		putEntryHeader(buf, id.digest, st.Codec, st.RawLen, len(st.Payload))
 		return buf, st.Codec
@@ -158,7 +168,8 @@ func (s *Store) PutStored(ctx context.Context, id ID, st Stored) error {
 }
 
 // write stores the chunk id of rawLen bytes unless it is stored already;
-// encode builds its pack entry in the buffer it is given.
+// encode builds its pack entry in the buffer it is given. Every Batch.Put,
+// Add and PutHashed comes here, and enters here.
 func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []byte) ([]byte, byte)) (int64, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
@@ -167,7 +178,12 @@ func (b *Batch) write(ctx context.Context, id ID, rawLen int, encode func(buf []
 		return 0, fmt.Errorf("put chunk %s: %d bytes is more than the %d-byte limit", id, rawLen, MaxChunkSize)
 	}
 	s := b.s
-	if err := s.checkWrite(); err != nil {
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkWrite()
+	}
+	if err != nil {
 		return 0, fmt.Errorf("put chunk %s: %w", id, err)
 	}
 	b.mu.Lock()
@@ -303,16 +319,20 @@ func (b *Batch) Commit(ctx context.Context) error {
 	s := b.s
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if err := s.checkOpen(); err != nil {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
 		b.release()
-		return err
+		return fmt.Errorf("commit chunks: %w", err)
 	}
 	if len(b.items) == 0 {
 		return nil
 	}
 	// The new entries are within the quota already (appendAdmitted); this
-	// keeps live bytes under the high watermark for the next writers.
-	if err := s.makeRoom(ctx, 0); err != nil && !errors.Is(err, ErrFull) {
+	// keeps live bytes under the high watermark for the next writers. On a
+	// nearly full disk compaction refuses to run; the entries are written
+	// already, and their index records fit in the index's reserve.
+	if err := s.makeRoom(ctx, 0); err != nil && !errors.Is(err, ErrFull) && !errors.Is(err, ErrDiskFull) {
 		b.release()
 		return err
 	}
@@ -389,8 +409,8 @@ func (b *Batch) Commit(ctx context.Context) error {
 			return fmt.Errorf("commit chunks: %w", err)
 		}
 	}
-	if err := pb.Commit(s.writeOpts()); err != nil {
-		return fmt.Errorf("commit chunks: %w", describeIOError(err))
+	if err := s.commit(pb); err != nil {
+		return fmt.Errorf("commit chunks: %w", err)
 	}
 	s.mu.Lock()
 	s.usage.Chunks += delta.Chunks
@@ -406,7 +426,8 @@ func (b *Batch) Commit(ctx context.Context) error {
 
 // claim makes this commit the one indexing new chunk d. Another commit that
 // is indexing it now may yet fail, so claim waits for it to end (the caller
-// then looks the chunk up again) instead of counting on it.
+// then looks the chunk up again) instead of counting on it; it gives up when
+// ctx ends or Close begins.
 func (s *Store) claim(ctx context.Context, d [32]byte) error {
 	for {
 		s.mu.Lock()
@@ -427,6 +448,8 @@ func (s *Store) claim(ctx context.Context, d [32]byte) error {
 		}
 		select {
 		case <-wait:
+		case <-s.closingCh:
+			return fmt.Errorf("commit chunks: %w", ErrClosed)
 		case <-ctx.Done():
 			return fmt.Errorf("commit chunks: %w", ctx.Err())
 		}

@@ -15,26 +15,41 @@ const compactThreshold = 0.5
 
 // Compact copies the live entries of mostly dead packs into the current pack
 // (as stored: no recompression) and deletes the old packs. It returns the disk
-// bytes reclaimed.
+// bytes reclaimed. On a nearly full disk it stops with ErrDiskFull before a
+// copy would take the space the disk reserve keeps free (packs with nothing
+// live are still removed).
 func (s *Store) Compact(ctx context.Context) (int64, error) {
-	if err := s.checkOpen(); err != nil {
-		return 0, err
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkRemove()
+	}
+	if err != nil {
+		return 0, fmt.Errorf("compact: %w", err)
 	}
 	return s.compact(ctx, compactThreshold)
 }
 
 // compact rewrites packs whose live fraction is below frac (1: any dead
-// byte). Compactions are serialized (packSet.compactMu): one owner picks,
-// copies and removes packs at a time. A pack with an entry that cannot be read
-// now stays, and the others are still compacted; the first such error is
-// returned.
+// byte). Compactions are serialized (compactSem): one owner picks, copies
+// and removes packs at a time; two compactions of one pack both committed a
+// move (the live-byte accounting drifted) and one removed the pack under the
+// other's reads. A pack with an entry that cannot be read now stays, and the
+// others are still compacted; the first such error is returned. The caller
+// has entered; waiting for another compaction, and between packs, it gives
+// up when Close begins.
 func (s *Store) compact(ctx context.Context, frac float64) (int64, error) {
-	s.packs.compactMu.Lock()
-	defer s.packs.compactMu.Unlock()
+	if err := s.acquire(ctx, s.compactSem); err != nil {
+		return 0, err
+	}
+	defer func() { <-s.compactSem }()
 	var reclaimed int64
 	var first error
 	for _, p := range s.packs.compactable(frac) {
 		if err := ctx.Err(); err != nil {
+			return reclaimed, err
+		}
+		if err := s.checkOpen(); err != nil {
 			return reclaimed, err
 		}
 		err := s.compactPack(ctx, p)
@@ -55,6 +70,18 @@ func (s *Store) compact(ctx context.Context, frac float64) (int64, error) {
 		reclaimed += n
 	}
 	return reclaimed, first
+}
+
+// compactFreed compacts after chunks were deleted (Delete, Evict, GC, RemoveName):
+// the deletion stands, so a compaction refused on a nearly full disk is
+// logged, not returned; the space comes back when a later one can run.
+func (s *Store) compactFreed(ctx context.Context) (int64, error) {
+	n, err := s.compact(ctx, compactThreshold)
+	if errors.Is(err, ErrDiskFull) {
+		s.opts.log.Warn("disk nearly full: compaction postponed; free space under the data dir", "dir", s.dir, "err", err)
+		return n, nil
+	}
+	return n, err
 }
 
 // removePack deletes a compacted pack, once the index shows nothing in it:
@@ -91,6 +118,16 @@ type move struct {
 // their new places. An entry whose bytes fail verification is dropped (as a
 // read would); one that cannot be read stays, and its *readError is returned.
 func (s *Store) compactPack(ctx context.Context, p *pack) error {
+	p.mu.Lock()
+	live := p.live
+	p.mu.Unlock()
+	if live > 0 {
+		// The copies must fit above the disk reserve: compaction frees
+		// space only once it has written them.
+		if err := s.h.room(live); err != nil {
+			return err
+		}
+	}
 	prefix := packIndexKey(p.id, [32]byte{})[:5]
 	it, err := s.db.NewIter(prefixIter(prefix...))
 	if err != nil {
@@ -138,7 +175,11 @@ func (s *Store) compactPack(ctx context.Context, p *pack) error {
 			continue
 		}
 		// Compaction is the one writer exempt from the quota: it frees more
-		// than it writes, one pack at a time (see the slack in doc.go).
+		// than it writes, one pack at a time (see the slack in doc.go). It
+		// is not exempt from the disk reserve (the disk may fill meanwhile).
+		if err := s.h.room(r.stored); err != nil {
+			return err
+		}
 		np, off, _, err := s.packs.append(d, st.Codec, st.RawLen, st.Payload, 0)
 		if err != nil {
 			return describeIOError(err)
@@ -175,7 +216,8 @@ func (s *Store) compactPack(ctx context.Context, p *pack) error {
 		b.Set(packIndexKey(m.to.id, m.d), nil, nil)
 		applied = append(applied, m)
 	}
-	if err := b.Commit(pebble.Sync); err != nil {
+	// Synced whatever WithSync says: the old pack is removed next.
+	if err := s.commitOpts(b, pebble.Sync); err != nil {
 		return err
 	}
 	for _, m := range applied {

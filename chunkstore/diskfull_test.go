@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // mountTmpfs mounts a tmpfs of the given size (like "32m") on a new
@@ -277,5 +279,79 @@ func TestOpenOnFullDisk(t *testing.T) {
 				t.Fatalf("%d error records logged, first: %q", n, msgs)
 			}
 		})
+	}
+}
+
+// freeBytes is the space free for unprivileged use under p.
+func freeBytes(t *testing.T, p string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(p, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Bavail) * st.Frsize
+}
+
+// freeUp shrinks the filler file by n bytes.
+func freeUp(t *testing.T, filler string, n int64) {
+	t.Helper()
+	fi, err := os.Stat(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(filler, max(0, fi.Size()-n)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCompactionKeepsDiskReserve: compaction writes the live entries of a
+// pack before it frees the pack, so on a nearly full disk it must not take
+// the space the reserve keeps free for the index: it stops with ErrDiskFull,
+// reads go on, and once there is room it compacts. Before, it wrote its
+// copies into the last free bytes.
+func TestCompactionKeepsDiskReserve(t *testing.T) {
+	mnt := mountTmpfs(t, "32m")
+	dir := filepath.Join(mnt, "store")
+	ctx := t.Context()
+	s := openT(t, dir)
+	ids := putRandom(t, s, rand.New(rand.NewPCG(5, 5)), 40, 64<<10) // one pack
+	s.evictLock.Lock()
+	_, err := s.deleteLocked(ctx, ids[12:], false) // no compaction yet
+	s.evictLock.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	keep := ids[:12]
+	live := s.Usage().StoredBytes
+	filler := filepath.Join(mnt, "filler")
+	fillDisk(t, filler)
+	// More than the reserve's worth free, but not for the copies too.
+	freeUp(t, filler, s.h.want+live/2)
+	before := freeBytes(t, mnt)
+	if _, err := s.Compact(ctx); !errors.Is(err, ErrDiskFull) {
+		t.Fatalf("compaction on a nearly full disk: %v, want ErrDiskFull", err)
+	}
+	if now := freeBytes(t, mnt); now < before-(64<<10) {
+		t.Fatalf("the refused compaction took %d bytes of the last %d free", before-now, before)
+	}
+	for _, id := range keep {
+		if got, err := s.Get(ctx, id); err != nil || !id.Verify(got) {
+			t.Fatalf("read while compaction is refused: %v", err)
+		}
+	}
+	// A delete stands although its compaction is postponed.
+	if err := s.Delete(ctx, keep[11]); err != nil {
+		t.Fatalf("delete on a nearly full disk: %v", err)
+	}
+	keep = keep[:11]
+	freeUp(t, filler, 2*live)
+	n, err := s.Compact(ctx)
+	if err != nil || n == 0 {
+		t.Fatalf("compaction once there is room: %d bytes reclaimed, %v", n, err)
+	}
+	for _, id := range keep {
+		if got, err := s.Get(ctx, id); err != nil || !id.Verify(got) {
+			t.Fatalf("read after compaction: %v", err)
+		}
 	}
 }

@@ -68,7 +68,8 @@
 // and its record still points where they were read: the check and the delete
 // are one step under the lock every move takes. A read that fails (EIO,
 // ENOMEM, a short read of a pack whose file is long enough) keeps the chunk
-// and returns the error; compaction keeps a pack it cannot read whole.
+// and returns the error; compaction keeps a pack it cannot read whole, and
+// Verify counts the chunk as unreadable (VerifyResult.Unreadable) and goes on.
 //
 // # Full disk
 //
@@ -87,7 +88,15 @@
 // space (unpin, remove, GC) go on while the index is not stalled, and reads
 // go on throughout. Once twice the reserve is free again, the reserve is
 // recreated and writes are accepted. Fatalf never exits: it fails the store
-// (ErrFailed, or ErrDiskFull for ENOSPC) until it is reopened.
+// (ErrFailed, or ErrDiskFull for ENOSPC) until it is reopened; every index
+// write goes through one helper (Store.commit) that checks for it, before
+// and after the write, so a write that pebble reported only through Fatalf
+// fails instead of returning nil, and a failed store writes nothing more
+// (Close then keeps the unclean-shutdown marker). Compaction writes its
+// copies before it frees a pack, so it too keeps the reserve's worth of
+// space free: on a nearly full disk it stops with ErrDiskFull (packs with
+// nothing live are still removed), and a Delete, GC or image removal stands
+// with its compaction postponed.
 //
 // # Losing the index
 //
@@ -113,7 +122,8 @@
 // high watermark (95% of the quota by default), live bytes are evicted down to
 // the low watermark (85%), least recently used first (an EvictionPolicy can
 // replace LRU), skipping every pinned chunk and every chunk an open batch found
-// already stored (held until the batch commits and pins it, or aborts); then
+// already stored (held until the batch commits and pins it, or aborts; GC
+// and image removal skip those too); then
 // packs are compacted; and if entries of batches in flight still leave no
 // room, more is evicted. A put that cannot fit even after that fails with
 // ErrFull. Access times are batched in memory and written to the index every
@@ -139,6 +149,16 @@
 //
 // # Closing
 //
-// Close waits for the calls in flight that registered with it (Store.enter)
-// and then closes the index; every call after Close fails with ErrClosed.
+// Every exported call that uses the index or the packs registers with Close
+// (Store.enter); Close waits for those in flight and then closes the index,
+// and every call after Close fails with ErrClosed. A call that waits for
+// another (for room, for a compaction, for another commit's claim on a
+// chunk) gives up with ErrClosed when Close begins, so Close waits only for
+// work that is running.
+//
+// # Locks and I/O
+//
+// The pack set's lock, which every pack read takes, is never held across a
+// file create or fsync: a new pack is created and its directory synced under
+// a separate lock (rotateMu), then installed.
 package chunkstore

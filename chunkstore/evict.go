@@ -24,13 +24,15 @@ func (s *Store) makeRoom(ctx context.Context, incoming int64) error {
 	if s.Usage().DiskBytes+incoming <= high {
 		return nil
 	}
-	s.roomMu.Lock()
-	defer s.roomMu.Unlock()
+	if err := s.acquire(ctx, s.roomSem); err != nil {
+		return err
+	}
+	defer func() { <-s.roomSem }()
 	if s.Usage().DiskBytes+incoming <= high {
 		return nil // another writer made room meanwhile
 	}
 	if need := s.Usage().StoredBytes - low; need > 0 {
-		if _, err := s.Evict(ctx, need); s.unreadable(err) != nil {
+		if _, err := s.evict(ctx, need); s.unreadable(err) != nil {
 			return err
 		}
 	}
@@ -41,7 +43,7 @@ func (s *Store) makeRoom(ctx context.Context, incoming int64) error {
 	}
 	if u := s.Usage(); u.DiskBytes+incoming > q {
 		// Entries of batches in flight hold the room: evict for them too.
-		if _, err := s.Evict(ctx, u.DiskBytes+incoming-low); s.unreadable(err) != nil {
+		if _, err := s.evict(ctx, u.DiskBytes+incoming-low); s.unreadable(err) != nil {
 			return err
 		}
 		if _, err := s.compact(ctx, 1); s.unreadable(err) != nil {
@@ -114,9 +116,19 @@ func (LRU) Victims(need int64, candidates iter.Seq[Candidate]) []ID {
 // policy chooses, compacts packs to return the space to the disk, and returns
 // the stored bytes freed.
 func (s *Store) Evict(ctx context.Context, need int64) (int64, error) {
-	if err := s.checkOpen(); err != nil {
-		return 0, err
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkRemove()
 	}
+	if err != nil {
+		return 0, fmt.Errorf("evict: %w", err)
+	}
+	return s.evict(ctx, need)
+}
+
+// evict is Evict for a caller that has entered.
+func (s *Store) evict(ctx context.Context, need int64) (int64, error) {
 	if err := s.flushAccess(); err != nil {
 		return 0, err
 	}
@@ -124,7 +136,7 @@ func (s *Store) Evict(ctx context.Context, need int64) (int64, error) {
 	if err != nil {
 		return freed, err
 	}
-	reclaimed, err := s.Compact(ctx)
+	reclaimed, err := s.compactFreed(ctx)
 	if victims > 0 {
 		s.opts.log.Info("evicted chunks", "chunks", victims, "bytes", freed, "disk_bytes_reclaimed", reclaimed)
 	}
@@ -174,13 +186,21 @@ func (s *Store) held(d [32]byte) bool {
 // drop corrupt chunks and by garbage collection), then compacts mostly dead
 // packs so the space goes back to the disk.
 func (s *Store) Delete(ctx context.Context, ids ...ID) error {
+	done, err := s.enter()
+	defer done()
+	if err == nil {
+		err = s.checkRemove()
+	}
+	if err != nil {
+		return fmt.Errorf("delete %d chunks: %w", len(ids), err)
+	}
 	s.evictLock.Lock()
-	_, err := s.deleteLocked(ctx, ids, false)
+	_, err = s.deleteLocked(ctx, ids, false)
 	s.evictLock.Unlock()
 	if err != nil || len(ids) == 0 {
 		return err
 	}
-	_, err = s.Compact(ctx)
+	_, err = s.compactFreed(ctx)
 	return err
 }
 
@@ -224,7 +244,7 @@ func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (in
 		delta.RawBytes += r.raw
 		gone = append(gone, r)
 	}
-	if err := pb.Commit(s.writeOpts()); err != nil {
+	if err := s.commit(pb); err != nil {
 		return 0, err
 	}
 	s.mu.Lock()

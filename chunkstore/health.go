@@ -211,6 +211,21 @@ func (h *health) writable(grow bool) error {
 	return nil
 }
 
+// room is writable(true) for a write of n bytes that must also leave the
+// reserve's worth of space free (compaction's copies: they are written
+// before the space they free is given back).
+func (h *health) room(n int64) error {
+	if err := h.writable(true); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.want > 0 && h.lastAvail-n < h.want {
+		return fmt.Errorf("%w (%d bytes to write, %d free)", h.fullError(), n, h.lastAvail)
+	}
+	return nil
+}
+
 // checkSpaceLocked enters the disk-full state when free space falls below
 // the reserve's size, and leaves it (recreating the reserve if it was used)
 // once there is twice that.

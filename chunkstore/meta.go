@@ -340,7 +340,7 @@ func (s *Store) RemoveName(ctx context.Context, name string) (Removed, error) {
 	if err != nil || res.Chunks == 0 {
 		return res, err
 	}
-	if _, err := s.Compact(ctx); err != nil {
+	if _, err := s.compactFreed(ctx); err != nil {
 		return res, fmt.Errorf("remove image %q: %w", name, err)
 	}
 	return res, nil
@@ -395,15 +395,11 @@ func (s *Store) removeName(ctx context.Context, name string) (Removed, error) {
 	res.ManifestRemoved = true
 	var garbage []ID
 	for _, c := range m.ChunkIDs() {
-		ref, err := s.hasPrefix(append([]byte{pfxRef}, c.digest[:]...))
+		g, err := s.garbage(c.digest) // an open batch's dedup hit stays, as in GC
 		if err != nil {
 			return res, fmt.Errorf("remove image %q: %w", name, err)
 		}
-		pin, err := s.hasPrefix(append([]byte{pfxPin}, c.digest[:]...))
-		if err != nil {
-			return res, fmt.Errorf("remove image %q: %w", name, err)
-		}
-		if !ref && !pin {
+		if g {
 			garbage = append(garbage, c)
 		}
 	}
@@ -695,31 +691,24 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 	for it.First(); it.Valid(); it.Next() {
 		var d [32]byte
 		copy(d[:], it.Key()[1:])
-		id := IDFromDigest(d)
-		ref, err := s.Referenced(ctx, id)
+		g, err := s.garbage(d)
 		if err != nil {
 			it.Close()
 			return res, err
 		}
-		pin, err := s.Pinned(ctx, id)
-		if err != nil {
-			it.Close()
-			return res, err
-		}
-		if !ref && !pin {
-			garbage = append(garbage, id)
+		if g {
+			garbage = append(garbage, IDFromDigest(d))
 		}
 	}
 	if err := it.Close(); err != nil {
 		return res, err
 	}
 	s.evictLock.Lock()
-	// Check again under the lock: a manifest may have been stored meanwhile.
+	// Check again under the lock: a manifest, pin or batch may have come
+	// meanwhile.
 	var still []ID
 	for _, id := range garbage {
-		ref, _ := s.Referenced(ctx, id)
-		pin, _ := s.Pinned(ctx, id)
-		if !ref && !pin {
+		if g, err := s.garbage(id.digest); err == nil && g {
 			still = append(still, id)
 		}
 	}
@@ -729,21 +718,42 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 		return res, err
 	}
 	res.Chunks, res.StoredBytes = len(still), freed
-	res.ReclaimedDiskBytes, err = s.Compact(ctx)
+	res.ReclaimedDiskBytes, err = s.compactFreed(ctx)
 	return res, err
+}
+
+// garbage reports whether GC may delete chunk d: no manifest references it,
+// no owner pins it, no open batch holds it (a dedup hit of an import whose
+// commit will pin it) and no commit is indexing it.
+func (s *Store) garbage(d [32]byte) (bool, error) {
+	if ref, err := s.hasPrefix(append([]byte{pfxRef}, d[:]...)); err != nil || ref {
+		return false, err
+	}
+	if pin, err := s.hasPrefix(append([]byte{pfxPin}, d[:]...)); err != nil || pin {
+		return false, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, committing := s.committing[d]
+	return s.holds[d] == 0 && !committing, nil
 }
 
 // VerifyResult says what Verify found.
 type VerifyResult struct {
 	Chunks  int   `json:"chunks_checked"`
 	Bytes   int64 `json:"bytes_checked"`
-	Corrupt []ID  `json:"corrupt"`        // dropped
-	Missing int   `json:"missing_chunks"` // chunks manifests need that are not stored (normal for lazy images)
-	BadMeta int   `json:"bad_manifests"`  // manifests that fail to decode or verify
+	Corrupt []ID  `json:"corrupt"` // dropped
+	// Unreadable: chunks whose bytes could not be read (EIO, a short read);
+	// they are kept. Check the disk, and verify again.
+	Unreadable []ID `json:"unreadable,omitempty"`
+	Missing    int  `json:"missing_chunks"` // chunks manifests need that are not stored (normal for lazy images)
+	BadMeta    int  `json:"bad_manifests"`  // manifests that fail to decode or verify
 }
 
 // Verify reads and checks every stored chunk against its ID (dropping corrupt
-// ones) and every manifest. progress, if not nil, is called after each chunk.
+// ones) and every manifest. A chunk that cannot be read is counted in
+// Unreadable and kept, and Verify goes on. progress, if not nil, is called
+// after each chunk.
 func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (VerifyResult, error) {
 	var res VerifyResult
 	total := s.Usage().Chunks
@@ -770,9 +780,13 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 			return res, err
 		}
 		_, b, err := s.load(ctx, id) // not an access: verifying must not reorder LRU
+		var rerr *readError
 		switch {
 		case errors.Is(err, ErrCorrupt):
 			res.Corrupt = append(res.Corrupt, id)
+		case errors.As(err, &rerr):
+			res.Unreadable = append(res.Unreadable, id)
+			s.opts.log.Warn("verify: cannot read chunk; it is kept", "chunk_id", id.String(), "err", err)
 		case errors.Is(err, ErrNotFound):
 		case err != nil:
 			return res, err

@@ -73,11 +73,10 @@ type packSet struct {
 	next   uint32
 	total  int64 // the sum of the packs' sizes: DiskBytes
 
-	// compactMu makes compaction single-owner: one goroutine at a time picks
-	// packs, copies their live entries and removes them. Two compactions of
-	// one pack both committed a move (the live-byte accounting drifted) and
-	// one removed the pack under the other's reads.
-	compactMu sync.Mutex
+	// rotateMu: one goroutine at a time creates the next pack, outside mu,
+	// so that reads never wait on the file create and directory fsync.
+	// next is changed only under both.
+	rotateMu sync.Mutex
 
 	faults faults // test hooks
 }
@@ -90,6 +89,7 @@ type faults struct {
 	sync        func(pack uint32) error                        // a pack fdatasync fails with this error when not nil
 	commit      func() error                                   // a Batch.Commit's index write fails with this error when not nil
 	claimWait   func(d [32]byte)                               // a commit starts waiting for another's claim on a chunk
+	syncDir     func()                                         // runs before the directory fsync of a new pack
 }
 
 func packName(id uint32) string { return fmt.Sprintf("%08x.pack", id) }
@@ -183,55 +183,87 @@ func (ps *packSet) append(digest [32]byte, codec byte, rawLen int, payload []byt
 // room here, under the lock, keeps concurrent writers from overshooting.
 func (ps *packSet) appendEntry(entry []byte, limit int64) (*pack, int64, error) {
 	n := int64(len(entry))
-	ps.mu.Lock()
-	if ps.packs == nil {
-		ps.mu.Unlock()
-		return nil, 0, ErrClosed
-	}
-	if limit > 0 && ps.total+n > limit {
-		ps.mu.Unlock()
-		return nil, 0, errNoRoom
-	}
-	p := ps.cur
-	if p != nil {
+	for {
+		ps.mu.Lock()
+		if ps.packs == nil {
+			ps.mu.Unlock()
+			return nil, 0, ErrClosed
+		}
+		if limit > 0 && ps.total+n > limit {
+			ps.mu.Unlock()
+			return nil, 0, errNoRoom
+		}
+		p := ps.cur
+		if p == nil || !p.fits(n, ps.target) {
+			ps.mu.Unlock()
+			if err := ps.rotate(n); err != nil {
+				return nil, 0, err
+			}
+			continue // another writer may have filled the new pack meanwhile
+		}
 		p.mu.Lock()
-		full := p.size+n > ps.target && p.size > 0
+		off := p.size
+		p.size += n
+		p.pending++
 		p.mu.Unlock()
-		if full {
-			p = nil
-		}
-	}
-	if p == nil {
-		id := ps.next
-		f, err := os.OpenFile(filepath.Join(ps.dir, packName(id)), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o640)
-		if err != nil {
-			ps.mu.Unlock()
-			return nil, 0, err
-		}
-		if err := syncDir(ps.dir); err != nil {
-			f.Close()
-			os.Remove(f.Name())
-			ps.mu.Unlock()
-			return nil, 0, err
-		}
-		ps.next++
-		p = &pack{id: id, f: f}
-		ps.packs[id] = p
-		ps.cur = p
-	}
-	p.mu.Lock()
-	off := p.size
-	p.size += n
-	p.pending++
-	p.mu.Unlock()
-	ps.total += n
-	ps.mu.Unlock()
+		ps.total += n
+		ps.mu.Unlock()
 
-	if _, err := p.f.WriteAt(entry, off); err != nil {
-		p.done()
-		return nil, 0, err
+		if _, err := p.f.WriteAt(entry, off); err != nil {
+			p.done()
+			return nil, 0, err
+		}
+		return p, off, nil
 	}
-	return p, off, nil
+}
+
+// fits reports whether an entry of n bytes goes into p (an empty pack takes
+// any entry).
+func (p *pack) fits(n, target int64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.size == 0 || p.size+n <= target
+}
+
+// rotate starts a new current pack unless another writer did since the
+// caller found the current one full (or missing). The file is created and
+// the directory synced outside mu: reads of other packs go on meanwhile.
+func (ps *packSet) rotate(n int64) error {
+	ps.rotateMu.Lock()
+	defer ps.rotateMu.Unlock()
+	ps.mu.RLock()
+	closed, cur, id := ps.packs == nil, ps.cur, ps.next
+	ps.mu.RUnlock()
+	switch {
+	case closed:
+		return ErrClosed
+	case cur != nil && cur.fits(n, ps.target):
+		return nil
+	}
+	f, err := os.OpenFile(filepath.Join(ps.dir, packName(id)), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o640)
+	if err != nil {
+		return err
+	}
+	if h := ps.faults.syncDir; h != nil {
+		h()
+	}
+	if err := syncDir(ps.dir); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return err
+	}
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	if ps.packs == nil {
+		f.Close()
+		os.Remove(f.Name())
+		return ErrClosed
+	}
+	p := &pack{id: id, f: f}
+	ps.next = id + 1
+	ps.packs[id] = p
+	ps.cur = p
+	return nil
 }
 
 // errPackMissing: a record points into a pack that is not in the set. A

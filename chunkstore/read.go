@@ -15,8 +15,10 @@ import (
 
 // Has reports whether the chunk is stored.
 func (s *Store) Has(ctx context.Context, id ID) (bool, error) {
-	if err := s.checkOpen(); err != nil {
-		return false, err
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return false, fmt.Errorf("has chunk %s: %w", id, err)
 	}
 	_, ok, err := s.getRecord(id.digest)
 	return ok, err
@@ -25,6 +27,11 @@ func (s *Store) Has(ctx context.Context, id ID) (bool, error) {
 // Get returns the chunk's bytes, verified against id. A chunk whose bytes do not
 // match is dropped from the store and ErrCorrupt returned: it is never served.
 func (s *Store) Get(ctx context.Context, id ID) ([]byte, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return nil, fmt.Errorf("get chunk %s: %w", id, err)
+	}
 	_, raw, err := s.load(ctx, id)
 	if err != nil {
 		return nil, err
@@ -42,10 +49,8 @@ const maxReadAttempts = 4
 // uses it too). A chunk is dropped only when its bytes were read and failed
 // verification and its record still points where they were read (see
 // dropIfAt); a read that fails (EIO, ENOMEM, a short read) keeps the chunk.
+// The caller has entered.
 func (s *Store) load(ctx context.Context, id ID) (Stored, []byte, error) {
-	if err := s.checkOpen(); err != nil {
-		return Stored{}, nil, err
-	}
 	for attempt := 1; ; attempt++ {
 		r, ok, err := s.getRecord(id.digest)
 		if err != nil {
@@ -140,6 +145,11 @@ type Stored struct {
 
 // GetStored returns the chunk as stored (compressed), after verifying it.
 func (s *Store) GetStored(ctx context.Context, id ID) (Stored, error) {
+	done, err := s.enter()
+	defer done()
+	if err != nil {
+		return Stored{}, fmt.Errorf("get chunk %s: %w", id, err)
+	}
 	st, _, err := s.load(ctx, id)
 	if err != nil {
 		return Stored{}, err
@@ -194,7 +204,8 @@ func (s *Store) touch(d [32]byte) {
 }
 
 // flushAccess moves pending access times into the index (not synced: losing
-// them only makes eviction a little less exact).
+// them only makes eviction a little less exact). Its callers have entered,
+// or are Close.
 func (s *Store) flushAccess() error {
 	s.evictLock.RLock()
 	defer s.evictLock.RUnlock()
@@ -227,5 +238,5 @@ func (s *Store) flushAccess() error {
 			return err
 		}
 	}
-	return b.Commit(pebble.NoSync)
+	return s.commitOpts(b, pebble.NoSync)
 }

@@ -78,15 +78,19 @@ type Store struct {
 	usage      Usage
 	committing map[[32]byte]chan struct{}
 	atimes     map[[32]byte]int64
-	closing    bool // Close has begun: new calls fail with ErrClosed
-	closed     bool // the index is closed
+	closing    bool          // Close has begun: new calls fail with ErrClosed
+	closingCh  chan struct{} // closed when Close begins: waits give up on it
+	closed     bool          // the index is closed
 	unclean    bool
 
 	// committing (above): chunks a commit is indexing, each closed when it
 	// ends; holds: dedup hits of open batches, not evictable (both batch.go);
-	// roomMu: one makeRoom at a time (evict.go).
-	holds  map[[32]byte]int
-	roomMu sync.Mutex
+	// roomSem: one makeRoom at a time (evict.go); compactSem: one compaction
+	// at a time (compact.go). Both are one-slot semaphores rather than
+	// mutexes so that a call waiting for one gives up when Close begins.
+	holds      map[[32]byte]int
+	roomSem    chan struct{}
+	compactSem chan struct{}
 
 	inflight sync.WaitGroup // calls that entered; Close waits for them
 	h        *health
@@ -238,7 +242,8 @@ func OpenContext(ctx context.Context, dir string, opts ...Option) (*Store, error
 		return nil, err
 	}
 	s := &Store{dir: dir, db: db, opts: o, enc: enc, dec: dec, h: h,
-		committing: make(map[[32]byte]chan struct{}), atimes: make(map[[32]byte]int64)}
+		committing: make(map[[32]byte]chan struct{}), atimes: make(map[[32]byte]int64),
+		closingCh: make(chan struct{}), roomSem: make(chan struct{}, 1), compactSem: make(chan struct{}, 1)}
 	s.packs.dir = filepath.Join(dir, "packs")
 	s.packs.target = maxPackSize
 	if o.quota > 0 {
@@ -339,6 +344,9 @@ func (s *Store) finishOpen(ctx context.Context) error {
 // abandon closes what a failed Open opened, without touching the index.
 func (s *Store) abandon() {
 	s.mu.Lock()
+	if !s.closing {
+		close(s.closingCh)
+	}
 	s.closing, s.closed = true, true
 	s.mu.Unlock()
 	s.enc.Close()
@@ -395,6 +403,7 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closing = true
+	close(s.closingCh)
 	s.mu.Unlock()
 	s.inflight.Wait()
 	err := s.flushAccess()
@@ -403,7 +412,11 @@ func (s *Store) Close() error {
 	s.closed = true
 	s.mu.Unlock()
 	if err == nil {
-		err = s.db.Delete(keyOpen, pebble.Sync)
+		// Through commit: a store that failed keeps its unclean marker.
+		b := s.db.NewBatch()
+		b.Delete(keyOpen, nil)
+		err = s.commitOpts(b, pebble.Sync)
+		b.Close()
 	}
 	s.enc.Close()
 	s.dec.Close()
@@ -420,7 +433,10 @@ func (s *Store) Close() error {
 // enter registers a call in flight, which Close waits for; it fails with
 // ErrClosed once Close has begun. Call the returned func when done. A call
 // that enters may call others that enter: they fail with ErrClosed rather
-// than wait, so Close cannot deadlock.
+// than wait, so Close cannot deadlock. A call that entered and then waits
+// for something other calls hold for long (roomSem, compactSem, another
+// commit's claim) must give up when Close begins (acquire, closingCh), so
+// that Close waits only for work that is running.
 func (s *Store) enter() (func(), error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -449,17 +465,43 @@ func (s *Store) checkRemove() error {
 	return s.h.writable(false)
 }
 
-// commit commits an index batch. pebble reports some failures (a WAL write
-// that failed) only through Logger.Fatalf, after which Commit returns nil:
-// the failed state catches those.
-func (s *Store) commit(b *pebble.Batch) error {
-	if err := b.Commit(s.writeOpts()); err != nil {
+// acquire takes the one-slot semaphore sem (roomSem, compactSem), giving
+// up when ctx ends or Close begins: a call waiting here must not hold up
+// Close, which waits for the calls that entered.
+func (s *Store) acquire(ctx context.Context, sem chan struct{}) error {
+	select {
+	case sem <- struct{}{}:
+		return nil
+	case <-s.closingCh:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// commit commits an index batch with the store's durability (WithSync).
+// Every index write goes through it or commitOpts.
+func (s *Store) commit(b *pebble.Batch) error { return s.commitOpts(b, s.writeOpts()) }
+
+// commitOpts commits an index batch. pebble reports some failures (a WAL
+// write that failed) only through Logger.Fatalf, after which Commit returns
+// nil: the failed state catches those. A store that failed commits nothing
+// more (what pebble does after a fatal error is not to be trusted).
+func (s *Store) commitOpts(b *pebble.Batch, o *pebble.WriteOptions) error {
+	if err := s.failure(); err != nil {
+		return err
+	}
+	if err := b.Commit(o); err != nil {
 		return describeIOError(err)
 	}
+	return s.failure()
+}
+
+// failure is the store's failed state (nil while it has not failed).
+func (s *Store) failure() error {
 	s.h.mu.Lock()
-	err := s.h.failed
-	s.h.mu.Unlock()
-	return err
+	defer s.h.mu.Unlock()
+	return s.h.failed
 }
 
 func (s *Store) commitSet(k, v []byte) error {
