@@ -287,7 +287,7 @@ func reply(w http.ResponseWriter, v any, err error) {
 			code = http.StatusForbidden
 		case errors.Is(err, chunkstore.ErrExists), strings.Contains(err.Error(), "already exists"), strings.Contains(err.Error(), "open export"):
 			code = http.StatusConflict
-		case strings.Contains(err.Error(), "invalid image name"), strings.Contains(err.Error(), "absolute path"):
+		case errors.Is(err, origin.ErrNoRanges), strings.Contains(err.Error(), "invalid image name"), strings.Contains(err.Error(), "absolute path"):
 			code = http.StatusBadRequest
 		}
 		replyError(w, code, err)

@@ -115,6 +115,11 @@ func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, 
 		return nil, err
 	}
 	defer src.Close()
+	if req.Lazy {
+		if err := origin.CheckLazy(src); err != nil {
+			return nil, fmt.Errorf("lazy add of %s: %w", origin.Redact(req.Source), err)
+		}
+	}
 	name := req.Name
 	if name == "" {
 		name = DefaultImageName(src.Ref())

@@ -68,6 +68,11 @@ func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking s
 		return err
 	}
 	defer src.Close()
+	if lazy {
+		if err := origin.CheckLazy(src); err != nil {
+			return fmt.Errorf("lazy add of %s: %w", origin.Redact(source), err)
+		}
+	}
 	if name == "" {
 		name = defaultImageName(src.Ref())
 	}
