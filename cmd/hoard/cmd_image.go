@@ -55,7 +55,7 @@ func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking s
 	if err != nil {
 		return err
 	}
-	st, cl, err := g.backend(ctx)
+	st, cl, err := g.backendCreate(ctx)
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -130,7 +131,30 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 	return c
 }
 
-// openStore opens the chunk store in the configured data dir.
+// storeExists returns an error saying what to do when the configured data
+// dir holds no chunk store (and no daemon was found to ask instead).
+func (g *globalOptions) storeExists() error {
+	dir := g.v.GetString("data_dir")
+	if dir == "" {
+		return errors.New("no data dir: set --data-dir or HOARD_DATA_DIR")
+	}
+	fi, err := os.Stat(filepath.Join(dir, "store"))
+	if err == nil && fi.IsDir() {
+		return nil
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("data dir %s: %w", dir, err)
+	}
+	abs, aerr := filepath.Abs(dir)
+	if aerr != nil {
+		abs = dir
+	}
+	return fmt.Errorf("no hoard data dir at %s (no daemon answers and there is no store there); start the daemon with hoard daemon --data-dir %s, "+
+		"or pass --data-dir (HOARD_DATA_DIR) of an existing one, or set HOARD_API to a running daemon", abs, abs)
+}
+
+// openStore opens the chunk store in the configured data dir, creating it
+// when needed (see storeExists).
 func (g *globalOptions) openStore() (*chunkstore.Store, error) {
 	dir := g.v.GetString("data_dir")
 	if dir == "" {

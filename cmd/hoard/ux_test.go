@@ -1,0 +1,60 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestReadOnlyCommandsCreateNoStore: without a daemon, a command that only
+// reads (or removes) says there is no data dir and fails, instead of
+// creating an empty store where it runs.
+func TestReadOnlyCommandsCreateNoStore(t *testing.T) {
+	t.Parallel()
+	cmds := [][]string{
+		{"image", "ls"}, {"image", "inspect", "x"}, {"image", "profile", "x"}, {"image", "rm", "x"},
+		{"store", "stats"}, {"store", "verify"}, {"store", "gc"}, {"status"},
+	}
+	for _, args := range cmds {
+		// In a directory without --data-dir: the default ./.hoard.
+		cwd := t.TempDir()
+		cmd := exec.Command(hoardBin, args...)
+		cmd.Dir = cwd
+		// No daemon on this port, and none named by HOARD_API.
+		cmd.Env = append(os.Environ(), "HOARD_API=", "HOARD_API_LISTEN=127.0.0.1:1")
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err == nil {
+			t.Errorf("hoard %s in an empty directory succeeded:\n%s", strings.Join(args, " "), stdout.String())
+		}
+		if _, err := os.Stat(filepath.Join(cwd, ".hoard")); err == nil {
+			t.Errorf("hoard %s created %s", strings.Join(args, " "), filepath.Join(cwd, ".hoard"))
+		}
+		if args[0] != "status" && !strings.Contains(stderr.String(), "no hoard data dir at "+filepath.Join(cwd, ".hoard")) {
+			t.Errorf("hoard %s: stderr does not say there is no data dir:\n%s", strings.Join(args, " "), stderr.String())
+		}
+		// An explicit data dir that exists but holds no store.
+		data := t.TempDir()
+		_, errOut, err := hoard(t, data, []string{"HOARD_API=", "HOARD_API_LISTEN=127.0.0.1:1"}, args...)
+		if err == nil {
+			t.Errorf("hoard --data-dir %s %s succeeded", data, strings.Join(args, " "))
+		}
+		if _, err := os.Stat(filepath.Join(data, "store")); err == nil {
+			t.Errorf("hoard --data-dir %s %s created a store", data, strings.Join(args, " "))
+		}
+		if args[0] != "status" && !strings.Contains(errOut, "hoard daemon --data-dir "+data) {
+			t.Errorf("hoard %s: stderr does not say how to start the daemon:\n%s", strings.Join(args, " "), errOut)
+		}
+	}
+	// image add still creates the store.
+	data := t.TempDir()
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(img, imageBytes(3, 1<<20), 0o600)
+	mustHoard(t, data, []string{"HOARD_API="}, "image", "add", img, "--name", "d")
+	if out := mustHoard(t, data, []string{"HOARD_API="}, "image", "ls"); !strings.Contains(out, "d ") {
+		t.Fatalf("image ls after add:\n%s", out)
+	}
+}
