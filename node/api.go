@@ -233,7 +233,7 @@ func (n *Node) routes() []route {
 			reply(w, n.cl.p.Peers(), nil)
 		}},
 		{"POST /v1/images/{name}/pull", long(func(w http.ResponseWriter, r *http.Request) {
-			info, err := n.PullImage(r.Context(), r.PathValue("name"))
+			info, err := n.Pull(r.Context(), r.PathValue("name"))
 			reply(w, info, err)
 		})},
 	}

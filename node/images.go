@@ -238,3 +238,30 @@ func ProfileOf(ctx context.Context, st *chunkstore.Store, name string) (ProfileI
 	}
 	return out, nil
 }
+
+// Pull registers an image another node of the cluster has (PullImage); when
+// the image is not here and this node cannot ask any other, the error says
+// that the node is not in a cluster and how to join one.
+func (n *Node) Pull(ctx context.Context, name string) (ImageInfo, error) {
+	info, err := n.PullImage(ctx, name)
+	if err == nil || ctx.Err() != nil {
+		return info, err
+	}
+	if _, rerr := n.store.Resolve(ctx, name); rerr == nil {
+		return info, err // here: the failure is not about the cluster
+	}
+	join := fmt.Sprintf("to join a cluster, copy its swarm key (made once, on any node, with hoard cluster keygen) to %s on this node, "+
+		"set p2p.bootstrap to the address of a node already in it (hoard status on that node lists them), and restart the daemon",
+		n.cfg.P2P.SwarmKeyFile)
+	if n.cl == nil {
+		return info, fmt.Errorf("image %q is not here, and this node is not in a cluster (no swarm key at %s), so there is no peer to ask: %s: %w",
+			name, n.cfg.P2P.SwarmKeyFile, join, chunkstore.ErrNotFound)
+	}
+	for _, p := range n.cl.p.Peers() {
+		if p.Connected {
+			return info, err // peers were asked: their answer stands
+		}
+	}
+	return info, fmt.Errorf("image %q is not here, and this node is connected to no peer: it is not in a cluster yet "+
+		"(a node whose swarm key differs from the others' cannot connect to them); %s (%w)", name, join, err)
+}

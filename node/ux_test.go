@@ -1,13 +1,18 @@
 package node_test
 
 import (
+	"context"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/p2p"
 )
 
 // TestLazyAddRefusedWithoutRanges: a lazy add from a server that ignores
@@ -43,5 +48,30 @@ func TestLazyAddRefusedWithoutRanges(t *testing.T) {
 	res := addImage(t, tn, node.ImportRequest{Source: srv.URL + "/disk.raw", Name: "whole"})
 	if res.Size != int64(len(data)) {
 		t.Fatalf("whole import: size %d, want %d", res.Size, len(data))
+	}
+}
+
+// TestPullWithNoPeerSaysHowToJoin: a node with a swarm key but no peer (its
+// key differs from the cluster's, or no p2p.bootstrap) says it is not in a
+// cluster yet and how to join, instead of only that no peer knows the image.
+func TestPullWithNoPeerSaysHowToJoin(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "swarm.key"), p2p.GenerateSwarmKey(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := node.Config{DataDir: dir}
+	cfg.P2P.Listen = []string{"/ip4/127.0.0.1/tcp/0"}
+	tn := startNode(t, cfg)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	_, err := tn.client.PullImage(ctx, "debian-12")
+	if err == nil {
+		t.Fatal("pull of an unknown image on a node without peers succeeded")
+	}
+	for _, want := range []string{"connected to no peer", "not in a cluster", "hoard cluster keygen", "p2p.bootstrap"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("pull error %q does not mention %q", err, want)
+		}
 	}
 }

@@ -58,3 +58,22 @@ func TestReadOnlyCommandsCreateNoStore(t *testing.T) {
 		t.Fatalf("image ls after add:\n%s", out)
 	}
 }
+
+// TestPullWithoutClusterSaysHowToJoin: image pull on a daemon without a
+// swarm key says the node is not in a cluster and how to join one, not
+// that no peer knows the image.
+func TestPullWithoutClusterSaysHowToJoin(t *testing.T) {
+	t.Parallel()
+	data := t.TempDir()
+	env := []string{"HOARD_API="}
+	startDaemon(t, data, env)
+	_, stderr, err := hoard(t, data, env, "image", "pull", "debian-12")
+	if err == nil {
+		t.Fatal("image pull of an unknown image on a node without a cluster succeeded")
+	}
+	for _, want := range []string{"not in a cluster", "hoard cluster keygen", filepath.Join(data, "swarm.key"), "p2p.bootstrap"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("image pull: stderr does not mention %q:\n%s", want, stderr)
+		}
+	}
+}
