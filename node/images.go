@@ -100,6 +100,12 @@ func DefaultImageName(ref origin.Ref) string {
 
 // AddImage imports an image into the node's store (see Import).
 func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, error) {
+	return n.AddImageProgress(ctx, req, nil)
+}
+
+// AddImageProgress is AddImage; progress, if not nil, is called with the
+// bytes read from the source and its size, as ImportOptions.Progress.
+func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress func(done, total int64)) (*ImportResult, error) {
 	ck := chunkstore.DefaultCDC
 	if req.Chunking != "" {
 		var err error
@@ -130,7 +136,10 @@ func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, 
 	if existing, err := n.store.Resolve(ctx, name); err == nil {
 		return nil, fmt.Errorf("image %q already exists (manifest %s); remove it with hoard image rm %s, or choose another --name", name, existing, name)
 	}
-	res, err := Import(ctx, n.store, src, ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy})
+	if progress != nil {
+		progress(0, src.Size())
+	}
+	res, err := Import(ctx, n.store, src, ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy, Progress: progress})
 	if err == nil {
 		n.advertiseLater(name, res.Manifest)
 	}
@@ -254,8 +263,8 @@ func (n *Node) Pull(ctx context.Context, name string) (ImageInfo, error) {
 		"set p2p.bootstrap to the address of a node already in it (hoard status on that node lists them), and restart the daemon",
 		n.cfg.P2P.SwarmKeyFile)
 	if n.cl == nil {
-		return info, fmt.Errorf("image %q is not here, and this node is not in a cluster (no swarm key at %s), so there is no peer to ask: %s: %w",
-			name, n.cfg.P2P.SwarmKeyFile, join, chunkstore.ErrNotFound)
+		return info, fmt.Errorf("image %q: %w here, and this node is not in a cluster (no swarm key at %s), so there is no peer to ask; %s",
+			name, chunkstore.ErrNotFound, n.cfg.P2P.SwarmKeyFile, join)
 	}
 	for _, p := range n.cl.p.Peers() {
 		if p.Connected {

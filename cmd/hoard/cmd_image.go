@@ -91,12 +91,19 @@ func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking s
 	return printImportResult(res, jsonOut)
 }
 
-// addViaDaemon asks the running daemon to import the image.
+// addViaDaemon asks the running daemon to import the image, showing the
+// progress it streams back. Interrupting the command cancels the import.
 func addViaDaemon(ctx context.Context, cl *node.Client, req node.ImportRequest, jsonOut bool) error {
 	if !jsonOut {
 		fmt.Fprintf(os.Stderr, "importing %s through the running daemon\n", origin.Redact(req.Source))
 	}
-	res, err := cl.AddImage(ctx, req)
+	label := req.Name
+	if label == "" {
+		label = defaultImageName(origin.Ref{Location: origin.Redact(req.Source)})
+	}
+	p := newProgress("import "+label, "bytes")
+	res, err := cl.AddImageProgress(ctx, req, p.Report)
+	p.Done()
 	if err != nil {
 		return err
 	}

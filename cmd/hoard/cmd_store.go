@@ -69,7 +69,9 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 			var res chunkstore.VerifyResult
 			if cl != nil {
 				fmt.Fprintln(os.Stderr, "verifying through the running daemon...")
-				res, err = cl.StoreVerify(cmd.Context())
+				p := newProgress("verify", "chunks")
+				res, err = cl.StoreVerifyProgress(cmd.Context(), p.Report)
+				p.Done()
 			} else {
 				defer st.Close()
 				p := newProgress("verify", "chunks")
@@ -111,7 +113,9 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 			}
 			var res chunkstore.GCResult
 			if cl != nil {
-				res, err = cl.StoreGC(cmd.Context())
+				p := newProgress("gc", "")
+				res, err = cl.StoreGCProgress(cmd.Context(), p.Report)
+				p.Done()
 			} else {
 				defer st.Close()
 				res, err = st.GC(cmd.Context())

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -75,5 +76,38 @@ func TestPullWithoutClusterSaysHowToJoin(t *testing.T) {
 		if !strings.Contains(stderr, want) {
 			t.Errorf("image pull: stderr does not mention %q:\n%s", want, stderr)
 		}
+	}
+}
+
+// TestAddThroughDaemonShowsProgress: image add through a running daemon,
+// with stderr not a terminal, prints plain progress lines (bytes of the
+// total, percent, rate) ending at 100%, then the summary; store verify
+// through the daemon shows its progress too.
+func TestAddThroughDaemonShowsProgress(t *testing.T) {
+	t.Parallel()
+	data := t.TempDir()
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(img, imageBytes(11, 6<<20), 0o600)
+	env := []string{"HOARD_API="}
+	startDaemon(t, data, env)
+	stdout, stderr, err := hoard(t, data, env, "image", "add", img, "--name", "deb")
+	if err != nil {
+		t.Fatalf("image add through the daemon: %v\n%s%s", err, stdout, stderr)
+	}
+	if !strings.Contains(stderr, "import deb: 6.0 MiB of 6.0 MiB (100%), ") || !strings.Contains(stderr, "/s") {
+		t.Fatalf("image add through the daemon printed no progress lines:\n%s", stderr)
+	}
+	if strings.Contains(stderr, "\r") || strings.Contains(stderr, "\x1b[") {
+		t.Fatalf("progress for a non-terminal has terminal controls: %q", stderr)
+	}
+	if !strings.Contains(stdout, "image deb imported") {
+		t.Fatalf("summary:\n%s", stdout)
+	}
+	_, stderr, err = hoard(t, data, env, "store", "verify")
+	if err != nil || !regexp.MustCompile(`verify: \d+ chunks of \d+ chunks \(100%\)`).MatchString(stderr) {
+		t.Fatalf("store verify through the daemon: %v, progress:\n%s", err, stderr)
+	}
+	if out, stderr, err := hoard(t, data, env, "store", "gc"); err != nil || !strings.Contains(out, "removed") {
+		t.Fatalf("store gc through the daemon: %v\n%s%s", err, out, stderr)
 	}
 }
