@@ -23,17 +23,12 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 		Short: "Show stored, logical and non-zero bytes, dedup and compression ratios",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, cl, err := g.backend(cmd.Context())
+			svc, err := g.images(cmd.Context(), false)
 			if err != nil {
 				return err
 			}
-			var s chunkstore.Stats
-			if cl != nil {
-				s, err = cl.StoreStats(cmd.Context())
-			} else {
-				defer st.Close()
-				s, err = st.Stats(cmd.Context())
-			}
+			defer svc.Close()
+			s, err := svc.Stats(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -62,22 +57,17 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 		Short: "Read every chunk and check it against its ID; corrupt chunks are dropped",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, cl, err := g.backend(cmd.Context())
+			svc, err := g.images(cmd.Context(), false)
 			if err != nil {
 				return err
 			}
-			var res chunkstore.VerifyResult
-			if cl != nil {
+			defer svc.Close()
+			if svc.Remote() {
 				fmt.Fprintln(os.Stderr, "verifying through the running daemon...")
-				p := newProgress("verify", "chunks")
-				res, err = cl.StoreVerifyProgress(cmd.Context(), p.Report)
-				p.Done()
-			} else {
-				defer st.Close()
-				p := newProgress("verify", "chunks")
-				res, err = st.Verify(cmd.Context(), p.Update)
-				p.Done()
 			}
+			p := newProgress("verify", "chunks")
+			res, err := svc.Verify(cmd.Context(), p.Report)
+			p.Done()
 			if err != nil {
 				return err
 			}
@@ -107,19 +97,14 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 		Short: "Delete chunks no image references or pins, and leftover files",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, cl, err := g.backend(cmd.Context())
+			svc, err := g.images(cmd.Context(), false)
 			if err != nil {
 				return err
 			}
-			var res chunkstore.GCResult
-			if cl != nil {
-				p := newProgress("gc", "")
-				res, err = cl.StoreGCProgress(cmd.Context(), p.Report)
-				p.Done()
-			} else {
-				defer st.Close()
-				res, err = st.GC(cmd.Context())
-			}
+			defer svc.Close()
+			p := newProgress("gc", "")
+			res, err := svc.GC(cmd.Context(), p.Report)
+			p.Done()
 			if err != nil {
 				return err
 			}

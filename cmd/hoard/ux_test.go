@@ -111,3 +111,27 @@ func TestAddThroughDaemonShowsProgress(t *testing.T) {
 		t.Fatalf("store gc through the daemon: %v\n%s%s", err, out, stderr)
 	}
 }
+
+// TestOfflineAndDaemonAnswersMatch: the image and store commands answer the
+// same whether they open the store or go through the daemon (one
+// imageService, two implementations).
+func TestOfflineAndDaemonAnswersMatch(t *testing.T) {
+	t.Parallel()
+	data := t.TempDir()
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(img, imageBytes(12, 3<<20), 0o600)
+	env := []string{"HOARD_API="}
+	mustHoard(t, data, env, "image", "add", img, "--name", "deb")
+	queries := [][]string{{"image", "ls", "--json"}, {"image", "inspect", "deb", "--json", "--entries"},
+		{"image", "profile", "deb", "--json"}, {"store", "stats", "--json"}}
+	var offline []string
+	for _, q := range queries {
+		offline = append(offline, mustHoard(t, data, env, q...))
+	}
+	startDaemon(t, data, env)
+	for i, q := range queries {
+		if got := mustHoard(t, data, env, q...); got != offline[i] {
+			t.Errorf("hoard %s: through the daemon\n%s\noffline\n%s", strings.Join(q, " "), got, offline[i])
+		}
+	}
+}
