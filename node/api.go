@@ -1,10 +1,12 @@
 package node
 
 import (
+	"context"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/pprof"
@@ -190,12 +192,17 @@ func (n *Node) routes() []route {
 		}},
 		{"POST /v1/images", long(func(w http.ResponseWriter, r *http.Request) {
 			var req ImportRequest
-			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
+			body := http.MaxBytesReader(w, r.Body, 1<<20)
+			if err := json.NewDecoder(body).Decode(&req); err != nil {
 				replyError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
 				return
 			}
-			res, err := n.AddImage(r.Context(), req)
-			reply(w, res, err)
+			// Read the body to its end: only then does the server watch the
+			// connection and cancel the import when the client goes away.
+			io.Copy(io.Discard, body)
+			answer(w, r, "import", "bytes", func(ctx context.Context, report func(done, total int64)) (any, error) {
+				return n.AddImageProgress(ctx, req, report)
+			})
 		})},
 		{"GET /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
 			ctx := r.Context()
@@ -233,8 +240,9 @@ func (n *Node) routes() []route {
 			reply(w, n.cl.p.Peers(), nil)
 		}},
 		{"POST /v1/images/{name}/pull", long(func(w http.ResponseWriter, r *http.Request) {
-			info, err := n.PullImage(r.Context(), r.PathValue("name"))
-			reply(w, info, err)
+			answer(w, r, "pull", "", func(ctx context.Context, _ func(done, total int64)) (any, error) {
+				return n.Pull(ctx, r.PathValue("name"))
+			})
 		})},
 	}
 	return append(rs, n.storeRoutes()...)
@@ -277,20 +285,24 @@ func (n *Node) tokenHint() string {
 		"(run the command as that user, e.g. with sudo, or set HOARD_API_TOKEN to its content)", n.APITokenFile())
 }
 
+// errStatus is the HTTP status that answers err.
+func errStatus(err error) int {
+	switch {
+	case errors.Is(err, chunkstore.ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, origin.ErrForbidden):
+		return http.StatusForbidden
+	case errors.Is(err, chunkstore.ErrExists), strings.Contains(err.Error(), "already exists"), strings.Contains(err.Error(), "open export"):
+		return http.StatusConflict
+	case errors.Is(err, origin.ErrNoRanges), strings.Contains(err.Error(), "invalid image name"), strings.Contains(err.Error(), "absolute path"):
+		return http.StatusBadRequest
+	}
+	return http.StatusInternalServerError
+}
+
 func reply(w http.ResponseWriter, v any, err error) {
 	if err != nil {
-		code := http.StatusInternalServerError
-		switch {
-		case errors.Is(err, chunkstore.ErrNotFound):
-			code = http.StatusNotFound
-		case errors.Is(err, origin.ErrForbidden):
-			code = http.StatusForbidden
-		case errors.Is(err, chunkstore.ErrExists), strings.Contains(err.Error(), "already exists"), strings.Contains(err.Error(), "open export"):
-			code = http.StatusConflict
-		case strings.Contains(err.Error(), "invalid image name"), strings.Contains(err.Error(), "absolute path"):
-			code = http.StatusBadRequest
-		}
-		replyError(w, code, err)
+		replyError(w, errStatus(err), err)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")

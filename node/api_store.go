@@ -20,12 +20,14 @@ func (n *Node) storeRoutes() []route {
 			reply(w, s, err)
 		}},
 		{"POST /v1/store/verify", long(func(w http.ResponseWriter, r *http.Request) {
-			res, err := n.store.Verify(r.Context(), nil)
-			reply(w, res, err)
+			answer(w, r, "verify", "chunks", func(ctx context.Context, report func(done, total int64)) (any, error) {
+				return n.store.Verify(ctx, report)
+			})
 		})},
 		{"POST /v1/store/gc", long(func(w http.ResponseWriter, r *http.Request) {
-			res, err := n.store.GC(r.Context())
-			reply(w, res, err)
+			answer(w, r, "gc", "", func(ctx context.Context, _ func(done, total int64)) (any, error) {
+				return n.store.GC(ctx)
+			})
 		})},
 	}
 }
@@ -38,12 +40,24 @@ func (c *Client) StoreStats(ctx context.Context) (chunkstore.Stats, error) {
 
 // StoreVerify returns POST /v1/store/verify.
 func (c *Client) StoreVerify(ctx context.Context) (chunkstore.VerifyResult, error) {
+	return c.StoreVerifyProgress(ctx, nil)
+}
+
+// StoreVerifyProgress is StoreVerify; progress, if not nil, is called with
+// the chunks checked of the total as the daemon reports them.
+func (c *Client) StoreVerifyProgress(ctx context.Context, progress func(Progress)) (chunkstore.VerifyResult, error) {
 	var v chunkstore.VerifyResult
-	return v, c.do(ctx, http.MethodPost, "/v1/store/verify", nil, &v)
+	return v, c.stream(ctx, http.MethodPost, "/v1/store/verify", nil, &v, progress)
 }
 
 // StoreGC returns POST /v1/store/gc.
 func (c *Client) StoreGC(ctx context.Context) (chunkstore.GCResult, error) {
+	return c.StoreGCProgress(ctx, nil)
+}
+
+// StoreGCProgress is StoreGC; progress, if not nil, is called every few
+// seconds while the daemon collects (without counts: Unit is empty).
+func (c *Client) StoreGCProgress(ctx context.Context, progress func(Progress)) (chunkstore.GCResult, error) {
 	var v chunkstore.GCResult
-	return v, c.do(ctx, http.MethodPost, "/v1/store/gc", nil, &v)
+	return v, c.stream(ctx, http.MethodPost, "/v1/store/gc", nil, &v, progress)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net/http"
 	"net/url"
 	"strings"
@@ -61,8 +62,16 @@ func (c *Client) Image(ctx context.Context, name string, entries bool) (ImageDet
 
 // AddImage asks the daemon to import an image.
 func (c *Client) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, error) {
+	return c.AddImageProgress(ctx, req, nil)
+}
+
+// AddImageProgress is AddImage; progress, if not nil, is called from this
+// goroutine with the import's progress as the daemon reports it (bytes
+// read from the source of its size), at most a few times a second.
+// Cancelling ctx (or dropping the connection) cancels the import.
+func (c *Client) AddImageProgress(ctx context.Context, req ImportRequest, progress func(Progress)) (*ImportResult, error) {
 	var res ImportResult
-	return &res, c.do(ctx, http.MethodPost, "/v1/images", req, &res)
+	return &res, c.stream(ctx, http.MethodPost, "/v1/images", req, &res, progress)
 }
 
 // RemoveImage asks the daemon to remove an image.
@@ -85,14 +94,28 @@ func (c *Client) Peers(ctx context.Context) ([]p2p.PeerInfo, error) {
 
 // PullImage registers an image known to the cluster, by name or manifest CID.
 func (c *Client) PullImage(ctx context.Context, name string) (ImageInfo, error) {
+	return c.PullImageProgress(ctx, name, nil)
+}
+
+// PullImageProgress is PullImage; progress, if not nil, is called while the
+// daemon works on it (see AddImageProgress).
+func (c *Client) PullImageProgress(ctx context.Context, name string, progress func(Progress)) (ImageInfo, error) {
 	var out ImageInfo
-	return out, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/pull", nil, &out)
+	return out, c.stream(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/pull", nil, &out, progress)
 }
 
 // ErrAPI is wrapped by errors the daemon answered with.
 var ErrAPI = errors.New("daemon error")
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	return c.stream(ctx, method, path, in, out, nil)
+}
+
+// stream is do; with progress not nil it asks for a streamed answer (see
+// StreamEvent), calls progress for each progress line and decodes the
+// result line into out. A daemon that answers plainly (an older one) is
+// understood too, without progress.
+func (c *Client) stream(ctx context.Context, method, path string, in, out any, progress func(Progress)) error {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -111,6 +134,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if c.Token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
+	if progress != nil {
+		req.Header.Set("Accept", MediaNDJSON+", application/json;q=0.9")
+	}
 	hc := c.HTTP
 	if hc == nil {
 		hc = http.DefaultClient
@@ -128,6 +154,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		}
 		return fmt.Errorf("%w: %s %s: HTTP %d: %s", ErrAPI, method, path, resp.StatusCode, strings.TrimSpace(string(b)))
 	}
+	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); mt == MediaNDJSON {
+		return c.readStream(resp.Body, method, path, out, progress)
+	}
 	if out == nil {
 		io.Copy(io.Discard, resp.Body)
 		return nil
@@ -136,4 +165,32 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return fmt.Errorf("hoard daemon at %s: bad answer to %s %s: %w", c.Base, method, path, err)
 	}
 	return nil
+}
+
+// readStream reads a streamed answer to its result line.
+func (c *Client) readStream(body io.Reader, method, path string, out any, progress func(Progress)) error {
+	dec := json.NewDecoder(body)
+	for {
+		var ev StreamEvent
+		if err := dec.Decode(&ev); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				err = errors.New("the daemon closed the connection before the result (did it stop? see its log)")
+			}
+			return fmt.Errorf("hoard daemon at %s: %s %s: %w", c.Base, method, path, err)
+		}
+		switch {
+		case ev.Error != "":
+			return fmt.Errorf("%w: %s", ErrAPI, ev.Error)
+		case ev.Result != nil:
+			if out == nil {
+				return nil
+			}
+			if err := json.Unmarshal(ev.Result, out); err != nil {
+				return fmt.Errorf("hoard daemon at %s: bad answer to %s %s: %w", c.Base, method, path, err)
+			}
+			return nil
+		case ev.Progress != nil && progress != nil:
+			progress(*ev.Progress)
+		}
+	}
 }

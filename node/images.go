@@ -100,6 +100,12 @@ func DefaultImageName(ref origin.Ref) string {
 
 // AddImage imports an image into the node's store (see Import).
 func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, error) {
+	return n.AddImageProgress(ctx, req, nil)
+}
+
+// AddImageProgress is AddImage; progress, if not nil, is called with the
+// bytes read from the source and its size, as ImportOptions.Progress.
+func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress func(done, total int64)) (*ImportResult, error) {
 	ck := chunkstore.DefaultCDC
 	if req.Chunking != "" {
 		var err error
@@ -115,6 +121,11 @@ func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, 
 		return nil, err
 	}
 	defer src.Close()
+	if req.Lazy {
+		if err := origin.CheckLazy(src); err != nil {
+			return nil, fmt.Errorf("lazy add of %s: %w", origin.Redact(req.Source), err)
+		}
+	}
 	name := req.Name
 	if name == "" {
 		name = DefaultImageName(src.Ref())
@@ -125,7 +136,10 @@ func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, 
 	if existing, err := n.store.Resolve(ctx, name); err == nil {
 		return nil, fmt.Errorf("image %q already exists (manifest %s); remove it with hoard image rm %s, or choose another --name", name, existing, name)
 	}
-	res, err := Import(ctx, n.store, src, ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy})
+	if progress != nil {
+		progress(0, src.Size())
+	}
+	res, err := Import(ctx, n.store, src, ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy, Progress: progress})
 	if err == nil {
 		n.advertiseLater(name, res.Manifest)
 	}
@@ -232,4 +246,31 @@ func ProfileOf(ctx context.Context, st *chunkstore.Store, name string) (ProfileI
 		out.Entries = append(out.Entries, ProfileEntry{Index: i, Offset: e.Offset, Length: e.Length, ID: e.ID})
 	}
 	return out, nil
+}
+
+// Pull registers an image another node of the cluster has (PullImage); when
+// the image is not here and this node cannot ask any other, the error says
+// that the node is not in a cluster and how to join one.
+func (n *Node) Pull(ctx context.Context, name string) (ImageInfo, error) {
+	info, err := n.PullImage(ctx, name)
+	if err == nil || ctx.Err() != nil {
+		return info, err
+	}
+	if _, rerr := n.store.Resolve(ctx, name); rerr == nil {
+		return info, err // here: the failure is not about the cluster
+	}
+	join := fmt.Sprintf("to join a cluster, copy its swarm key (made once, on any node, with hoard cluster keygen) to %s on this node, "+
+		"set p2p.bootstrap to the address of a node already in it (hoard status on that node lists them), and restart the daemon",
+		n.cfg.P2P.SwarmKeyFile)
+	if n.cl == nil {
+		return info, fmt.Errorf("image %q: %w here, and this node is not in a cluster (no swarm key at %s), so there is no peer to ask; %s",
+			name, chunkstore.ErrNotFound, n.cfg.P2P.SwarmKeyFile, join)
+	}
+	for _, p := range n.cl.p.Peers() {
+		if p.Connected {
+			return info, err // peers were asked: their answer stands
+		}
+	}
+	return info, fmt.Errorf("image %q is not here, and this node is connected to no peer: it is not in a cluster yet "+
+		"(a node whose swarm key differs from the others' cannot connect to them); %s (%w)", name, join, err)
 }

@@ -141,7 +141,9 @@ func newImagePullCommand(g *globalOptions) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			info, err := cl.PullImage(ctx, args[0])
+			p := newProgress("pull "+args[0], "")
+			info, err := cl.PullImageProgress(ctx, args[0], p.Report)
+			p.Done()
 			if err != nil {
 				return err
 			}

@@ -51,47 +51,29 @@ keystone, origin.glance.token / HOARD_ORIGIN_GLANCE_TOKEN).`,
 }
 
 func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking string, lazy, pin, jsonOut bool) error {
-	ck, err := chunkstore.ParseChunking(chunking)
+	if _, err := chunkstore.ParseChunking(chunking); err != nil {
+		return err
+	}
+	svc, err := g.images(ctx, true)
 	if err != nil {
 		return err
 	}
-	st, cl, err := g.backend(ctx)
-	if err != nil {
-		return err
+	defer svc.Close()
+	req := node.ImportRequest{Source: source, Name: name, Chunking: chunking, Lazy: lazy, Pin: pin}
+	if svc.Remote() {
+		req.Source = absSource(source)
+		if !jsonOut {
+			fmt.Fprintf(os.Stderr, "importing %s through the running daemon\n", origin.Redact(req.Source))
+		}
 	}
-	if cl != nil {
-		return addViaDaemon(ctx, cl, node.ImportRequest{Source: absSource(source), Name: name, Chunking: chunking, Lazy: lazy, Pin: pin}, jsonOut)
+	label := name
+	if label == "" {
+		label = defaultImageName(origin.Ref{Location: origin.Redact(source)})
 	}
-	defer st.Close()
-	src, err := origin.Open(ctx, source, g.originConfig())
-	if err != nil {
-		return err
-	}
-	defer src.Close()
-	if name == "" {
-		name = defaultImageName(src.Ref())
-	}
-	if err := chunkstore.ValidateName(name); err != nil {
-		return fmt.Errorf("%w (pass --name)", err)
-	}
-	if existing, err := st.Resolve(ctx, name); err == nil {
-		return fmt.Errorf("image %q already exists (manifest %s); remove it with hoard image rm %s, or choose another --name", name, existing, name)
-	}
-	p := newProgress("import "+name, "bytes")
-	res, err := node.Import(ctx, st, src, node.ImportOptions{Name: name, Chunking: ck, Lazy: lazy, Pin: pin && !lazy, Progress: p.Update})
+	// Interrupting the command cancels the import, here or in the daemon.
+	p := newProgress("import "+label, "bytes")
+	res, err := svc.Add(ctx, req, p.Report)
 	p.Done()
-	if err != nil {
-		return err
-	}
-	return printImportResult(res, jsonOut)
-}
-
-// addViaDaemon asks the running daemon to import the image.
-func addViaDaemon(ctx context.Context, cl *node.Client, req node.ImportRequest, jsonOut bool) error {
-	if !jsonOut {
-		fmt.Fprintf(os.Stderr, "importing %s through the running daemon\n", origin.Redact(req.Source))
-	}
-	res, err := cl.AddImage(ctx, req)
 	if err != nil {
 		return err
 	}
@@ -152,52 +134,22 @@ type imageRow = node.ImageInfo
 
 // listImages lists images from the store, or through the daemon that holds it.
 func (g *globalOptions) listImages(ctx context.Context) ([]imageRow, error) {
-	st, cl, err := g.backend(ctx)
+	svc, err := g.images(ctx, false)
 	if err != nil {
 		return nil, err
 	}
-	if cl != nil {
-		return cl.Images(ctx)
-	}
-	defer st.Close()
-	names, err := st.Names(ctx)
-	if err != nil {
-		return nil, err
-	}
-	rows := []imageRow{}
-	for _, n := range names {
-		r, _, err := node.DescribeImage(ctx, st, n)
-		if err != nil {
-			return nil, err
-		}
-		rows = append(rows, r)
-	}
-	return rows, nil
+	defer svc.Close()
+	return svc.List(ctx)
 }
 
 // inspectImage describes one image, from the store or through the daemon.
 func (g *globalOptions) inspectImage(ctx context.Context, name string, entries bool) (node.ImageDetail, error) {
-	st, cl, err := g.backend(ctx)
+	svc, err := g.images(ctx, false)
 	if err != nil {
 		return node.ImageDetail{}, err
 	}
-	if cl != nil {
-		return cl.Image(ctx, name, entries)
-	}
-	defer st.Close()
-	id, err := st.Resolve(ctx, name)
-	if err != nil {
-		return node.ImageDetail{}, err
-	}
-	r, m, err := node.DescribeImage(ctx, st, chunkstore.Named{Name: name, Manifest: id})
-	if err != nil {
-		return node.ImageDetail{}, err
-	}
-	out := node.ImageDetail{ImageInfo: r, Chunking: m.Chunking, Checksum: m.Source.Checksum}
-	if entries {
-		out.Entries = m.Entries
-	}
-	return out, nil
+	defer svc.Close()
+	return svc.Inspect(ctx, name, entries)
 }
 
 func newImageProfileCommand(g *globalOptions) *cobra.Command {
@@ -208,17 +160,12 @@ func newImageProfileCommand(g *globalOptions) *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			st, cl, err := g.backend(ctx)
+			svc, err := g.images(ctx, false)
 			if err != nil {
 				return err
 			}
-			var p node.ProfileInfo
-			if cl != nil {
-				p, err = cl.Profile(ctx, args[0])
-			} else {
-				p, err = node.ProfileOf(ctx, st, args[0])
-				st.Close()
-			}
+			p, err := svc.Profile(ctx, args[0])
+			svc.Close()
 			if err != nil {
 				return err
 			}
@@ -339,21 +286,14 @@ func newImageRmCommand(g *globalOptions) *cobra.Command {
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			st, cl, err := g.backend(ctx)
+			svc, err := g.images(ctx, false)
 			if err != nil {
 				return err
 			}
-			if st != nil {
-				defer st.Close()
-			}
+			defer svc.Close()
 			var out []node.RemoveResult
 			for _, name := range args {
-				var r node.RemoveResult
-				if cl != nil {
-					r, err = cl.RemoveImage(ctx, name)
-				} else {
-					r, err = node.RemoveImage(ctx, st, name)
-				}
+				r, err := svc.Remove(ctx, name)
 				if err != nil {
 					return err
 				}

@@ -137,8 +137,20 @@ func (g *globalOptions) apiToken(addr string) string {
 
 // backend returns a client when a daemon runs on the data dir (it wrote its
 // API address there and answers) or HOARD_API points at one; otherwise it
-// opens the store. Exactly one of the results is not nil.
+// opens the store, which must exist: a command that only reads or removes
+// must not leave an empty store in whatever directory it ran in. Exactly
+// one of the results is not nil.
 func (g *globalOptions) backend(ctx context.Context) (*chunkstore.Store, *node.Client, error) {
+	return g.backendFor(ctx, false)
+}
+
+// backendCreate is backend for a command that adds to the store (image
+// add): it creates the store when there is none.
+func (g *globalOptions) backendCreate(ctx context.Context) (*chunkstore.Store, *node.Client, error) {
+	return g.backendFor(ctx, true)
+}
+
+func (g *globalOptions) backendFor(ctx context.Context, create bool) (*chunkstore.Store, *node.Client, error) {
 	if g.v.GetString("api") != "" {
 		cl, err := g.daemon(ctx)
 		return nil, cl, err
@@ -148,6 +160,11 @@ func (g *globalOptions) backend(ctx context.Context) (*chunkstore.Store, *node.C
 			if cl, err := g.daemon(ctx); err == nil {
 				return nil, cl, nil
 			}
+		}
+	}
+	if !create {
+		if err := g.storeExists(); err != nil {
+			return nil, nil, err
 		}
 	}
 	st, err := g.openStore()

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -22,17 +23,12 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 		Short: "Show stored, logical and non-zero bytes, dedup and compression ratios",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, cl, err := g.backend(cmd.Context())
+			svc, err := g.images(cmd.Context(), false)
 			if err != nil {
 				return err
 			}
-			var s chunkstore.Stats
-			if cl != nil {
-				s, err = cl.StoreStats(cmd.Context())
-			} else {
-				defer st.Close()
-				s, err = st.Stats(cmd.Context())
-			}
+			defer svc.Close()
+			s, err := svc.Stats(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -61,20 +57,17 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 		Short: "Read every chunk and check it against its ID; corrupt chunks are dropped",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, cl, err := g.backend(cmd.Context())
+			svc, err := g.images(cmd.Context(), false)
 			if err != nil {
 				return err
 			}
-			var res chunkstore.VerifyResult
-			if cl != nil {
+			defer svc.Close()
+			if svc.Remote() {
 				fmt.Fprintln(os.Stderr, "verifying through the running daemon...")
-				res, err = cl.StoreVerify(cmd.Context())
-			} else {
-				defer st.Close()
-				p := newProgress("verify", "chunks")
-				res, err = st.Verify(cmd.Context(), p.Update)
-				p.Done()
 			}
+			p := newProgress("verify", "chunks")
+			res, err := svc.Verify(cmd.Context(), p.Report)
+			p.Done()
 			if err != nil {
 				return err
 			}
@@ -104,17 +97,14 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 		Short: "Delete chunks no image references or pins, and leftover files",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, cl, err := g.backend(cmd.Context())
+			svc, err := g.images(cmd.Context(), false)
 			if err != nil {
 				return err
 			}
-			var res chunkstore.GCResult
-			if cl != nil {
-				res, err = cl.StoreGC(cmd.Context())
-			} else {
-				defer st.Close()
-				res, err = st.GC(cmd.Context())
-			}
+			defer svc.Close()
+			p := newProgress("gc", "")
+			res, err := svc.GC(cmd.Context(), p.Report)
+			p.Done()
 			if err != nil {
 				return err
 			}
@@ -130,7 +120,30 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 	return c
 }
 
-// openStore opens the chunk store in the configured data dir.
+// storeExists returns an error saying what to do when the configured data
+// dir holds no chunk store (and no daemon was found to ask instead).
+func (g *globalOptions) storeExists() error {
+	dir := g.v.GetString("data_dir")
+	if dir == "" {
+		return errors.New("no data dir: set --data-dir or HOARD_DATA_DIR")
+	}
+	fi, err := os.Stat(filepath.Join(dir, "store"))
+	if err == nil && fi.IsDir() {
+		return nil
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("data dir %s: %w", dir, err)
+	}
+	abs, aerr := filepath.Abs(dir)
+	if aerr != nil {
+		abs = dir
+	}
+	return fmt.Errorf("no hoard data dir at %s (no daemon answers and there is no store there); start the daemon with hoard daemon --data-dir %s, "+
+		"or pass --data-dir (HOARD_DATA_DIR) of an existing one, or set HOARD_API to a running daemon", abs, abs)
+}
+
+// openStore opens the chunk store in the configured data dir, creating it
+// when needed (see storeExists).
 func (g *globalOptions) openStore() (*chunkstore.Store, error) {
 	dir := g.v.GetString("data_dir")
 	if dir == "" {

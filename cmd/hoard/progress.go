@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hoardvm/hoard/node"
 	"golang.org/x/term"
 )
 
@@ -18,7 +19,8 @@ type progress struct {
 	label    string
 	start    time.Time
 	last     time.Time
-	unit     string // "bytes" or "chunks"
+	unit     string // "bytes", "chunks", or "" (no count: only alive)
+	complete bool   // the line for done == total was printed
 	finished bool
 }
 
@@ -33,16 +35,54 @@ func (p *progress) fmtN(n int64) string {
 	return fmt.Sprintf("%d %s", n, p.unit)
 }
 
-// Update is called with the amount done and the total (0 when unknown).
-func (p *progress) Update(done, total int64) {
-	now := time.Now()
-	interval := 5 * time.Second
+// interval is how often a line is printed: often on a terminal (the line is
+// redrawn), every few seconds otherwise (each is a new line of a log).
+func (p *progress) interval() time.Duration {
 	if p.tty {
-		interval = 100 * time.Millisecond
+		return 100 * time.Millisecond
 	}
-	if now.Sub(p.last) < interval && done != total {
+	return 5 * time.Second
+}
+
+// Report renders progress a daemon streamed (node.Client's callbacks).
+func (p *progress) Report(pr node.Progress) {
+	if pr.Unit == "" {
+		p.alive()
 		return
 	}
+	p.unit = pr.Unit
+	p.Update(pr.Done, pr.Total)
+}
+
+// alive says the operation still runs, when there is nothing to count.
+func (p *progress) alive() {
+	now := time.Now()
+	if now.Sub(p.start) < 2*time.Second || now.Sub(p.last) < p.interval() {
+		return // a quick operation needs no sign of life
+	}
+	p.last = now
+	el := now.Sub(p.start).Round(time.Second)
+	if p.tty {
+		fmt.Fprintf(p.w, "\r%s: working, %s\x1b[K", p.label, el)
+		return
+	}
+	fmt.Fprintf(p.w, "%s: working, %s\n", p.label, el)
+}
+
+// Update is called with the amount done and the total (0 when unknown).
+func (p *progress) Update(done, total int64) {
+	if done == 0 && total <= 0 {
+		return // starting: nothing to show yet
+	}
+	now := time.Now()
+	end := total > 0 && done >= total
+	switch {
+	case end && p.complete:
+		return // said once; what remains (committing) is not counted
+	case !end && now.Sub(p.last) < p.interval():
+		return
+	}
+	p.complete = end
 	p.last = now
 	el := now.Sub(p.start).Seconds()
 	rate := 0.0
@@ -54,6 +94,10 @@ func (p *progress) Update(done, total int64) {
 		eta = fmt.Sprintf(" ETA %s", (time.Duration(float64(total-done)/rate) * time.Second).Round(time.Second))
 	}
 	rateS := p.fmtN(int64(rate)) + "/s"
+	of := p.fmtN(total)
+	if total <= 0 {
+		of = "?"
+	}
 	if p.tty {
 		bar := ""
 		if total > 0 {
@@ -62,19 +106,19 @@ func (p *progress) Update(done, total int64) {
 			n = min(n, width)
 			bar = "[" + strings.Repeat("=", n) + strings.Repeat(" ", width-n) + "] "
 		}
-		fmt.Fprintf(p.w, "\r%s %s%s / %s  %s%s\x1b[K", p.label, bar, p.fmtN(done), p.fmtN(total), rateS, eta)
+		fmt.Fprintf(p.w, "\r%s %s%s / %s  %s%s\x1b[K", p.label, bar, p.fmtN(done), of, rateS, eta)
 		return
 	}
 	pct := ""
 	if total > 0 {
 		pct = fmt.Sprintf(" (%.0f%%)", 100*float64(done)/float64(total))
 	}
-	fmt.Fprintf(p.w, "%s: %s of %s%s, %s%s\n", p.label, p.fmtN(done), p.fmtN(total), pct, rateS, eta)
+	fmt.Fprintf(p.w, "%s: %s of %s%s, %s%s\n", p.label, p.fmtN(done), of, pct, rateS, eta)
 }
 
 // Done ends the progress line.
 func (p *progress) Done() {
-	if p.tty && !p.finished {
+	if p.tty && !p.finished && !p.last.IsZero() {
 		fmt.Fprintln(p.w)
 	}
 	p.finished = true

@@ -167,6 +167,37 @@ func (s *httpSource) probe(ctx context.Context) error {
 	return nil
 }
 
+// ErrNoRanges: the origin cannot serve byte ranges, so it cannot back a lazy
+// image (every read of one would fail); importing it whole works.
+var ErrNoRanges = errors.New("origin does not support Range requests")
+
+// RangeChecker is implemented by sources that can tell up front whether
+// ReadAt, the lazy path, will work.
+type RangeChecker interface {
+	// CheckRanges returns an error wrapping ErrNoRanges, with the reason
+	// and what to do, when ReadAt cannot work; nil when it can.
+	CheckRanges() error
+}
+
+// CheckLazy returns why src cannot back a lazy image (chunks read from the
+// origin on demand), nil when it can. Call it before registering a lazy image.
+func CheckLazy(src Source) error {
+	if rc, ok := src.(RangeChecker); ok {
+		return rc.CheckRanges()
+	}
+	return nil
+}
+
+// CheckRanges says whether the server honoured the range probe of Open.
+func (s *httpSource) CheckRanges() error {
+	if s.ranges {
+		return nil
+	}
+	return fmt.Errorf("%w: %s answers a Range request with the whole image (HTTP 200), so every read of a lazy image "+
+		"would fail; add it without --lazy to import it whole, or serve it from a server with byte-range support "+
+		"(nginx, Apache, caddy)", ErrNoRanges, s.name)
+}
+
 func (s *httpSource) Ref() Ref       { return s.ref }
 func (s *httpSource) Size() int64    { return s.size }
 func (s *httpSource) Format() string { return s.format }

@@ -133,6 +133,9 @@ func TestHTTPRangeReads(t *testing.T) {
 	data := randomData(t, 3<<20+123)
 	srv, _ := newServer(t, serveData(data))
 	src := open(t, srv.URL+"/debian.raw", fastCfg())
+	if err := origin.CheckLazy(src); err != nil {
+		t.Fatalf("CheckLazy of a server with Range support: %v", err)
+	}
 	if got := src.Size(); got != int64(len(data)) {
 		t.Fatalf("Size = %d, want %d", got, len(data))
 	}
@@ -462,6 +465,8 @@ func TestHTTPServerIgnoresRange(t *testing.T) {
 		t.Fatalf("Size = %d", src.Size())
 	}
 	wantErr(t, src.ReadAt(t.Context(), make([]byte, 10), 100), nil, "does not support Range", "lazy fetch needs range support")
+	// A lazy add is refused up front, with the reason and what to do.
+	wantErr(t, origin.CheckLazy(src), origin.ErrNoRanges, "whole image", "without --lazy")
 	got, err := readAll(t, src)
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("Stream: %d bytes, %v", len(got), err)

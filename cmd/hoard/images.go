@@ -1,0 +1,167 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/origin"
+)
+
+// imageService is what the image and store commands need, served by the
+// running daemon (daemonImages, over its API) or, with none, by the store
+// on the data dir (localImages). Commands take one and never ask which.
+type imageService interface {
+	// Add imports an image; progress, if not nil, is called as it goes.
+	Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*node.ImportResult, error)
+	List(ctx context.Context) ([]node.ImageInfo, error)
+	Inspect(ctx context.Context, name string, entries bool) (node.ImageDetail, error)
+	Profile(ctx context.Context, name string) (node.ProfileInfo, error)
+	Remove(ctx context.Context, name string) (node.RemoveResult, error)
+	Stats(ctx context.Context) (chunkstore.Stats, error)
+	Verify(ctx context.Context, progress func(node.Progress)) (chunkstore.VerifyResult, error)
+	GC(ctx context.Context, progress func(node.Progress)) (chunkstore.GCResult, error)
+	// Remote reports whether a daemon does the work (for messages).
+	Remote() bool
+	Close() error
+}
+
+// images returns the daemon's service when one runs on the data dir (or
+// HOARD_API names one), else the store's; see backend. With create, a
+// missing store is created (image add); without, it is an error.
+func (g *globalOptions) images(ctx context.Context, create bool) (imageService, error) {
+	st, cl, err := g.backendFor(ctx, create)
+	if err != nil {
+		return nil, err
+	}
+	if cl != nil {
+		return daemonImages{cl}, nil
+	}
+	return localImages{st: st, origins: g.originConfig()}, nil
+}
+
+// daemonImages is imageService over a daemon's admin API.
+type daemonImages struct{ cl *node.Client }
+
+func (d daemonImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*node.ImportResult, error) {
+	return d.cl.AddImageProgress(ctx, req, progress)
+}
+func (d daemonImages) List(ctx context.Context) ([]node.ImageInfo, error) { return d.cl.Images(ctx) }
+func (d daemonImages) Inspect(ctx context.Context, name string, entries bool) (node.ImageDetail, error) {
+	return d.cl.Image(ctx, name, entries)
+}
+func (d daemonImages) Profile(ctx context.Context, name string) (node.ProfileInfo, error) {
+	return d.cl.Profile(ctx, name)
+}
+func (d daemonImages) Remove(ctx context.Context, name string) (node.RemoveResult, error) {
+	return d.cl.RemoveImage(ctx, name)
+}
+func (d daemonImages) Stats(ctx context.Context) (chunkstore.Stats, error) {
+	return d.cl.StoreStats(ctx)
+}
+func (d daemonImages) Verify(ctx context.Context, progress func(node.Progress)) (chunkstore.VerifyResult, error) {
+	return d.cl.StoreVerifyProgress(ctx, progress)
+}
+func (d daemonImages) GC(ctx context.Context, progress func(node.Progress)) (chunkstore.GCResult, error) {
+	return d.cl.StoreGCProgress(ctx, progress)
+}
+func (d daemonImages) Remote() bool { return true }
+func (d daemonImages) Close() error { return nil }
+
+// localImages is imageService on a store this process opened.
+type localImages struct {
+	st      *chunkstore.Store
+	origins origin.Config
+}
+
+func (l localImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*node.ImportResult, error) {
+	ck := chunkstore.DefaultCDC
+	if req.Chunking != "" {
+		var err error
+		if ck, err = chunkstore.ParseChunking(req.Chunking); err != nil {
+			return nil, err
+		}
+	}
+	src, err := origin.Open(ctx, req.Source, l.origins)
+	if err != nil {
+		return nil, err
+	}
+	defer src.Close()
+	if req.Lazy {
+		if err := origin.CheckLazy(src); err != nil {
+			return nil, fmt.Errorf("lazy add of %s: %w", origin.Redact(req.Source), err)
+		}
+	}
+	name := req.Name
+	if name == "" {
+		name = defaultImageName(src.Ref())
+	}
+	if err := chunkstore.ValidateName(name); err != nil {
+		return nil, fmt.Errorf("%w (pass --name)", err)
+	}
+	if existing, err := l.st.Resolve(ctx, name); err == nil {
+		return nil, fmt.Errorf("image %q already exists (manifest %s); remove it with hoard image rm %s, or choose another --name", name, existing, name)
+	}
+	o := node.ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy}
+	if progress != nil {
+		o.Progress = func(done, total int64) {
+			progress(node.Progress{Phase: "import", Unit: "bytes", Done: done, Total: total})
+		}
+	}
+	return node.Import(ctx, l.st, src, o)
+}
+
+func (l localImages) List(ctx context.Context) ([]node.ImageInfo, error) {
+	names, err := l.st.Names(ctx)
+	if err != nil {
+		return nil, err
+	}
+	rows := []node.ImageInfo{}
+	for _, n := range names {
+		r, _, err := node.DescribeImage(ctx, l.st, n)
+		if err != nil {
+			return nil, err
+		}
+		rows = append(rows, r)
+	}
+	return rows, nil
+}
+
+func (l localImages) Inspect(ctx context.Context, name string, entries bool) (node.ImageDetail, error) {
+	id, err := l.st.Resolve(ctx, name)
+	if err != nil {
+		return node.ImageDetail{}, err
+	}
+	r, m, err := node.DescribeImage(ctx, l.st, chunkstore.Named{Name: name, Manifest: id})
+	if err != nil {
+		return node.ImageDetail{}, err
+	}
+	out := node.ImageDetail{ImageInfo: r, Chunking: m.Chunking, Checksum: m.Source.Checksum}
+	if entries {
+		out.Entries = m.Entries
+	}
+	return out, nil
+}
+
+func (l localImages) Profile(ctx context.Context, name string) (node.ProfileInfo, error) {
+	return node.ProfileOf(ctx, l.st, name)
+}
+func (l localImages) Remove(ctx context.Context, name string) (node.RemoveResult, error) {
+	return node.RemoveImage(ctx, l.st, name)
+}
+func (l localImages) Stats(ctx context.Context) (chunkstore.Stats, error) { return l.st.Stats(ctx) }
+func (l localImages) Verify(ctx context.Context, progress func(node.Progress)) (chunkstore.VerifyResult, error) {
+	var report func(done, total int64)
+	if progress != nil {
+		report = func(done, total int64) {
+			progress(node.Progress{Phase: "verify", Unit: "chunks", Done: done, Total: total})
+		}
+	}
+	return l.st.Verify(ctx, report)
+}
+func (l localImages) GC(ctx context.Context, _ func(node.Progress)) (chunkstore.GCResult, error) {
+	return l.st.GC(ctx)
+}
+func (l localImages) Remote() bool { return false }
+func (l localImages) Close() error { return l.st.Close() }
