@@ -92,6 +92,9 @@ func DefaultImageName(ref origin.Ref) string {
 		return ref.Location
 	}
 	base := ref.Location
+	if i := strings.IndexAny(base, "?#"); i >= 0 { // a query (redacted or not) is no part of a name
+		base = base[:i]
+	}
 	if i := strings.LastIndexByte(base, '/'); i >= 0 {
 		base = base[i+1:]
 	}

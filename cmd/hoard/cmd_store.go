@@ -81,8 +81,14 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 				for _, id := range res.Corrupt {
 					fmt.Printf("  corrupt: %s\n", id)
 				}
+				for _, id := range res.Unreadable {
+					fmt.Printf("  unreadable (kept): %s\n", id)
+				}
 			}
-			if len(res.Corrupt) > 0 || res.BadMeta > 0 {
+			if len(res.Unreadable) > 0 && !verifyJSON {
+				fmt.Fprintf(os.Stderr, "hoard: %d chunks could not be read from disk (I/O errors); they were kept. Check the disk (dmesg, smartctl), then run hoard store verify again.\n", len(res.Unreadable))
+			}
+			if len(res.Corrupt) > 0 || res.BadMeta > 0 || len(res.Unreadable) > 0 {
 				if !verifyJSON {
 					fmt.Fprintln(os.Stderr, "hoard: the store had damage; corrupt chunks were dropped and will be fetched again from peers or the origin. Check the disk (dmesg, smartctl).")
 				}
