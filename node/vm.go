@@ -59,11 +59,14 @@ func CreateOverlay(ctx context.Context, image, format, socket, path string) erro
 	return nil
 }
 
-// QemuCommand is a qemu command line that boots a VM on the overlay.
+// QemuCommand is a qemu command line that boots a VM on the overlay. The disk
+// is attached as NVMe: the Debian and Ubuntu cloud kernels (and hoard's test
+// guest, scripts/guest) have the NVMe driver built in, virtio-blk often only as
+// a module.
 func QemuCommand(path string) string {
 	return fmt.Sprintf("qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2048 -smp 2 \\\n"+
 		"  -drive file=%s,if=none,id=disk0,format=qcow2,discard=unmap \\\n"+
-		"  -device virtio-blk-pci,drive=disk0,bootindex=0 \\\n"+
+		"  -device nvme,drive=disk0,serial=hoard0,bootindex=0 \\\n"+
 		"  -nic user,model=virtio-net-pci -nographic", shellQuote(path))
 }
 

@@ -18,8 +18,37 @@ func newClusterCommand(g *globalOptions) *cobra.Command {
 		Use:   "cluster",
 		Short: "Set up the cluster (the private peer-to-peer network of hoard nodes)",
 	}
-	c.AddCommand(newClusterKeygenCommand(g))
+	c.AddCommand(newClusterKeygenCommand(g), newClusterAddrCommand(g))
 	return c
+}
+
+func newClusterAddrCommand(g *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:   "addr",
+		Short: "Print the running daemon's cluster addresses, one per line, to give other nodes as p2p.bootstrap",
+		Long: `Prints the multiaddrs (ending in /p2p/<peer ID>) at which the running daemon
+accepts cluster connections, one per line. Give one of them to other nodes as
+p2p.bootstrap (--p2p-bootstrap). Fails when the node is not in a cluster.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			cl, err := g.daemon(ctx)
+			if err != nil {
+				return err
+			}
+			s, err := cl.Status(ctx)
+			if err != nil {
+				return err
+			}
+			if s.Cluster == nil || len(s.Cluster.Addrs) == 0 {
+				return fmt.Errorf("this node is not in a cluster (no swarm key): create one with hoard cluster keygen, then restart the daemon")
+			}
+			for _, a := range s.Cluster.Addrs {
+				fmt.Println(a)
+			}
+			return nil
+		},
+	}
 }
 
 func newClusterKeygenCommand(g *globalOptions) *cobra.Command {

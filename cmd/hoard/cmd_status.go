@@ -18,17 +18,14 @@ import (
 
 func newStatusCommand(g *globalOptions) *cobra.Command {
 	var jsonOut bool
+	var wait time.Duration
 	c := &cobra.Command{
 		Use:   "status",
 		Short: "Show a running daemon's store usage, read counters and open exports",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			cl, err := g.daemon(ctx)
-			if err != nil {
-				return err
-			}
-			s, err := cl.Status(ctx)
+			s, err := g.statusWait(ctx, wait)
 			if err != nil {
 				return err
 			}
@@ -78,7 +75,34 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 		},
 	}
 	c.Flags().BoolVar(&jsonOut, "json", false, "print as JSON")
+	c.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the daemon to start answering (e.g. 30s), for scripts that start one")
 	return c
+}
+
+// statusWait asks the daemon for its status, retrying for up to wait while it
+// is not answering yet (starting up, or its data dir not written yet).
+func (g *globalOptions) statusWait(ctx context.Context, wait time.Duration) (*node.Status, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		cl, err := g.daemon(ctx)
+		if err == nil {
+			var s node.Status
+			if s, err = cl.Status(ctx); err == nil {
+				return &s, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			if wait > 0 {
+				return nil, fmt.Errorf("no daemon answered within %v: %w", wait, err)
+			}
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // daemonAddr is where the daemon's API should be: HOARD_API (config api), the
