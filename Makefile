@@ -4,7 +4,7 @@ BIN     ?= bin/hoard
 DATA    ?= ./.hoard
 export CGO_ENABLED ?= 0
 
-.PHONY: all build run test deps vet unit fuzz-short bench image testbed clean
+.PHONY: all build run test deps vet unit fuzz-short tour bench image testbed clean
 
 all: build
 
@@ -17,9 +17,9 @@ run: build
 	./$(BIN) daemon --data-dir $(DATA)
 
 # Installs the real tools the tests drive (qemu, libnbd, glance-api...) when
-# missing, then vets and runs every test with the race detector, then short
-# fuzz runs.
-test: deps vet unit fuzz-short
+# missing, then vets and runs every test with the race detector, short fuzz
+# runs, and the README's tour as written.
+test: deps vet unit fuzz-short tour
 
 deps:
 	./scripts/install-test-deps.sh
@@ -29,6 +29,10 @@ vet:
 
 unit:
 	CGO_ENABLED=1 $(GO) test -race -timeout 25m ./...
+
+# README's five-minute tour, run as written in a fresh copy (scripts/tour.sh).
+tour:
+	./scripts/tour.sh
 
 FUZZTIME ?= 8s
 fuzz-short:
