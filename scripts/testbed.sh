@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 command -v docker-compose >/dev/null || { echo "testbed: docker-compose missing: apt-get install docker-compose" >&2; exit 1; }
 hoard=bin/hoard
 api() { echo "127.0.0.1:748$1"; }
-on() { local n=$1; shift; HOARD_API=$(api "$n") "$hoard" "$@"; }
+# Each node's API needs its token (the daemon wrote it into its data dir, here on the host).
+on() { local n=$1; shift; HOARD_API=$(api "$n") HOARD_API_TOKEN=$(cat "testbed/node$n/api.token" 2>/dev/null) "$hoard" "$@"; }
 wait_peers() { # wait_peers NODE N
   for _ in $(seq 60); do
     local c
@@ -36,7 +37,7 @@ up)
   wait_peers 2 1
   wait_peers 3 1
   on 2 peers
-  echo "testbed up: APIs on 127.0.0.1:7481-7483 (HOARD_API=127.0.0.1:7481 bin/hoard status)"
+  echo "testbed up: APIs on 127.0.0.1:7481-7483 (HOARD_API=127.0.0.1:7481 HOARD_API_TOKEN=\$(cat testbed/node1/api.token) bin/hoard status)"
   ;;
 check)
   command -v qemu-img >/dev/null || { echo "testbed: qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
