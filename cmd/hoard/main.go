@@ -28,14 +28,16 @@ func main() {
 	}
 }
 
-// version is set at build time: go build -ldflags "-X main.version=v1.2.3"
-// (make build sets it from git describe).
-var version = ""
+// version and commit are set at build time, go build -ldflags
+// "-X main.version=v1.2.3 -X main.commit=REV" (make build sets them from
+// git). Without commit, the VCS stamp go build embeds in a git checkout is
+// used (not in a git worktree, nor with -buildvcs=false).
+var version, commit = "", ""
 
 // versionString is "hoard VERSION (commit REV[, modified]) GOVERSION OS/ARCH".
 // The commit comes from the VCS stamp go build embeds in a git checkout.
 func versionString() string {
-	v, rev, modified := version, "", false
+	v, rev, modified := version, commit, false
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		if v == "" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
 			v = bi.Main.Version // go install module@version
@@ -43,7 +45,9 @@ func versionString() string {
 		for _, s := range bi.Settings {
 			switch s.Key {
 			case "vcs.revision":
-				rev = s.Value
+				if rev == "" {
+					rev = s.Value
+				}
 			case "vcs.modified":
 				modified = s.Value == "true"
 			}
@@ -52,14 +56,14 @@ func versionString() string {
 	if v == "" {
 		v = "dev"
 	}
-	commit := "commit unknown"
+	c := "commit unknown"
 	if rev != "" {
-		commit = "commit " + rev
+		c = "commit " + rev
 		if modified {
-			commit += ", modified"
+			c += ", modified"
 		}
 	}
-	return fmt.Sprintf("hoard %s (%s) %s %s/%s", v, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	return fmt.Sprintf("hoard %s (%s) %s %s/%s", v, c, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
 func newVersionCommand() *cobra.Command {
