@@ -377,3 +377,33 @@ func TestVersion(t *testing.T) {
 		t.Errorf("with -ldflags: %q, %v; want hoard v9.8.7 (commit 0123abc) go1...", out, err)
 	}
 }
+
+// TestDaemonNBDSocketPerms: --nbd-socket-mode and nbd.socket_group reach the
+// daemon's socket.
+func TestDaemonNBDSocketPerms(t *testing.T) {
+	t.Parallel()
+	gid := os.Getegid()
+	if os.Geteuid() == 0 {
+		gid = 1 // root may give it any group
+	}
+	data := t.TempDir()
+	sock := startDaemon(t, data, []string{"HOARD_NBD_SOCKET_GROUP=" + strconv.Itoa(gid)}, "--nbd-socket-mode", "0640")
+	var fi os.FileInfo
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var err error
+		if fi, err = os.Stat(sock); err == nil || time.Now().After(deadline) {
+			if err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if fi.Mode().Perm() != 0o640 {
+		t.Errorf("socket mode %04o, want 0640", fi.Mode().Perm())
+	}
+	if got := int(fi.Sys().(*syscall.Stat_t).Gid); got != gid {
+		t.Errorf("socket group %d, want %d", got, gid)
+	}
+}
