@@ -11,7 +11,6 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
-	"github.com/spf13/cast"
 )
 
 // valueKind is how a key's value is typed.
@@ -176,14 +175,33 @@ func (k *configKey) values(raw any) ([]string, error) {
 	}
 	switch k.kind {
 	case kindList:
-		l, err := cast.ToStringSliceE(raw)
-		if err != nil {
+		var l []string
+		switch x := raw.(type) {
+		case []string:
+			l = x
+		case string:
+			l = []string{x}
+		case []any:
+			for _, e := range x {
+				s, ok := scalarString(e)
+				if !ok {
+					return nil, errors.New("a list inside the list")
+				}
+				l = append(l, s)
+			}
+		default:
 			return nil, errors.New("not a list of strings")
 		}
 		return splitList(l), nil
 	case kindBool:
-		if _, err := cast.ToBoolE(raw); err != nil {
-			return nil, errors.New("not a boolean")
+		switch x := raw.(type) {
+		case bool:
+		case string:
+			if _, err := strconv.ParseBool(x); err != nil {
+				return nil, fmt.Errorf("%q is not a boolean", x)
+			}
+		default:
+			return nil, fmt.Errorf("%v is not a boolean", raw)
 		}
 		return nil, nil
 	case kindDuration:
@@ -202,15 +220,22 @@ func (k *configKey) values(raw any) ([]string, error) {
 		}
 		return []string{fmt.Sprintf("%04o", m)}, nil
 	}
-	switch raw.(type) {
-	case []any, []string, map[string]any:
+	s, ok := scalarString(raw)
+	if !ok {
 		return nil, errors.New("a list or a map where one value is expected")
 	}
-	s, err := cast.ToStringE(raw)
-	if err != nil {
-		return nil, errors.New("not a single value")
-	}
 	return []string{s}, nil
+}
+
+// scalarString is a scalar config value as a string.
+func scalarString(raw any) (string, bool) {
+	switch x := raw.(type) {
+	case string:
+		return x, true
+	case int, int8, int16, int32, int64, uint, uint8, uint16, uint32, uint64, float32, float64, bool, time.Duration:
+		return fmt.Sprint(x), true
+	}
+	return "", false
 }
 
 func nonEmpty(s string) error {
@@ -277,7 +302,8 @@ func configMode(raw any) (uint32, error) {
 	case int, int64, uint64, float64:
 		return 0, fmt.Errorf("%v is a number; write the mode quoted, e.g. \"0660\"", raw)
 	}
-	return parseMode(cast.ToString(raw))
+	s, _ := scalarString(raw)
+	return parseMode(s)
 }
 
 // parseMode parses an octal permission mode, "0660" or "660" or "0o660".
