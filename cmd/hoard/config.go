@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hoardvm/hoard/node"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 )
@@ -86,7 +87,7 @@ var configKeys = []*configKey{
 	{name: "api", scope: scopeEnvOnly,
 		help:   "the CLI talks to the daemon at this API address instead of the one on the data dir (HOST:PORT)",
 		accept: acceptHostPort + " or http://HOST:PORT", check: checkAPIAddr, example: "127.0.0.1:7481"},
-	{name: "api.listen", flag: "api-listen", scope: scopeDaemon, def: "127.0.0.1:7480",
+	{name: "api.listen", flag: "api-listen", scope: scopeDaemon, def: node.DefaultAPIListen,
 		help:   "admin HTTP API, status page and /metrics (- to disable)",
 		accept: acceptHostPort + ", or - for off", check: hostPortOr("-")},
 	{name: "api.token", flag: "api-token", scope: scopeDaemon, secret: true,

@@ -36,6 +36,9 @@ func addConfigFlags(fs *pflag.FlagSet, sc scope) {
 		if k.def == "" && k.defDoc != "" {
 			usage += "; default " + k.defDoc
 		}
+		if k.accept == acceptSize || k.accept == acceptRate {
+			usage += "; units: KiB, MiB, GiB (powers of 1024) or KB, MB, GB (powers of 1000), never a lone G"
+		}
 		usage += " (config " + k.name + ", env " + k.envName() + ")"
 		switch k.kind {
 		case kindBool:
