@@ -3,13 +3,16 @@ GO      ?= go
 BIN     ?= bin/hoard
 DATA    ?= ./.hoard
 export CGO_ENABLED ?= 0
+# hoard --version prints these (git describe / rev-parse; dev outside git).
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
 
 .PHONY: all build run test deps vet unit fuzz-short tour bench image testbed clean
 
 all: build
 
 build:
-	$(GO) build -trimpath -o $(BIN) ./cmd/hoard
+	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION) -X main.commit=$(COMMIT)" -o $(BIN) ./cmd/hoard
 
 # One node with embedded defaults: data under ./.hoard, API on 127.0.0.1:7480,
 # NBD on ./.hoard/nbd.sock. No external service needed.

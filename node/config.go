@@ -2,6 +2,7 @@ package node
 
 import (
 	"errors"
+	"io/fs"
 	"log/slog"
 	"path/filepath"
 	"time"
@@ -24,6 +25,12 @@ type Config struct {
 
 	// NBDSocket is the NBD unix socket; default DataDir/nbd.sock. "-" disables it.
 	NBDSocket string
+	// NBDSocketGroup is the group (name or numeric GID) the NBD unix socket
+	// is given; empty: the daemon's. QEMU under libvirt opens the socket as
+	// its own user (libvirt-qemu on Debian), which must be in this group.
+	NBDSocketGroup string
+	// NBDSocketMode is the NBD unix socket's permission bits; default 0660.
+	NBDSocketMode fs.FileMode
 	// NBDListen is an optional TCP address for NBD (e.g. 127.0.0.1:10809); empty: off.
 	NBDListen string
 	// APIListen is the admin HTTP API address; default 127.0.0.1:7480. "-" disables it.
@@ -107,6 +114,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.NBDSocket == "" {
 		c.NBDSocket = filepath.Join(c.DataDir, "nbd.sock")
+	}
+	if c.NBDSocketMode == 0 {
+		c.NBDSocketMode = 0o660
+	}
+	if c.NBDSocket != "-" {
+		setSocketPerms(c.NBDSocket, c.NBDSocketGroup, c.NBDSocketMode)
 	}
 	if c.APIListen == "" {
 		c.APIListen = DefaultAPIListen

@@ -388,7 +388,7 @@ func listenUnix(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("nbd.socket %s: %w", path, err)
 	}
 	// The socket is the local trust boundary: owner and group only.
-	if err := os.Chmod(path, 0o660); err != nil {
+	if err := applySocketPerms(path); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("nbd.socket %s: %w", path, err)
 	}

@@ -148,7 +148,7 @@ func TestCLIErrors(t *testing.T) {
 		{[]string{"image", "inspect", "nope"}, "hoard image ls"},
 		{[]string{"image", "add", "/etc/hostname", "--chunking", "weird"}, "use cdc or fixed"},
 		{[]string{"image", "add", "/etc/hostname", "--name", "bad/name"}, "invalid image name"},
-		{[]string{"--store-quota", "lots", "store", "stats"}, "invalid size"},
+		{[]string{"--store-quota", "lots", "store", "stats"}, "store.quota (from flag --store-quota): invalid value \"lots\""},
 		{[]string{"image", "add", "glance://abc"}, "origin.glance.url"},
 	} {
 		_, stderr, err := hoard(t, data, []string{"HOARD_ORIGIN_GLANCE_URL="}, tc.args...)

@@ -2,8 +2,8 @@ package main
 
 import (
 	"fmt"
+	"io/fs"
 	"path/filepath"
-	"time"
 
 	"github.com/hoardvm/hoard/node"
 	"github.com/spf13/cobra"
@@ -31,28 +31,20 @@ Boot a VM on an image with: hoard vm overlay IMAGE vm.qcow2`,
 			if err != nil {
 				return err
 			}
-			n, err := node.New(cfg, g.logger())
+			log := g.logger()
+			if g.configFile != "" {
+				log.Info("config file loaded", "file", g.configFile)
+			} else if cf, _ := cmd.Flags().GetString("config"); cf == "" {
+				log.Info("no config file found; using flags, environment and defaults", "searched", configSearchList())
+			}
+			n, err := node.New(cfg, log)
 			if err != nil {
 				return err
 			}
 			return n.Run(cmd.Context())
 		},
 	}
-	f := c.Flags()
-	f.String("nbd-socket", "", "NBD unix socket (config nbd.socket; default <data_dir>/nbd.sock; - to disable)")
-	f.String("nbd-listen", "", "NBD over TCP, e.g. 127.0.0.1:10809 (config nbd.listen; default off)")
-	f.String("nbd-max-buffered", "256MiB", "memory all NBD clients together may hold in read replies not yet sent (config nbd.max_buffered)")
-	f.String("api-listen", node.DefaultAPIListen, "admin HTTP API address (config api.listen; - to disable)")
-	f.String("api-token", "", "bearer token the admin API requires (config api.token; default: a random token kept in <data_dir>/api.token); a flag is visible to every local user in ps: prefer HOARD_API_TOKEN or the default")
-	f.Bool("origin-allow-loopback", false, "allow http(s) origins at loopback and link-local addresses (config origin.allow_loopback; off: a token holder cannot make the daemon fetch from the node's own services)")
-	f.Duration("origin-timeout", 30*time.Second, "bound on one chunk fetch from an origin; reads fail with EIO after it (config origin.timeout)")
-	f.StringSlice("p2p-listen", nil, "libp2p listen multiaddrs (config p2p.listen; default /ip4/0.0.0.0/tcp/4001; QUIC is off on a private network)")
-	f.StringSlice("p2p-bootstrap", nil, "peers to join: multiaddrs ending in /p2p/ID, or dns:NAME[:PORT] (config p2p.bootstrap)")
-	f.String("p2p-swarm-key-file", "", "cluster pre-shared key, written by hoard cluster keygen (config p2p.swarm_key_file; default <data_dir>/swarm.key; without it the node runs standalone)")
-	f.String("p2p-upload-limit", "", "bytes per second served to peers, e.g. 100MiB (config p2p.upload_limit; default unlimited)")
-	f.StringSlice("p2p-allow", nil, "only these peer IDs may connect (config p2p.allow; default any node with the swarm key)")
-	f.String("mem-cache", "64MiB", "memory for verified, uncompressed chunks; 0 for none (config cache.memory)")
-	f.String("hot-cache", "", "disk under <data_dir>/hot for the decoded chunks of images being read, served from the page cache like a raw file; 0 for none (config cache.hot; default 4GiB, or a quarter of the free disk space if less)")
+	addConfigFlags(c.Flags(), scopeDaemon)
 	return c
 }
 
@@ -103,6 +95,10 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 			return node.Config{}, err
 		}
 	}
+	sockMode, err := configMode(v.Get("nbd.socket_mode"))
+	if err != nil {
+		return node.Config{}, fmt.Errorf("nbd.socket_mode: %w", err)
+	}
 	oc := g.originConfig()
 	// A daemon run by root must not fetch from the node's own services
 	// (SSRF) for whoever holds the API token, unless told to.
@@ -113,6 +109,8 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		StoreCompression:    v.GetString("store.compression"),
 		NBDSocket:           v.GetString("nbd.socket"),
 		NBDListen:           v.GetString("nbd.listen"),
+		NBDSocketGroup:      v.GetString("nbd.socket_group"),
+		NBDSocketMode:       fs.FileMode(sockMode),
 		NBDMaxBufferedBytes: nbdBuf,
 		APIListen:           v.GetString("api.listen"),
 		APIToken:            v.GetString("api.token"),

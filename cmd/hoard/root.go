@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"fmt"
 	"log/slog"
 	"os"
 	"strings"
@@ -18,7 +17,14 @@ var errSilent = errors.New("")
 type globalOptions struct {
 	v    *viper.Viper
 	json bool
+	// configFile is the config file loaded ("" for none); fileKeys are the
+	// keys it sets.
+	configFile string
+	fileKeys   map[string]bool
 }
+
+// noConfig marks commands that run without reading the configuration.
+const noConfig = "hoard/no-config"
 
 func newRootCommand() *cobra.Command {
 	g := &globalOptions{v: viper.New()}
@@ -31,66 +37,38 @@ a read-only NBD export that backs VMs' qcow2 overlays.
 
 Configuration comes from flags, HOARD_* environment variables (key upper-cased,
 '.' -> '_', e.g. HOARD_DATA_DIR, HOARD_STORE_QUOTA) and an optional config file
-(--config, or hoard.yaml in the current directory or /etc/hoard).`,
+(--config or HOARD_CONFIG, else hoard.yaml in the current directory or
+/etc/hoard), in that order of precedence. Unknown keys and bad values stop
+every command with the key named. hoard config show prints every key's
+effective value and where it came from; hoard.example.yaml describes them all.
+
+Sizes take an explicit unit: KiB, MiB, GiB, TiB are powers of 1024 (10GiB =
+10737418240 bytes), KB, MB, GB, TB powers of 1000 (10GB = 10000000000 bytes),
+a bare number is bytes. A lone K, M, G or T is refused as ambiguous.`,
+		Version:       versionString(),
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			for c := cmd; c != nil; c = c.Parent() {
+				if c.Annotations[noConfig] != "" {
+					return nil
+				}
+			}
 			return g.load(cmd)
 		},
 	}
+	root.SetVersionTemplate("{{.Version}}\n")
 	pf := root.PersistentFlags()
-	pf.String("config", "", "config file (YAML, TOML or JSON)")
-	pf.String("data-dir", "./.hoard", "data directory: chunk store, index, identity, profiles (config data_dir)")
-	pf.String("store-quota", "10GiB", "chunk store size limit, e.g. 10GiB, 500MiB, 0 for none (config store.quota)")
-	pf.String("store-compression", "zstd", "codec for new chunks: zstd (best ratio), s2 (~3x less CPU, ~15% larger) or none (config store.compression)")
-	pf.String("log-level", "info", "log level: debug, info, warn, error (config log.level)")
+	pf.String("config", "", "config file (YAML, TOML or JSON; env HOARD_CONFIG); default hoard.yaml in the current directory or /etc/hoard, if there")
+	addConfigFlags(pf, scopeGlobal)
 	root.AddCommand(newImageCommand(g), newStoreCommand(g), newDaemonCommand(g), newStatusCommand(g), newVMCommand(g),
-		newClusterCommand(g), newPeersCommand(g))
+		newClusterCommand(g), newPeersCommand(g), newConfigCommand(g), newVersionCommand())
 	return root
-}
-
-// load reads config: flags > env > file > defaults.
-func (g *globalOptions) load(cmd *cobra.Command) error {
-	v := g.v
-	v.SetEnvPrefix("HOARD")
-	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_", "-", "_"))
-	v.AutomaticEnv()
-	for _, b := range []struct{ flag, key string }{
-		{"data-dir", "data_dir"}, {"store-quota", "store.quota"}, {"log-level", "log.level"},
-		{"store-compression", "store.compression"},
-		{"nbd-socket", "nbd.socket"}, {"nbd-listen", "nbd.listen"}, {"nbd-max-buffered", "nbd.max_buffered"}, {"api-listen", "api.listen"},
-		{"api-token", "api.token"}, {"origin-timeout", "origin.timeout"}, {"origin-allow-loopback", "origin.allow_loopback"}, {"mem-cache", "cache.memory"}, {"hot-cache", "cache.hot"},
-		{"p2p-listen", "p2p.listen"}, {"p2p-bootstrap", "p2p.bootstrap"}, {"p2p-swarm-key-file", "p2p.swarm_key_file"},
-		{"p2p-upload-limit", "p2p.upload_limit"}, {"p2p-allow", "p2p.allow"},
-	} {
-		if f := cmd.Flags().Lookup(b.flag); f != nil {
-			if err := v.BindPFlag(b.key, f); err != nil {
-				return err
-			}
-		}
-	}
-	if cf, _ := cmd.Flags().GetString("config"); cf != "" {
-		v.SetConfigFile(cf)
-		if err := v.ReadInConfig(); err != nil {
-			return fmt.Errorf("read config %s: %w", cf, err)
-		}
-	} else {
-		v.SetConfigName("hoard")
-		v.AddConfigPath(".")
-		v.AddConfigPath("/etc/hoard")
-		if err := v.ReadInConfig(); err != nil {
-			var nf viper.ConfigFileNotFoundError
-			if !errors.As(err, &nf) {
-				return fmt.Errorf("read config: %w", err)
-			}
-		}
-	}
-	return nil
 }
 
 func (g *globalOptions) logger() *slog.Logger {
 	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(g.v.GetString("log.level"))); err != nil {
+	if err := lvl.UnmarshalText([]byte(strings.ToLower(g.v.GetString("log.level")))); err != nil {
 		lvl = slog.LevelInfo
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
