@@ -30,7 +30,7 @@ counter() { # counter NODE KEY -> the number after "KEY": in status --json
 case "${1:-}" in
 up)
   CGO_ENABLED=0 go build -trimpath -o "$hoard" ./cmd/hoard
-  mkdir -p testbed/node1 testbed/node2 testbed/node3
+  mkdir -p testbed/node1 testbed/node2 testbed/node3 testbed/images
   [ -s testbed/swarm.key ] || "$hoard" cluster keygen testbed/swarm.key
   docker-compose build
   docker-compose up -d
@@ -42,13 +42,15 @@ up)
 check)
   command -v qemu-img >/dev/null || { echo "testbed: qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
   [ -S testbed/node1/nbd.sock ] || { echo "testbed: not running; run scripts/testbed.sh up first" >&2; exit 1; }
-  img=testbed/node1/check.raw
-  # 48 MiB: random data with zero holes, inside node1's data dir (/data in the container).
+  img=testbed/images/check.raw
+  # 48 MiB: random data with zero holes, in node1's image dir (/images in the container; not
+  # its data dir, which the daemon never imports from).
+  mkdir -p testbed/images
   head -c $((32 << 20)) /dev/urandom >"$img"
   truncate -s 48M "$img"
   dd if=/dev/urandom of="$img" bs=1M count=8 seek=40 conv=notrunc status=none
   name=check-$(date +%s)
-  on 1 image add /data/check.raw --name "$name" >/dev/null
+  on 1 image add /images/check.raw --name "$name" >/dev/null
   echo "testbed: added $name (48 MiB) on node1"
   for n in 2 3; do
     wait_peers "$n" 1
