@@ -109,6 +109,21 @@ func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, 
 // AddImageProgress is AddImage; progress, if not nil, is called with the
 // bytes read from the source and its size, as ImportOptions.Progress.
 func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress func(done, total int64)) (*ImportResult, error) {
+	if !strings.Contains(req.Source, "://") && !filepath.IsAbs(req.Source) {
+		return nil, fmt.Errorf("source %q: the daemon needs an absolute path", req.Source)
+	}
+	res, err := AddImageTo(ctx, n.store, n.cfg.Origin, req, progress)
+	if err == nil {
+		n.advertiseLater(res.Name, res.Manifest)
+	}
+	return res, err
+}
+
+// AddImageTo opens req's source with the origin config oc and imports it
+// into st under req.Name (default: DefaultImageName): the one add path of
+// the daemon and of the offline CLI. A lazy add is refused when the origin
+// cannot serve ranges; a taken name is an error wrapping chunkstore.ErrExists.
+func AddImageTo(ctx context.Context, st *chunkstore.Store, oc origin.Config, req ImportRequest, progress func(done, total int64)) (*ImportResult, error) {
 	ck := chunkstore.DefaultCDC
 	if req.Chunking != "" {
 		var err error
@@ -116,10 +131,7 @@ func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress
 			return nil, err
 		}
 	}
-	if !strings.Contains(req.Source, "://") && !filepath.IsAbs(req.Source) {
-		return nil, fmt.Errorf("source %q: the daemon needs an absolute path", req.Source)
-	}
-	src, err := origin.Open(ctx, req.Source, n.cfg.Origin)
+	src, err := origin.Open(ctx, req.Source, oc)
 	if err != nil {
 		return nil, err
 	}
@@ -136,17 +148,14 @@ func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress
 	if err := chunkstore.ValidateName(name); err != nil {
 		return nil, fmt.Errorf("%w (pass --name)", err)
 	}
-	if existing, err := n.store.Resolve(ctx, name); err == nil {
-		return nil, fmt.Errorf("image %q already exists (manifest %s); remove it with hoard image rm %s, or choose another --name", name, existing, name)
+	if existing, err := st.Resolve(ctx, name); err == nil {
+		return nil, fmt.Errorf("image %q already exists (manifest %s); remove it with hoard image rm %s, or choose another --name: %w",
+			name, existing, name, chunkstore.ErrExists)
 	}
 	if progress != nil {
 		progress(0, src.Size())
 	}
-	res, err := Import(ctx, n.store, src, ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy, Progress: progress})
-	if err == nil {
-		n.advertiseLater(name, res.Manifest)
-	}
-	return res, err
+	return Import(ctx, st, src, ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy, Progress: progress})
 }
 
 // RemoveResult says what removing an image freed.

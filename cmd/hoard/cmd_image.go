@@ -68,7 +68,7 @@ func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking s
 	}
 	label := name
 	if label == "" {
-		label = defaultImageName(origin.Ref{Location: origin.Redact(source)})
+		label = node.DefaultImageName(origin.Ref{Location: origin.Redact(source)})
 	}
 	// Interrupting the command cancels the import, here or in the daemon.
 	p := newProgress("import "+label, "bytes")
@@ -113,21 +113,6 @@ func printImportResult(res *node.ImportResult, jsonOut bool) error {
 	}
 	fmt.Fprintf(tw, "  dedup ratio\t%.2fx (within the image)\n", res.DedupRatio)
 	return tw.Flush()
-}
-
-func defaultImageName(ref origin.Ref) string {
-	switch ref.Kind {
-	case "glance":
-		return ref.Location
-	}
-	base, _, _ := strings.Cut(ref.Location, "?") // a URL's (redacted) query
-	for i := len(base) - 1; i >= 0; i-- {
-		if base[i] == '/' {
-			base = base[i+1:]
-			break
-		}
-	}
-	return base
 }
 
 type imageRow = node.ImageInfo

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
@@ -76,40 +75,13 @@ type localImages struct {
 }
 
 func (l localImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*node.ImportResult, error) {
-	ck := chunkstore.DefaultCDC
-	if req.Chunking != "" {
-		var err error
-		if ck, err = chunkstore.ParseChunking(req.Chunking); err != nil {
-			return nil, err
-		}
-	}
-	src, err := origin.Open(ctx, req.Source, l.origins)
-	if err != nil {
-		return nil, err
-	}
-	defer src.Close()
-	if req.Lazy {
-		if err := origin.CheckLazy(src); err != nil {
-			return nil, fmt.Errorf("lazy add of %s: %w", origin.Redact(req.Source), err)
-		}
-	}
-	name := req.Name
-	if name == "" {
-		name = defaultImageName(src.Ref())
-	}
-	if err := chunkstore.ValidateName(name); err != nil {
-		return nil, fmt.Errorf("%w (pass --name)", err)
-	}
-	if existing, err := l.st.Resolve(ctx, name); err == nil {
-		return nil, fmt.Errorf("image %q already exists (manifest %s); remove it with hoard image rm %s, or choose another --name", name, existing, name)
-	}
-	o := node.ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy}
+	var p func(done, total int64)
 	if progress != nil {
-		o.Progress = func(done, total int64) {
+		p = func(done, total int64) {
 			progress(node.Progress{Phase: "import", Unit: "bytes", Done: done, Total: total})
 		}
 	}
-	return node.Import(ctx, l.st, src, o)
+	return node.AddImageTo(ctx, l.st, l.origins, req, p)
 }
 
 func (l localImages) List(ctx context.Context) ([]node.ImageInfo, error) {
