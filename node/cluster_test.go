@@ -198,10 +198,11 @@ func TestClusterNameConflict(t *testing.T) {
 		t.Fatal("two different images have one manifest")
 	}
 	// Until both claims are announced.
-	waitFor(t, "both claims on the name to be seen", func() bool {
+	// (Both providers must be in the DHT: tens of seconds on a loaded CI.)
+	eventually(t, 90*time.Second, func() bool {
 		_, _, err := cl[2].P2P().ResolveName(t.Context(), "deb")
 		return errors.Is(err, p2p.ErrNameConflict)
-	})
+	}, "both claims on the name to be seen")
 	_, err := cl[2].PullImage(t.Context(), "deb")
 	if err == nil {
 		t.Fatal("pulled a name two images claim")

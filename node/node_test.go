@@ -398,10 +398,11 @@ func TestProfileRecordedAndPrefetched(t *testing.T) {
 	}
 }
 
-// waitFor is eventually with a 10 s bound, for the tests that still call it.
+// waitFor is eventually with a 60 s bound (generous: -race on two loaded
+// cores; it only waits that long when something is wrong).
 func waitFor(t *testing.T, what string, ok func() bool) {
 	t.Helper()
-	eventually(t, 10*time.Second, ok, "timed out waiting for %s", what)
+	eventually(t, 60*time.Second, ok, "timed out waiting for %s", what)
 }
 
 func randBytes(n int, seed uint64) []byte {

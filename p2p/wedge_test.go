@@ -208,8 +208,10 @@ func TestCloseWithStuckStreams(t *testing.T) {
 	// an error, never a wait.
 	for i, s := range streams {
 		within(t, 10*time.Second, "draining a served stream after Close", func() {
-			if _, err := io.Copy(io.Discard, s); err == nil {
-				t.Errorf("stream %d: closed cleanly, want a reset", i)
+			// A stream the server finished before Close (everything fit
+			// in mocknet's buffers) may end cleanly; any other must not.
+			if n, err := io.Copy(io.Discard, s); err == nil && n < 64*(64<<10) {
+				t.Errorf("stream %d: closed cleanly after %d bytes of a 4 MiB answer, want a reset", i, n)
 			}
 		})
 	}
