@@ -149,6 +149,9 @@ func (f *fetchRun) drain() {
 }
 
 func (f *fetchRun) launch(j *job) {
+	if f.p.launched != nil {
+		f.p.launched(j.peer, j.hedge)
+	}
 	f.jobs[j] = true
 	for _, w := range j.wants {
 		f.inFlight[w.Index]++

@@ -83,7 +83,10 @@ type Peer struct {
 	metrics *metrics
 	limiter *rate.Limiter
 	verify  func(id chunkstore.ID, st chunkstore.Stored) ([]byte, error)
-	tcpPort string
+	// launched, when set (by tests, before any fetch), is called on
+	// FetchFrom's goroutine each time it asks a peer for a batch.
+	launched func(id peer.ID, hedge bool)
+	tcpPort  string
 
 	ctx    context.Context // cancelled by Close: ends server requests
 	cancel context.CancelFunc

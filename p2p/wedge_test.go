@@ -129,7 +129,8 @@ func TestRealServerWriteDeadline(t *testing.T) {
 	t.Parallel()
 	img := newTestImage(t, 64, 64<<10, 21) // about 2.5 MiB stored
 	key, _ := DecodeSwarmKey(GenerateSwarmKey())
-	a := realPeer(t, WithSwarmKey(key), WithBackend(&fakeBackend{img: img}), WithWriteTimeout(300*time.Millisecond))
+	be := &fakeBackend{img: img}
+	a := realPeer(t, WithSwarmKey(key), WithBackend(be), WithWriteTimeout(300*time.Millisecond))
 	b := realPeer(t, WithSwarmKey(key))
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
@@ -151,7 +152,10 @@ func TestRealServerWriteDeadline(t *testing.T) {
 		defer a.mu.Unlock()
 		return len(a.served)
 	}
-	eventually(t, 10*time.Second, "the server to take the stream", func() bool { return nserved() == 1 })
+	// It may take the stream and give it up (after the write timeout)
+	// between two polls on a busy machine: a chunk read from its backend
+	// shows it took the stream.
+	eventually(t, 10*time.Second, "the server to take the stream", func() bool { return nserved() == 1 || be.served.Load() > 0 })
 	eventually(t, 10*time.Second, "the server to give up a stream whose reader stalled", func() bool { return nserved() == 0 })
 	// What was sent ends in a reset, not in a wait for more.
 	s.SetReadDeadline(time.Now().Add(10 * time.Second))
