@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/p2p"
@@ -251,31 +252,61 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		defer n.hot.close()
 	}
 
+	// Listen before anything slow: a QEMU reconnecting after a restart
+	// waits in the socket's backlog while the rest starts. Under systemd
+	// socket activation (contrib/systemd/hoard.socket) the sockets are
+	// systemd's and outlive this process.
+	sd, err := systemdListeners()
+	if err != nil {
+		return err
+	}
 	var lns []net.Listener
 	closeAll := func() {
 		for _, ln := range lns {
 			ln.Close()
 		}
 	}
+	for name, ln := range sd {
+		lns = append(lns, ln)
+		if name != systemdNBDSocket && name != systemdNBDTCP && name != systemdAPI {
+			n.log.Warn("systemd passed a socket hoard does not use; name it nbd, nbd-tcp or api (FileDescriptorName)", "name", name)
+		}
+	}
 	var unixLn, tcpLn, apiLn net.Listener
-	if sock := n.NBDSocket(); sock != "" {
+	sockPath := n.NBDSocket()
+	if ln := sd[systemdNBDSocket]; ln != nil {
+		unixLn = ln
+		if sock := n.NBDSocket(); sock != ln.Addr().String() {
+			n.log.Warn("serving NBD on the socket systemd passed, not on nbd.socket; make them match so that hoard vm overlay writes the right path",
+				"socket", ln.Addr().String(), "nbd_socket", sock)
+		}
+		sockPath = ln.Addr().String()
+	} else if sock := n.NBDSocket(); sock != "" {
 		if unixLn, err = listenUnix(sock); err != nil {
+			closeAll()
 			return err
 		}
 		lns = append(lns, unixLn)
 	}
-	if cfg.NBDListen != "" {
+	if ln := sd[systemdNBDTCP]; ln != nil {
+		tcpLn = ln
+	} else if cfg.NBDListen != "" {
 		if tcpLn, err = net.Listen("tcp", cfg.NBDListen); err != nil {
 			closeAll()
 			return fmt.Errorf("nbd.listen %s: %w", cfg.NBDListen, err)
 		}
 		lns = append(lns, tcpLn)
+	}
+	if tcpLn != nil {
 		n.nbdAddr = tcpLn.Addr()
-		if ip := tcpLn.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+		if ip, ok := tcpLn.Addr().(*net.TCPAddr); ok && !ip.IP.IsLoopback() {
 			n.log.Warn("NBD over TCP is not on loopback: anyone who can reach it can read every image", "addr", n.nbdAddr)
 		}
 	}
-	if cfg.APIListen != "-" {
+	if ln := sd[systemdAPI]; ln != nil {
+		apiLn = ln
+		n.apiAddr = ln.Addr()
+	} else if cfg.APIListen != "-" {
 		if apiLn, err = net.Listen("tcp", cfg.APIListen); err != nil {
 			closeAll()
 			return fmt.Errorf("api.listen %s: %w (is another hoard daemon running? set api.listen / --api-listen)", cfg.APIListen, err)
@@ -314,7 +345,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	srv := &nbd.Server{Exporter: n, Log: n.log.With("component", "nbd"), MaxConns: cfg.NBDMaxConns, MaxBufferedBytes: cfg.NBDMaxBufferedBytes}
 	if unixLn != nil {
 		g.Go(func() error { return srv.Serve(gctx, unixLn) })
-		n.log.Info("serving NBD", "socket", n.NBDSocket(), "uri", "nbd+unix:///IMAGE?socket="+n.NBDSocket())
+		n.log.Info("serving NBD", "socket", sockPath, "uri", "nbd+unix:///IMAGE?socket="+sockPath, "systemd", sd[systemdNBDSocket] != nil)
 	}
 	if tcpLn != nil {
 		g.Go(func() error { return srv.Serve(gctx, tcpLn) })
@@ -352,6 +383,12 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	u := st.Usage()
 	n.log.Info("hoard daemon ready", "data_dir", cfg.DataDir, "store_chunks", u.Chunks, "store_bytes", u.StoredBytes, "quota", cfg.StoreQuota)
 	close(n.ready)
+	notifySystemd(daemon.SdNotifyReady)
+	g.Go(func() error {
+		<-gctx.Done()
+		notifySystemd(daemon.SdNotifyStopping)
+		return nil
+	})
 
 	err = g.Wait()
 	n.handlers.wait(n.log)
