@@ -242,13 +242,15 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	hotSize := cfg.HotCache
 	hotDir := filepath.Join(cfg.DataDir, "hot")
 	if n.hotAuto {
-		os.RemoveAll(hotDir) // the last run's cache is not used space
 		hotSize = autoHotSize(cfg.DataDir, n.log.With("component", "hot"))
 	}
 	if n.hot, err = newHotTier(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
 		return err
 	}
 	if n.hot != nil {
+		// The last run's hot files, checked block by block on use: a
+		// restart starts warm.
+		n.hot.adopt(func(id chunkstore.ID) (*chunkstore.Manifest, error) { return st.GetManifest(ctx, id) })
 		defer n.hot.close()
 	}
 
