@@ -317,6 +317,10 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		n.apiAddr = apiLn.Addr()
 	}
 
+	// The cluster after the store and the sockets: p2p.New only builds the
+	// host (no network I/O; a client connecting meanwhile waits in the
+	// backlog), and everything slow (DHT bootstrap, advertising) runs in
+	// the background below, so NBD readiness never waits on peers.
 	var peer *p2p.Peer
 	if on, err := cfg.p2pEnabled(); err != nil {
 		closeAll()
