@@ -225,37 +225,9 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	if err := n.loadAPIToken(); err != nil {
 		return err
 	}
-	st, err := chunkstore.OpenContext(ctx, filepath.Join(cfg.DataDir, "store"),
-		chunkstore.WithQuota(cfg.StoreQuota),
-		chunkstore.WithCodec(cfg.StoreCompression),
-		chunkstore.WithLogger(n.log.With("component", "chunkstore")),
-		chunkstore.WithEvictionPolicy(liveFilter{live: &n.live, next: chunkstore.LRU{}}))
-	if err != nil {
-		return err
-	}
-	n.store = st
-	defer func() {
-		if cerr := st.Close(); cerr != nil && err == nil {
-			err = fmt.Errorf("close chunk store: %w", cerr)
-		}
-	}()
-	hotSize := cfg.HotCache
-	hotDir := filepath.Join(cfg.DataDir, "hot")
-	if n.hotAuto {
-		hotSize = autoHotSize(cfg.DataDir, n.log.With("component", "hot"))
-	}
-	if n.hot, err = newHotTier(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
-		return err
-	}
-	if n.hot != nil {
-		// The last run's hot files, checked block by block on use: a
-		// restart starts warm.
-		n.hot.adopt(func(id chunkstore.ID) (*chunkstore.Manifest, error) { return st.GetManifest(ctx, id) })
-		defer n.hot.close()
-	}
-
-	// Listen before anything slow: a QEMU reconnecting after a restart
-	// waits in the socket's backlog while the rest starts. Under systemd
+	// Listen before anything slow (the store's recovery after a crash, the
+	// hot tier, the cluster): a QEMU reconnecting after a restart waits in
+	// the socket's backlog while the rest starts. Under systemd
 	// socket activation (contrib/systemd/hoard.socket) the sockets are
 	// systemd's and outlive this process.
 	sd, err := systemdListeners()
@@ -268,6 +240,8 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			ln.Close()
 		}
 	}
+	// On an early return; once serving, the servers close them (again: harmless).
+	defer closeAll()
 	for name, ln := range sd {
 		lns = append(lns, ln)
 		if name != systemdNBDSocket && name != systemdNBDTCP && name != systemdAPI {
@@ -317,7 +291,36 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		n.apiAddr = apiLn.Addr()
 	}
 
-	// The cluster after the store and the sockets: p2p.New only builds the
+	st, err := chunkstore.OpenContext(ctx, filepath.Join(cfg.DataDir, "store"),
+		chunkstore.WithQuota(cfg.StoreQuota),
+		chunkstore.WithCodec(cfg.StoreCompression),
+		chunkstore.WithLogger(n.log.With("component", "chunkstore")),
+		chunkstore.WithEvictionPolicy(liveFilter{live: &n.live, next: chunkstore.LRU{}}))
+	if err != nil {
+		return err
+	}
+	n.store = st
+	defer func() {
+		if cerr := st.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close chunk store: %w", cerr)
+		}
+	}()
+	hotSize := cfg.HotCache
+	hotDir := filepath.Join(cfg.DataDir, "hot")
+	if n.hotAuto {
+		hotSize = autoHotSize(cfg.DataDir, n.log.With("component", "hot"))
+	}
+	if n.hot, err = newHotTier(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
+		return err
+	}
+	if n.hot != nil {
+		// The last run's hot files, checked block by block on use: a
+		// restart starts warm.
+		n.hot.adopt(func(id chunkstore.ID) (*chunkstore.Manifest, error) { return st.GetManifest(ctx, id) })
+		defer n.hot.close()
+	}
+
+	// The cluster after the sockets and the store: p2p.New only builds the
 	// host (no network I/O; a client connecting meanwhile waits in the
 	// backlog), and everything slow (DHT bootstrap, advertising) runs in
 	// the background below, so NBD readiness never waits on peers.
