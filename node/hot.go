@@ -1,14 +1,21 @@
 package node
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
@@ -28,13 +35,29 @@ import (
 // 4 KiB block of an entry (counted from the entry's start) carries a CRC-32C
 // kept in memory and checked on every read: a block that fails is dropped and
 // the read falls back to the store, so a disk error never serves bad bytes.
-// The files are a cache of this process: they are removed when the daemon
-// starts and when their image is removed, and the least recently read image's
-// file goes first when the tier is over its size (Config.HotCache). The page
+// The CRCs and the entries' filled marks are also written to a sidecar file
+// (<manifest CID>.<n>.crc, format below), so the tier survives a restart or a
+// crash of the daemon: at start, adopt takes back every file whose image is
+// still in the store, and its blocks are checked against those CRCs on use
+// as before. Data, CRCs and marks are written in that order and never synced:
+// after a crash any of them may be stale, and a stale block fails its CRC
+// and is refetched (a block of zeros where the CRC of real data was written
+// fails it too). The files are removed when their image is removed, and the
+// least recently read image's file goes first when the tier is over its size
+// (Config.HotCache). The page
 // cache, not the daemon, holds the bytes in memory, so the kernel reclaims
 // them when the VMs need the RAM.
 
 const hotBlock = 4096
+
+// Sidecar format: a header of hotMagic, the image's entry count and block
+// count (uint32 little-endian each); then one byte per entry (1: filled);
+// then the CRC-32C of every block (uint32 little-endian), blocks numbered as
+// in hotFile.base.
+const (
+	hotMagic     = "HOARDHOT1\n\x00\x00\x00\x00\x00\x00"
+	hotHeaderLen = len(hotMagic) + 8
+)
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -66,6 +89,7 @@ type hotFile struct {
 
 	mu     sync.RWMutex // readers and fillers hold it shared; eviction exclusive
 	f      *os.File     // nil once evicted
+	side   *os.File     // the sidecar: CRCs and filled marks
 	base   []uint32     // first block of each entry; zero entries have none
 	state  []atomic.Uint32
 	crc    []atomic.Pointer[[hotPage]atomic.Uint32] // per block, allocated a page at a time
@@ -75,14 +99,14 @@ type hotFile struct {
 
 const hotPage = 1024 // blocks per CRC page (4 MiB of image, 4 KiB of memory)
 
-// newHotTier removes what an earlier run left in dir and returns the tier; max
-// <= 0 returns nil (no tier).
+// newHotTier returns the tier in dir; call adopt to take back what an earlier
+// run left there. max <= 0 removes dir and returns nil (no tier).
 func newHotTier(dir string, max int64, log *slog.Logger) (*hotTier, error) {
 	if max <= 0 {
+		if err := os.RemoveAll(dir); err != nil {
+			return nil, fmt.Errorf("clear hot cache %s: %w", dir, err)
+		}
 		return nil, nil
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		return nil, fmt.Errorf("clear hot cache %s: %w", dir, err)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create hot cache %s: %w (set cache.hot to 0 to run without it)", dir, err)
@@ -104,7 +128,8 @@ func autoHotSize(dir string, log *slog.Logger) int64 {
 		log.Warn("cannot learn the free disk space; hot cache off (set cache.hot to turn it on)", "path", dir, "err", err)
 		return 0
 	}
-	free := int64(st.Bavail) * int64(st.Bsize)
+	// The hot files an earlier run left are this tier's space, not used space.
+	free := int64(st.Bavail)*int64(st.Bsize) + dirBytes(filepath.Join(dir, "hot"))
 	size := min(int64(DefaultHotCache), free/4)
 	if size < minHotCache {
 		log.Info("little free disk space: hot cache off (set cache.hot to turn it on)", "path", dir, "free_bytes", free)
@@ -147,11 +172,34 @@ func (t *hotTier) file(id chunkstore.ID, m *chunkstore.Manifest, create bool) *h
 			f.Close()
 		}
 	}
+	hf = newHotFile(t, id, m, f, nil)
+	var side *os.File
+	if err == nil {
+		side, err = os.OpenFile(strings.TrimSuffix(name, ".raw")+".crc", os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err == nil {
+			hf.side = side
+			err = hf.writeHeader()
+		}
+		if err != nil {
+			f.Close()
+			if side != nil {
+				side.Close()
+			}
+			os.Remove(name)
+			os.Remove(strings.TrimSuffix(name, ".raw") + ".crc")
+		}
+	}
 	if err != nil {
 		t.fail(fmt.Errorf("create hot file for image %s: %w", id, err))
 		return nil
 	}
-	hf = &hotFile{t: t, m: m, id: id, f: f}
+	hf.used.Store(t.tick.Add(1))
+	t.files[id] = hf
+	return hf
+}
+
+func newHotFile(t *hotTier, id chunkstore.ID, m *chunkstore.Manifest, f, side *os.File) *hotFile {
+	hf := &hotFile{t: t, m: m, id: id, f: f, side: side}
 	hf.base = make([]uint32, len(m.Entries))
 	var blocks uint32
 	for i, e := range m.Entries {
@@ -162,9 +210,39 @@ func (t *hotTier) file(id chunkstore.ID, m *chunkstore.Manifest, create bool) *h
 	}
 	hf.state = make([]atomic.Uint32, len(m.Entries))
 	hf.crc = make([]atomic.Pointer[[hotPage]atomic.Uint32], int(blocks)/hotPage+1)
-	hf.used.Store(t.tick.Add(1))
-	t.files[id] = hf
 	return hf
+}
+
+func (hf *hotFile) blocks() uint32 {
+	n := len(hf.m.Entries)
+	if n == 0 {
+		return 0
+	}
+	e := hf.m.Entries[n-1]
+	b := hf.base[n-1]
+	if !e.Zero {
+		b += uint32((e.Length + hotBlock - 1) / hotBlock)
+	}
+	return b
+}
+
+func (hf *hotFile) header() []byte {
+	h := make([]byte, 0, hotHeaderLen)
+	h = append(h, hotMagic...)
+	h = binary.LittleEndian.AppendUint32(h, uint32(len(hf.m.Entries)))
+	return binary.LittleEndian.AppendUint32(h, hf.blocks())
+}
+
+func (hf *hotFile) writeHeader() error {
+	_, err := hf.side.WriteAt(hf.header(), 0)
+	return err
+}
+
+// markOff and crcOff are where entry idx's filled mark and block blk's CRC
+// are in the sidecar.
+func (hf *hotFile) markOff(idx int) int64 { return int64(hotHeaderLen + idx) }
+func (hf *hotFile) crcOff(blk uint32) int64 {
+	return int64(hotHeaderLen+len(hf.m.Entries)) + 4*int64(blk)
 }
 
 func (t *hotTier) fail(err error) {
@@ -228,6 +306,16 @@ func (hf *hotFile) read(idx int, dst []byte, lo int64) bool {
 	return true
 }
 
+func (hf *hotFile) setCRC(blk, c uint32) {
+	pg := &hf.crc[blk/hotPage]
+	p := pg.Load()
+	if p == nil {
+		pg.CompareAndSwap(nil, new([hotPage]atomic.Uint32))
+		p = pg.Load()
+	}
+	p[blk%hotPage].Store(c)
+}
+
 func (hf *hotFile) blockCRC(blk uint32) uint32 {
 	p := hf.crc[blk/hotPage].Load()
 	if p == nil {
@@ -250,6 +338,9 @@ func (hf *hotFile) drop(idx int, why error) {
 		hf.filled.Add(-n)
 		hf.t.used.Add(-n)
 		hf.t.log.Warn("hot cache entry failed to read back; serving it from the chunk store", "image", hf.id.String(), "entry", idx, "err", why)
+		if hf.side != nil {
+			_, _ = hf.side.WriteAt([]byte{0}, hf.markOff(idx)) // best effort: the CRCs catch it anyway
+		}
 	}
 }
 
@@ -281,16 +372,21 @@ func (t *hotTier) put(id chunkstore.ID, m *chunkstore.Manifest, idx int, b []byt
 	}
 	if ok {
 		blk := hf.base[idx]
+		crcs := make([]byte, 0, 4*((len(b)+hotBlock-1)/hotBlock))
 		for k := 0; k*hotBlock < len(b); k++ {
 			c := crc32.Checksum(b[k*hotBlock:min((k+1)*hotBlock, len(b))], castagnoli)
-			pg := &hf.crc[(blk+uint32(k))/hotPage]
-			p := pg.Load()
-			if p == nil {
-				pg.CompareAndSwap(nil, new([hotPage]atomic.Uint32))
-				p = pg.Load()
-			}
-			p[(blk+uint32(k))%hotPage].Store(c)
+			hf.setCRC(blk+uint32(k), c)
+			crcs = binary.LittleEndian.AppendUint32(crcs, c)
 		}
+		if _, err := hf.side.WriteAt(crcs, hf.crcOff(blk)); err != nil {
+			t.fail(fmt.Errorf("write image %s: %w", id, err))
+			ok = false
+		} else if _, err := hf.side.WriteAt([]byte{1}, hf.markOff(idx)); err != nil {
+			t.fail(fmt.Errorf("write image %s: %w", id, err))
+			ok = false
+		}
+	}
+	if ok {
 		hf.filled.Add(e.Length)
 		hf.state[idx].Store(hotFilled)
 		t.fills.Add(1)
@@ -338,8 +434,11 @@ func (hf *hotFile) evict() {
 	name := hf.f.Name()
 	hf.f.Close()
 	hf.f = nil
-	if err := os.Remove(name); err != nil && !errors.Is(err, os.ErrNotExist) {
-		hf.t.log.Warn("remove hot cache file", "file", name, "err", err)
+	hf.side.Close()
+	for _, n := range []string{name, hf.side.Name()} {
+		if err := os.Remove(n); err != nil && !errors.Is(err, os.ErrNotExist) {
+			hf.t.log.Warn("remove hot cache file", "file", n, "err", err)
+		}
 	}
 	hf.t.used.Add(-hf.filled.Swap(0))
 	hf.t.pausedUntil.Store(0) // there is room again
@@ -356,15 +455,166 @@ func (t *hotTier) remove(id chunkstore.ID) {
 	}
 }
 
-// close removes every file (daemon stopping).
+// close closes every file and keeps it for the next run (daemon stopping).
 func (t *hotTier) close() {
 	t.mu.Lock()
 	files := t.files
 	t.files = map[chunkstore.ID]*hotFile{}
 	t.mu.Unlock()
 	for _, hf := range files {
-		hf.evict()
+		hf.mu.Lock()
+		if hf.f != nil {
+			hf.f.Close()
+			hf.side.Close()
+			hf.f = nil
+		}
+		hf.mu.Unlock()
 	}
+}
+
+// adopt takes back the files an earlier run left in the tier's directory:
+// each whose image load still returns, with its sidecar's filled entries and
+// CRCs (checked on use as ever). It removes the rest, and the least recently
+// written files while the tier is over its size. Call it once, before use.
+func (t *hotTier) adopt(load func(chunkstore.ID) (*chunkstore.Manifest, error)) {
+	if t == nil {
+		return
+	}
+	raws, _ := filepath.Glob(filepath.Join(t.dir, "*.raw"))
+	type found struct {
+		raw   string
+		id    chunkstore.ID
+		n     int64
+		mtime time.Time
+	}
+	newest := map[chunkstore.ID]found{}
+	var drop []string
+	for _, raw := range raws {
+		base := strings.TrimSuffix(filepath.Base(raw), ".raw")
+		idStr, nStr, ok := strings.Cut(base, ".")
+		id, err := chunkstore.ParseID(idStr)
+		n, nerr := strconv.ParseInt(nStr, 10, 64)
+		side, serr := os.Stat(strings.TrimSuffix(raw, ".raw") + ".crc")
+		if !ok || err != nil || nerr != nil || serr != nil {
+			drop = append(drop, raw)
+			continue
+		}
+		if old, dup := newest[id]; dup {
+			if old.n > n {
+				drop = append(drop, raw)
+				continue
+			}
+			drop = append(drop, old.raw)
+		}
+		newest[id] = found{raw: raw, id: id, n: n, mtime: side.ModTime()}
+		t.tick.Store(max(t.tick.Load(), n))
+	}
+	list := make([]found, 0, len(newest))
+	for _, f := range newest {
+		list = append(list, f)
+	}
+	sort.Slice(list, func(i, j int) bool { return list[i].mtime.Before(list[j].mtime) })
+	var kept []*hotFile
+	for _, f := range list {
+		hf, err := t.open(f.raw, f.id, load)
+		if err != nil {
+			t.log.Info("hot cache file of an earlier run not kept", "file", f.raw, "err", err)
+			drop = append(drop, f.raw)
+			continue
+		}
+		hf.used.Store(t.tick.Add(1))
+		kept = append(kept, hf)
+		t.used.Add(hf.filled.Load())
+	}
+	for _, raw := range drop {
+		os.Remove(raw)
+		os.Remove(strings.TrimSuffix(raw, ".raw") + ".crc")
+	}
+	// Oldest first out while over the size (it may have shrunk).
+	for len(kept) > 0 && t.used.Load() > t.max {
+		kept[0].evict()
+		kept = kept[1:]
+	}
+	t.mu.Lock()
+	for _, hf := range kept {
+		t.files[hf.id] = hf
+	}
+	t.mu.Unlock()
+	if len(kept) > 0 {
+		t.log.Info("hot cache kept from the last run", "images", len(kept), "bytes", t.used.Load())
+	}
+}
+
+// open reopens one hot file and its sidecar.
+func (t *hotTier) open(raw string, id chunkstore.ID, load func(chunkstore.ID) (*chunkstore.Manifest, error)) (*hotFile, error) {
+	m, err := load(id)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(raw, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	side, err := os.OpenFile(strings.TrimSuffix(raw, ".raw")+".crc", os.O_RDWR, 0)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	hf := newHotFile(t, id, m, f, side)
+	if err := hf.load(); err != nil {
+		f.Close()
+		side.Close()
+		return nil, err
+	}
+	return hf, nil
+}
+
+// load reads the sidecar into hf's marks and CRCs.
+func (hf *hotFile) load() error {
+	fi, err := hf.f.Stat()
+	if err != nil {
+		return err
+	}
+	if fi.Size() != hf.m.Size {
+		return fmt.Errorf("size %d, image %d", fi.Size(), hf.m.Size)
+	}
+	want := hf.header()
+	blocks := hf.blocks()
+	b := make([]byte, hf.crcOff(blocks))
+	if _, err := hf.side.ReadAt(b, 0); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	if !bytes.Equal(b[:hotHeaderLen], want) {
+		return errors.New("sidecar header does not match the image")
+	}
+	for i, e := range hf.m.Entries {
+		if e.Zero || b[hf.markOff(i)] != 1 {
+			continue
+		}
+		blk := hf.base[i]
+		nb := uint32((e.Length + hotBlock - 1) / hotBlock)
+		for k := uint32(0); k < nb; k++ {
+			off := hf.crcOff(blk + k)
+			hf.setCRC(blk+k, binary.LittleEndian.Uint32(b[off:off+4]))
+		}
+		hf.state[i].Store(hotFilled)
+		hf.filled.Add(e.Length)
+	}
+	return nil
+}
+
+// dirBytes is the disk space the files in dir take.
+func dirBytes(dir string) int64 {
+	ents, _ := os.ReadDir(dir)
+	var n int64
+	for _, e := range ents {
+		if fi, err := e.Info(); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				n += st.Blocks * 512
+			}
+		}
+	}
+	return n
 }
 
 // HotStats is the hot tier's state for status and metrics.

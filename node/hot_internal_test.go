@@ -322,3 +322,130 @@ func TestHotTierDefaultFitsFreeSpace(t *testing.T) {
 		}
 	}
 }
+
+// The tier reopened on the same directory (a daemon restart) serves what the
+// last one filled; a block whose bytes never reached the disk (a crash: the
+// sidecar says filled, the data is zeros) fails its CRC and is not served;
+// a file whose image is gone is removed.
+func TestHotTierReopen(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "hot")
+	log := slog.New(slog.DiscardHandler)
+	data := hotData(300_000, 9)
+	m := hotManifest(t, data, 9)
+	id := chunkstore.Sum([]byte("manifest reopen"))
+	gone := chunkstore.Sum([]byte("manifest removed"))
+	h, err := newHotTier(dir, 1<<30, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.adopt(func(chunkstore.ID) (*chunkstore.Manifest, error) { return nil, chunkstore.ErrNotFound })
+	var filled int64
+	lost := -1
+	for i, e := range m.Entries {
+		if e.Zero {
+			continue
+		}
+		h.put(id, m, i, data[e.Offset:e.End()])
+		h.put(gone, m, i, data[e.Offset:e.End()])
+		filled += e.Length
+		if lost < 0 && e.Length > hotBlock {
+			lost = i
+		}
+	}
+	name := h.file(id, nil, false).f.Name()
+	h.close()
+	// The crash: entry lost's first block never reached the disk.
+	f, err := os.OpenFile(name, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, hotBlock), m.Entries[lost].Offset); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	h2, err := newHotTier(dir, 1<<30, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h2.close)
+	h2.adopt(func(got chunkstore.ID) (*chunkstore.Manifest, error) {
+		if got == id {
+			return m, nil
+		}
+		return nil, chunkstore.ErrNotFound
+	})
+	if st := h2.stats(); st.Images != 1 || st.Bytes != filled {
+		t.Fatalf("reopened tier: %+v, want 1 image of %d bytes", st, filled)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, gone.String()+".*")); len(left) != 0 {
+		t.Fatalf("files of a removed image kept: %v", left)
+	}
+	for i, e := range m.Entries {
+		if e.Zero {
+			continue
+		}
+		dst := make([]byte, e.Length)
+		ok := h2.read(id, i, dst, 0)
+		if i == lost {
+			if ok {
+				t.Fatalf("entry %d, whose bytes never reached the disk, was served", i)
+			}
+			continue
+		}
+		if !ok || !bytes.Equal(dst, data[e.Offset:e.End()]) {
+			t.Fatalf("entry %d not served right after the reopen (served %v)", i, ok)
+		}
+	}
+	if st := h2.stats(); st.Corrupt != 1 {
+		t.Fatalf("stats %+v, want the lost entry counted corrupt", st)
+	}
+	// Refetched and put again, it is served.
+	e := m.Entries[lost]
+	h2.put(id, m, lost, data[e.Offset:e.End()])
+	dst := make([]byte, e.Length)
+	if !h2.read(id, lost, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
+		t.Fatal("the lost entry did not heal after a new put")
+	}
+}
+
+// A tier reopened smaller drops the least recently written files to fit.
+func TestHotTierReopenSmaller(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "hot")
+	log := slog.New(slog.DiscardHandler)
+	data := hotData(200_000, 11)
+	m := hotManifest(t, data, 11)
+	h, err := newHotTier(dir, 1<<30, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []chunkstore.ID
+	for k := range 3 {
+		id := chunkstore.Sum([]byte{byte(k)})
+		ids = append(ids, id)
+		for i, e := range m.Entries {
+			if !e.Zero {
+				h.put(id, m, i, data[e.Offset:e.End()])
+			}
+		}
+		time.Sleep(20 * time.Millisecond) // distinct sidecar mtimes: the write order
+	}
+	per := h.stats().Bytes / 3
+	h.close()
+	h2, err := newHotTier(dir, 2*per, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h2.close)
+	h2.adopt(func(chunkstore.ID) (*chunkstore.Manifest, error) { return m, nil })
+	if st := h2.stats(); st.Images != 2 || st.Bytes != 2*per {
+		t.Fatalf("reopened at 2/3 the size: %+v", st)
+	}
+	nz := 0
+	for m.Entries[nz].Zero {
+		nz++
+	}
+	if h2.has(ids[0], nz) || !h2.has(ids[2], nz) {
+		t.Fatal("the oldest file was not the one dropped")
+	}
+}

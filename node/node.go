@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/p2p"
@@ -224,6 +225,72 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	if err := n.loadAPIToken(); err != nil {
 		return err
 	}
+	// Listen before anything slow (the store's recovery after a crash, the
+	// hot tier, the cluster): a QEMU reconnecting after a restart waits in
+	// the socket's backlog while the rest starts. Under systemd
+	// socket activation (contrib/systemd/hoard.socket) the sockets are
+	// systemd's and outlive this process.
+	sd, err := systemdListeners()
+	if err != nil {
+		return err
+	}
+	var lns []net.Listener
+	closeAll := func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}
+	// On an early return; once serving, the servers close them (again: harmless).
+	defer closeAll()
+	for name, ln := range sd {
+		lns = append(lns, ln)
+		if name != systemdNBDSocket && name != systemdNBDTCP && name != systemdAPI {
+			n.log.Warn("systemd passed a socket hoard does not use; name it nbd, nbd-tcp or api (FileDescriptorName)", "name", name)
+		}
+	}
+	var unixLn, tcpLn, apiLn net.Listener
+	sockPath := n.NBDSocket()
+	if ln := sd[systemdNBDSocket]; ln != nil {
+		unixLn = ln
+		if sock := n.NBDSocket(); sock != ln.Addr().String() {
+			n.log.Warn("serving NBD on the socket systemd passed, not on nbd.socket; make them match so that hoard vm overlay writes the right path",
+				"socket", ln.Addr().String(), "nbd_socket", sock)
+		}
+		sockPath = ln.Addr().String()
+	} else if sock := n.NBDSocket(); sock != "" {
+		if unixLn, err = listenUnix(sock); err != nil {
+			closeAll()
+			return err
+		}
+		lns = append(lns, unixLn)
+	}
+	if ln := sd[systemdNBDTCP]; ln != nil {
+		tcpLn = ln
+	} else if cfg.NBDListen != "" {
+		if tcpLn, err = net.Listen("tcp", cfg.NBDListen); err != nil {
+			closeAll()
+			return fmt.Errorf("nbd.listen %s: %w", cfg.NBDListen, err)
+		}
+		lns = append(lns, tcpLn)
+	}
+	if tcpLn != nil {
+		n.nbdAddr = tcpLn.Addr()
+		if ip, ok := tcpLn.Addr().(*net.TCPAddr); ok && !ip.IP.IsLoopback() {
+			n.log.Warn("NBD over TCP is not on loopback: anyone who can reach it can read every image", "addr", n.nbdAddr)
+		}
+	}
+	if ln := sd[systemdAPI]; ln != nil {
+		apiLn = ln
+		n.apiAddr = ln.Addr()
+	} else if cfg.APIListen != "-" {
+		if apiLn, err = net.Listen("tcp", cfg.APIListen); err != nil {
+			closeAll()
+			return fmt.Errorf("api.listen %s: %w (is another hoard daemon running? set api.listen / --api-listen)", cfg.APIListen, err)
+		}
+		lns = append(lns, apiLn)
+		n.apiAddr = apiLn.Addr()
+	}
+
 	st, err := chunkstore.OpenContext(ctx, filepath.Join(cfg.DataDir, "store"),
 		chunkstore.WithQuota(cfg.StoreQuota),
 		chunkstore.WithCodec(cfg.StoreCompression),
@@ -241,49 +308,22 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	hotSize := cfg.HotCache
 	hotDir := filepath.Join(cfg.DataDir, "hot")
 	if n.hotAuto {
-		os.RemoveAll(hotDir) // the last run's cache is not used space
 		hotSize = autoHotSize(cfg.DataDir, n.log.With("component", "hot"))
 	}
 	if n.hot, err = newHotTier(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
 		return err
 	}
 	if n.hot != nil {
+		// The last run's hot files, checked block by block on use: a
+		// restart starts warm.
+		n.hot.adopt(func(id chunkstore.ID) (*chunkstore.Manifest, error) { return st.GetManifest(ctx, id) })
 		defer n.hot.close()
 	}
 
-	var lns []net.Listener
-	closeAll := func() {
-		for _, ln := range lns {
-			ln.Close()
-		}
-	}
-	var unixLn, tcpLn, apiLn net.Listener
-	if sock := n.NBDSocket(); sock != "" {
-		if unixLn, err = listenUnix(sock); err != nil {
-			return err
-		}
-		lns = append(lns, unixLn)
-	}
-	if cfg.NBDListen != "" {
-		if tcpLn, err = net.Listen("tcp", cfg.NBDListen); err != nil {
-			closeAll()
-			return fmt.Errorf("nbd.listen %s: %w", cfg.NBDListen, err)
-		}
-		lns = append(lns, tcpLn)
-		n.nbdAddr = tcpLn.Addr()
-		if ip := tcpLn.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
-			n.log.Warn("NBD over TCP is not on loopback: anyone who can reach it can read every image", "addr", n.nbdAddr)
-		}
-	}
-	if cfg.APIListen != "-" {
-		if apiLn, err = net.Listen("tcp", cfg.APIListen); err != nil {
-			closeAll()
-			return fmt.Errorf("api.listen %s: %w (is another hoard daemon running? set api.listen / --api-listen)", cfg.APIListen, err)
-		}
-		lns = append(lns, apiLn)
-		n.apiAddr = apiLn.Addr()
-	}
-
+	// The cluster after the sockets and the store: p2p.New only builds the
+	// host (no network I/O; a client connecting meanwhile waits in the
+	// backlog), and everything slow (DHT bootstrap, advertising) runs in
+	// the background below, so NBD readiness never waits on peers.
 	var peer *p2p.Peer
 	if on, err := cfg.p2pEnabled(); err != nil {
 		closeAll()
@@ -314,7 +354,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	srv := &nbd.Server{Exporter: n, Log: n.log.With("component", "nbd"), MaxConns: cfg.NBDMaxConns, MaxBufferedBytes: cfg.NBDMaxBufferedBytes}
 	if unixLn != nil {
 		g.Go(func() error { return srv.Serve(gctx, unixLn) })
-		n.log.Info("serving NBD", "socket", n.NBDSocket(), "uri", "nbd+unix:///IMAGE?socket="+n.NBDSocket())
+		n.log.Info("serving NBD", "socket", sockPath, "uri", "nbd+unix:///IMAGE?socket="+sockPath, "systemd", sd[systemdNBDSocket] != nil)
 	}
 	if tcpLn != nil {
 		g.Go(func() error { return srv.Serve(gctx, tcpLn) })
@@ -352,6 +392,12 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	u := st.Usage()
 	n.log.Info("hoard daemon ready", "data_dir", cfg.DataDir, "store_chunks", u.Chunks, "store_bytes", u.StoredBytes, "quota", cfg.StoreQuota)
 	close(n.ready)
+	notifySystemd(daemon.SdNotifyReady)
+	g.Go(func() error {
+		<-gctx.Done()
+		notifySystemd(daemon.SdNotifyStopping)
+		return nil
+	})
 
 	err = g.Wait()
 	n.handlers.wait(n.log)

@@ -11,13 +11,15 @@
 #    hoard/qemu-nbd, for hoard with its defaults (the hot tier, filled by one
 #    earlier read of the image) and hoard reading from its chunk store alone
 #    (--hot-cache 0: every read decompresses and re-hashes a chunk).
+# 1b. Restart: SIGTERM and start again; time to the first read, and the first full
+#    read after the restart vs qemu-nbd -r (RESTART_MIB, default 384, dense image).
 # 2. Boot time (skipped when the guest kit is missing; set SKIP_BOOT=1 to skip):
 #    the test guest (scripts/guest) on a qcow2 overlay of a local raw file, of a
 #    hoard export cold (a --lazy image whose origin is that file: every chunk the
 #    guest reads is fetched, verified and stored on the way), and warm (a new
 #    overlay, chunks local).
 #
-# Env: RUNS (default 3; the best run is reported), IMG (raw image to serve;
+# Env: SKIP_THROUGHPUT=1 skips 1, SKIP_BOOT=1 skips 2; RUNS (default 3; the best run is reported), IMG (raw image to serve;
 # default WORKDIR/usrlib.raw, built like scripts/bench-import.sh), GUEST_CACHE
 # (default /tmp/hoard-guest-cache, as the Go boot test uses).
 set -euo pipefail
@@ -32,11 +34,6 @@ done
 CGO_ENABLED=0 go build -o "$work/hoard" ./cmd/hoard
 runs=${RUNS:-3}
 
-img=${IMG:-$work/usrlib.raw}
-# shellcheck source=scripts/lib/bench-image.sh
-. scripts/lib/bench-image.sh   # the cwd is the repo root (cd above)
-ensure_bench_image "$img" "$work" bench-nbd
-size=$(stat -c %s "$img")
 
 pids=()
 cleanup() {
@@ -51,6 +48,12 @@ rate() { awk -v s="$1" -v t="$2" 'BEGIN { printf "%.0f", s / 1048576 / t }'; }
 ratio() { awk -v h="$1" -v q="$2" 'BEGIN { printf "%.2f", (q > 0) ? h / q : 0 }'; }
 
 # --- 1. throughput ---------------------------------------------------------------------------
+if [ "${SKIP_THROUGHPUT:-}" != 1 ]; then
+img=${IMG:-$work/usrlib.raw}
+# shellcheck source=scripts/lib/bench-image.sh
+. scripts/lib/bench-image.sh   # the cwd is the repo root (cd above)
+ensure_bench_image "$img" "$work" bench-nbd
+size=$(stat -c %s "$img")
 # Two hoard daemons, each on its own store holding the whole image:
 #   hoard        default settings: zstd chunks, 64 MiB memory cache, 4 GiB hot tier;
 #   hoard-store  no hot tier (--hot-cache 0): reads decode chunks from the store.
@@ -129,6 +132,53 @@ row "random 4 KiB x$count, qemu-img bench -d 32" rand_best
 if command -v fio >/dev/null; then
   row "random 4 KiB, fio nbd randread, 10 s" fio_rate
 fi
+cleanup; pids=()
+fi
+
+# --- 1b. restart ------------------------------------------------------------------------------
+# A daemon that has served a dense image (every chunk non-zero: random bytes) once is
+# stopped with SIGTERM and started again on the same data dir. Measured: how long until
+# the first 4 KiB read succeeds (the restart's gap for a VM), and the first full read
+# after it (nbdcopy -C 4) vs qemu-nbd -r on the same raw file. The hot tier kept on disk
+# is what makes that first read fast.
+rimg=$work/dense-${RESTART_MIB:-384}M.raw
+[ -s "$rimg" ] || head -c "${RESTART_MIB:-384}M" /dev/urandom >"$rimg"
+rsize=$(stat -c %s "$rimg")
+rd=$work/restart-data
+rsock=$work/restart.sock
+rm -rf "$rd"
+"$work/hoard" --data-dir "$rd" --store-quota 0 image add "$rimg" --name dense >/dev/null
+ruri="nbd+unix:///dense?socket=$rsock"
+qsock=$work/qemu-restart.sock
+rm -f "$qsock"
+qemu-nbd -r -t -f raw -e 16 -x dense -k "$qsock" "$rimg" &
+pids+=($!)
+wait_sock "$qsock"
+cat "$rimg" >/dev/null
+"$work/hoard" --data-dir "$rd" --store-quota 0 --log-level warn daemon --api-listen 127.0.0.1:0 --nbd-socket "$rsock" &
+pids+=($!)
+wait_sock "$rsock"
+nbdcopy --no-extents -C 4 "$ruri" null:   # fill the hot tier
+copy_rate() { local t0; t0=$(now); nbdcopy --no-extents -C 4 "$1" null:; rate "$rsize" "$(elapsed "$t0")"; }
+first_reads=() gaps=() qrates=()
+for i in $(seq "$runs"); do
+  hpid=${pids[-1]}
+  kill -TERM "$hpid"; wait "$hpid" 2>/dev/null || true
+  unset 'pids[-1]'
+  t0=$(now)
+  "$work/hoard" --data-dir "$rd" --store-quota 0 --log-level warn daemon --api-listen 127.0.0.1:0 --nbd-socket "$rsock" &
+  pids+=($!)
+  until qemu-io -r -f raw -c 'read 0 4096' "$ruri" >/dev/null 2>&1; do sleep 0.005; done
+  gaps+=("$(elapsed "$t0")")
+  first_reads+=("$(copy_rate "$ruri")")
+  qrates+=("$(copy_rate "nbd+unix:///dense?socket=$qsock")")
+done
+echo
+echo "== restart: SIGTERM, start again, $(numfmt --to=iec "$rsize") dense image, $runs restarts =="
+for i in $(seq 0 $((runs - 1))); do
+  printf "restart %d: first 4 KiB read after %.3f s; first full read (nbdcopy -C 4) %s MiB/s, qemu-nbd -r %s MiB/s: %sx\n" \
+    "$((i + 1))" "${gaps[$i]}" "${first_reads[$i]}" "${qrates[$i]}" "$(ratio "${first_reads[$i]}" "${qrates[$i]}")"
+done
 cleanup; pids=()
 
 # --- 2. boot time ----------------------------------------------------------------------------
