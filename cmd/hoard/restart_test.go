@@ -255,9 +255,14 @@ func startProcDaemon(t *testing.T, data, sock string, args ...string) *procDaemo
 	})
 	deadline := time.Now().Add(20 * time.Second)
 	for {
+		// Serving NBD (the socket listens before the store is open, so a
+		// dial alone is not enough) and ready: the CLI then finds this
+		// daemon's API (not a stale api.addr left by a killed one).
 		if c, err := net.Dial("unix", sock); err == nil {
 			c.Close()
-			return d
+			if procDaemonReady(data) {
+				return d
+			}
 		}
 		select {
 		case err := <-d.done:
@@ -270,6 +275,22 @@ func startProcDaemon(t *testing.T, data, sock string, args ...string) *procDaemo
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// procDaemonReady reports whether the daemon on data answers /readyz with 200
+// at the address in its api.addr.
+func procDaemonReady(data string) bool {
+	b, err := os.ReadFile(filepath.Join(data, "api.addr"))
+	if err != nil {
+		return false
+	}
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + strings.TrimSpace(string(b)) + "/readyz")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
 }
 
 // guestIOError matches what a Linux guest logs when a disk read fails.
