@@ -59,8 +59,6 @@ const (
 
 var keyOpen = []byte("xopen")
 
-const fileMagic = "HC\x01"
-
 // Store is a content-addressed chunk store on local disk: chunk payloads in
 // files, an index in pebble. All methods are safe for concurrent use.
 type Store struct {
