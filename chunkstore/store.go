@@ -60,7 +60,7 @@ const (
 var keyOpen = []byte("xopen")
 
 // Store is a content-addressed chunk store on local disk: chunk payloads in
-// files, an index in pebble. All methods are safe for concurrent use.
+// append-only pack files, an index in pebble (see doc.go). All methods are safe for concurrent use.
 type Store struct {
 	dir  string
 	db   *pebble.DB
