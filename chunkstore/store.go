@@ -35,6 +35,9 @@ var (
 	ErrFailed = errors.New("chunk store failed")
 	// ErrExists: the name is taken (by another manifest).
 	ErrExists = errors.New("already exists")
+	// ErrInvalid: the caller's input is malformed (an image name, a chunking
+	// word); retrying it unchanged cannot succeed.
+	ErrInvalid = errors.New("invalid")
 )
 
 // Codecs of stored chunk payloads.
