@@ -36,7 +36,7 @@ func (s *Store) Put(ctx context.Context, id ID, data []byte) error {
 	}
 }
 
-// Batch writes many chunks with one durable commit: Put writes payload files,
+// Batch writes many chunks with one durable commit: Put appends entries to packs,
 // Commit makes them durable and indexes them together. Put is safe for
 // concurrent use; Commit must be called after all Puts return, and a Batch
 // must not be reused after Commit or Abort. Every batch must end in Commit or

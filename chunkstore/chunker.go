@@ -33,7 +33,8 @@ var DefaultCDC = Chunking{Kind: ChunkingCDC, Min: 16 << 10, Avg: 64 << 10, Max: 
 // Fixed64K is aligned 64 KiB chunks, the qcow2 cluster size.
 var Fixed64K = Chunking{Kind: ChunkingFixed, Min: 64 << 10, Avg: 64 << 10, Max: 64 << 10}
 
-// ParseChunking maps a user's word ("cdc", "fixed") to its parameters.
+// ParseChunking maps a user's word ("cdc", "fixed") to its parameters; an
+// unknown word is an error wrapping ErrInvalid.
 func ParseChunking(s string) (Chunking, error) {
 	switch s {
 	case "", ChunkingCDC:
@@ -41,7 +42,7 @@ func ParseChunking(s string) (Chunking, error) {
 	case ChunkingFixed:
 		return Fixed64K, nil
 	}
-	return Chunking{}, fmt.Errorf("unknown chunking %q: use cdc or fixed", s)
+	return Chunking{}, fmt.Errorf("%w chunking %q: use cdc or fixed", ErrInvalid, s)
 }
 
 func (c Chunking) validate() error {

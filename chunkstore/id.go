@@ -2,7 +2,6 @@ package chunkstore
 
 import (
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 
@@ -83,9 +82,6 @@ func (id ID) String() string {
 	return id.CID().String()
 }
 
-// hex returns the digest in hex, the chunk's file name.
-func (id ID) hex() string { return hex.EncodeToString(id.digest[:]) }
-
 // Verify reports whether b hashes to id.
 func (id ID) Verify(b []byte) bool { return id.ok && sha256.Sum256(b) == id.digest }
 
@@ -109,16 +105,4 @@ func (id *ID) UnmarshalText(b []byte) error {
 	}
 	*id = v
 	return nil
-}
-
-func idFromHex(s string) (ID, bool) {
-	if len(s) != 64 {
-		return ID{}, false
-	}
-	var id ID
-	if _, err := hex.Decode(id.digest[:], []byte(s)); err != nil {
-		return ID{}, false
-	}
-	id.ok = true
-	return id, true
 }

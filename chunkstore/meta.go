@@ -445,9 +445,10 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$`)
 
 // ValidateName checks an image name: 1-200 characters of letters, digits and
 // . _ : + -, starting with a letter or digit (it becomes an NBD export name).
+// The error wraps ErrInvalid.
 func ValidateName(name string) error {
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("invalid image name %q: use 1-200 letters, digits and . _ : + -, starting with a letter or digit", name)
+		return fmt.Errorf("%w image name %q: use 1-200 letters, digits and . _ : + -, starting with a letter or digit", ErrInvalid, name)
 	}
 	return nil
 }

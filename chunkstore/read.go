@@ -120,7 +120,7 @@ func (s *Store) dropIfAt(ctx context.Context, id ID, r record, cause error) (boo
 			return false, fmt.Errorf("pack %s is on disk but not open (%v); restart the daemon", packName(r.pack), err)
 		}
 	}
-	s.opts.log.Warn("dropping corrupt chunk", "chunk_id", id.String(), "pack", packName(r.pack), "offset", r.off, "cause", cause)
+	s.opts.log.Warn("dropping corrupt chunk", "chunk_id", id.String(), "pack", packName(r.pack), "offset", r.off, "err", cause)
 	if _, err := s.deleteLocked(ctx, []ID{id}, false); err != nil {
 		return false, err
 	}

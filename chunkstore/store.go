@@ -35,6 +35,9 @@ var (
 	ErrFailed = errors.New("chunk store failed")
 	// ErrExists: the name is taken (by another manifest).
 	ErrExists = errors.New("already exists")
+	// ErrInvalid: the caller's input is malformed (an image name, a chunking
+	// word); retrying it unchanged cannot succeed.
+	ErrInvalid = errors.New("invalid")
 )
 
 // Codecs of stored chunk payloads.
@@ -59,10 +62,8 @@ const (
 
 var keyOpen = []byte("xopen")
 
-const fileMagic = "HC\x01"
-
 // Store is a content-addressed chunk store on local disk: chunk payloads in
-// files, an index in pebble. All methods are safe for concurrent use.
+// append-only pack files, an index in pebble (see doc.go). All methods are safe for concurrent use.
 type Store struct {
 	dir  string
 	db   *pebble.DB

@@ -157,25 +157,3 @@ func inRange(off uint64, length uint32, size int64) bool {
 	s := uint64(size)
 	return off <= s && uint64(length) <= s-off
 }
-
-func cmdName(t uint16) string {
-	switch t {
-	case cmdRead:
-		return "read"
-	case cmdWrite:
-		return "write"
-	case cmdDisc:
-		return "disc"
-	case cmdFlush:
-		return "flush"
-	case cmdTrim:
-		return "trim"
-	case cmdCache:
-		return "cache"
-	case cmdWriteZeroes:
-		return "write_zeroes"
-	case cmdBlockStatus:
-		return "block_status"
-	}
-	return fmt.Sprintf("cmd(%d)", t)
-}

@@ -292,9 +292,9 @@ func errStatus(err error) int {
 		return http.StatusNotFound
 	case errors.Is(err, origin.ErrForbidden):
 		return http.StatusForbidden
-	case errors.Is(err, chunkstore.ErrExists), strings.Contains(err.Error(), "already exists"), strings.Contains(err.Error(), "open export"):
+	case errors.Is(err, chunkstore.ErrExists), errors.Is(err, ErrInUse):
 		return http.StatusConflict
-	case errors.Is(err, origin.ErrNoRanges), strings.Contains(err.Error(), "invalid image name"), strings.Contains(err.Error(), "absolute path"):
+	case errors.Is(err, origin.ErrNoRanges), errors.Is(err, chunkstore.ErrInvalid), errors.Is(err, ErrInvalid):
 		return http.StatusBadRequest
 	}
 	return http.StatusInternalServerError

@@ -521,13 +521,6 @@ func (c *cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 // designated fetcher.
 type designatedKey struct{}
 
-// forget drops the cached view of an image.
-func (c *cluster) forget(manifest chunkstore.ID) {
-	c.mu.Lock()
-	delete(c.views, manifest)
-	c.mu.Unlock()
-}
-
 // resolveRemote registers an image this node has never seen, by name or
 // manifest CID: the name is resolved through the DHT, the manifest fetched
 // from a provider (verified by CID), stored and named, and advertised.

@@ -11,6 +11,14 @@ import (
 	"github.com/hoardvm/hoard/node/origin"
 )
 
+var (
+	// ErrInUse: the image has open exports, so it cannot be removed now (the
+	// API answers 409).
+	ErrInUse = errors.New("is in use")
+	// ErrInvalid: the request is malformed (the API answers 400).
+	ErrInvalid = errors.New("invalid request")
+)
+
 // ImageInfo is what a listing shows of an image.
 type ImageInfo struct {
 	Name         string        `json:"name"`
@@ -110,7 +118,7 @@ func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, 
 // bytes read from the source and its size, as ImportOptions.Progress.
 func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress func(done, total int64)) (*ImportResult, error) {
 	if !strings.Contains(req.Source, "://") && !filepath.IsAbs(req.Source) {
-		return nil, fmt.Errorf("source %q: the daemon needs an absolute path", req.Source)
+		return nil, fmt.Errorf("source %q: %w: the daemon needs an absolute path or a URL", req.Source, ErrInvalid)
 	}
 	res, err := AddImageTo(ctx, n.store, n.cfg.Origin, req, progress)
 	if err == nil {
@@ -175,14 +183,14 @@ func RemoveImage(ctx context.Context, st *chunkstore.Store, name string) (Remove
 }
 
 // RemoveImage removes an image from the node's store. An image with an open
-// export cannot be removed.
+// export cannot be removed: the error wraps ErrInUse.
 func (n *Node) RemoveImage(ctx context.Context, name string) (RemoveResult, error) {
 	id, err := n.store.Resolve(ctx, name)
 	if err != nil {
 		return RemoveResult{}, err
 	}
 	if k := n.openExports(id); k > 0 {
-		return RemoveResult{}, fmt.Errorf("image %q has %d open %s; shut down the VMs using it first", name, k, plural(k, "export"))
+		return RemoveResult{}, fmt.Errorf("image %q %w: it has %d open %s; shut down the VMs using it first", name, ErrInUse, k, plural(k, "export"))
 	}
 	res, err := RemoveImage(ctx, n.store, name)
 	if err == nil {

@@ -6,10 +6,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// sources are the values of the "source" label, indexed by from* constants
-// (a chunk found in memory counts as local).
-var sourceNames = [...]string{fromMemory: "local", fromLocal: "local", fromPeer: "peer", fromOrigin: "origin"}
-
 // Counters are the node's read counters since it started.
 type Counters struct {
 	ReadBytes      map[string]int64 `json:"read_bytes"`  // bytes of data chunks served to NBD readers, by where the chunk came from

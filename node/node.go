@@ -24,7 +24,7 @@ import (
 )
 
 // Fetcher gets chunks from somewhere other than the local store and the
-// origin: peers (next issue). The node verifies what it returns against the
+// origin: in practice the cluster's peers (see cluster.go). The node verifies what it returns against the
 // ID; a Fetcher need not.
 type Fetcher interface {
 	// Fetch returns the chunk's uncompressed bytes, or an error wrapping

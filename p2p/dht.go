@@ -95,7 +95,7 @@ func (p *Peer) retryFailed(ctx context.Context) {
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			defer cancel()
 			if err := p.dht.Provide(cctx, k, true); err != nil {
-				p.log.Debug("announce retry failed", "key", what, "cause", err)
+				p.log.Debug("announce retry failed", "key", what, "err", err)
 				return nil
 			}
 			p.mu.Lock()
@@ -337,7 +337,7 @@ func (p *Peer) Reprovide(ctx context.Context) int {
 			cctx, cancel := context.WithTimeout(ctx, time.Minute)
 			defer cancel()
 			if err := p.dht.Provide(cctx, k, true); err != nil && ctx.Err() == nil {
-				p.log.Debug("reprovide failed", "key", what, "cause", err)
+				p.log.Debug("reprovide failed", "key", what, "err", err)
 				mu.Lock()
 				failed++
 				mu.Unlock()
@@ -363,7 +363,7 @@ func (p *Peer) bootstrapLoop(ctx context.Context) {
 		}
 		wait := 5 * time.Minute
 		if err != nil {
-			p.log.Warn("cannot join the cluster yet; retrying", "cause", err, "retry_in", backoff.String())
+			p.log.Warn("cannot join the cluster yet; retrying", "err", err, "retry_in", backoff.String())
 			wait, backoff = backoff, min(backoff*2, time.Minute)
 		} else {
 			backoff = time.Second
@@ -435,7 +435,7 @@ func (p *Peer) Bootstrap(ctx context.Context) error {
 	select {
 	case err := <-p.dht.RefreshRoutingTable():
 		if err != nil {
-			p.log.Debug("routing table refresh", "cause", err)
+			p.log.Debug("routing table refresh", "err", err)
 		}
 	case <-ctx.Done():
 	}

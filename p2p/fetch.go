@@ -69,7 +69,7 @@ func (p *Peer) FetchFrom(ctx context.Context, manifest chunkstore.ID, wants []Wa
 				p.markSlow(r.job.peer)
 			}
 			if r.err != nil && f.ctx.Err() == nil {
-				p.log.Debug("batch failed; asking another peer", "peer_id", r.job.peer.String(), "cause", r.err)
+				p.log.Debug("batch failed; asking another peer", "peer_id", r.job.peer.String(), "err", r.err)
 			}
 			if f.ctx.Err() == nil {
 				f.plan()

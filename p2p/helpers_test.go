@@ -12,7 +12,6 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/klauspost/compress/zstd"
-	"github.com/libp2p/go-libp2p/core/peer"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 )
 
@@ -171,12 +170,4 @@ func mockCluster(t *testing.T, n int, backend func(i int) Backend, opts ...Optio
 		t.Fatal(err)
 	}
 	return hosts, mn
-}
-
-func ids(ps []*Peer) []peer.ID {
-	out := make([]peer.ID, len(ps))
-	for i, p := range ps {
-		out[i] = p.ID()
-	}
-	return out
 }

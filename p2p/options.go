@@ -52,7 +52,7 @@ func WithListenAddrs(addrs []string) Option { return func(o *options) { o.listen
 
 // WithBootstrap sets the peers to join through: multiaddrs ending in /p2p/ID, or
 // "dns:NAME[:PORT]", resolved to A/AAAA records on every bootstrap attempt; the
-// peer IDs behind a DNS name are learned from the handshake (see bootstrap.go).
+// peer IDs behind a DNS name are learned from the handshake (see connect in dht.go).
 // The port defaults to the TCP port this node listens on.
 func WithBootstrap(addrs []string) Option { return func(o *options) { o.bootstrap = addrs } }
 

@@ -410,7 +410,7 @@ func (p *Peer) Bad(id peer.ID) bool {
 
 // markBad records that id sent bad bytes and drops its streams.
 func (p *Peer) markBad(id peer.ID, why error) {
-	p.log.Warn("peer sent bad data; not asking it again for a while", "peer_id", id.String(), "cause", why)
+	p.log.Warn("peer sent bad data; not asking it again for a while", "peer_id", id.String(), "err", why)
 	p.metrics.badPeers.Inc()
 	p.mu.Lock()
 	now := time.Now()

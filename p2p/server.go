@@ -106,7 +106,7 @@ func (p *Peer) handleStream(s network.Stream) {
 		}
 		m, err := decodeMessage(frame)
 		if err != nil || m.Type&0x80 != 0 {
-			p.log.Debug("closing chunk stream: bad request", "peer_id", remote.String(), "cause", err)
+			p.log.Debug("closing chunk stream: bad request", "peer_id", remote.String(), "err", err)
 			s.Reset()
 			return
 		}
@@ -221,7 +221,7 @@ func (p *Peer) serve(ctx context.Context, fw *frameWriter, req *message) error {
 			}
 			if err != nil {
 				if !errors.Is(err, chunkstore.ErrNotFound) && ctx.Err() == nil {
-					p.log.Warn("cannot serve chunk", "manifest", req.Manifest.String(), "index", idx, "cause", err)
+					p.log.Warn("cannot serve chunk", "manifest", req.Manifest.String(), "index", idx, "err", err)
 				}
 				if err := fw.write(&message{Type: msgNotFound, ReqID: req.ReqID, Index: idx}, false); err != nil {
 					return err

@@ -168,12 +168,6 @@ func (g *globalOptions) backend(ctx context.Context) (*chunkstore.Store, *node.C
 	return g.backendFor(ctx, false)
 }
 
-// backendCreate is backend for a command that adds to the store (image
-// add): it creates the store when there is none.
-func (g *globalOptions) backendCreate(ctx context.Context) (*chunkstore.Store, *node.Client, error) {
-	return g.backendFor(ctx, true)
-}
-
 func (g *globalOptions) backendFor(ctx context.Context, create bool) (*chunkstore.Store, *node.Client, error) {
 	if g.v.GetString("api") != "" {
 		cl, err := g.daemon(ctx)

@@ -15,8 +15,7 @@ var errSilent = errors.New("")
 
 // globalOptions are the flags and config every command shares.
 type globalOptions struct {
-	v    *viper.Viper
-	json bool
+	v *viper.Viper
 	// configFile is the config file loaded ("" for none); fileKeys are the
 	// keys it sets.
 	configFile string

@@ -89,7 +89,7 @@ func openGlance(ctx context.Context, id string, st *settings) (Source, error) {
 	}
 	for _, c := range candidates {
 		if _, _, _, err := parseChecksum(c); err != nil {
-			st.log.Warn("glance announces a checksum hoard cannot verify", "glance_image", id, "error", err)
+			st.log.Warn("glance announces a checksum hoard cannot verify", "glance_image", id, "err", err)
 			continue
 		}
 		checksum = c

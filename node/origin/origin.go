@@ -245,7 +245,7 @@ func (s *settings) retry(ctx context.Context, fn func() error) error {
 			if last.retryAfter > d {
 				d = min(last.retryAfter, maxRetryAfter)
 			}
-			s.log.Debug("origin attempt failed; retrying", "error", last, "attempt", i, "delay", d)
+			s.log.Debug("origin attempt failed; retrying", "err", last, "attempt", i, "delay", d)
 			if err := sleep(ctx, d); err != nil {
 				return fmt.Errorf("%s: gave up after %d %s: %w", last.what, i, plural(i, "attempt"), err)
 			}
@@ -261,7 +261,7 @@ func (s *settings) retry(ctx context.Context, fn func() error) error {
 			return fmt.Errorf("%s: %w", last.what, ctx.Err())
 		}
 	}
-	s.log.Warn("origin failing; giving up", "error", last, "attempts", attempts)
+	s.log.Warn("origin failing; giving up", "err", last, "attempts", attempts)
 	return &exhaustedError{last: last, attempts: attempts}
 }
 

@@ -116,7 +116,7 @@ func (s *stream) Read(p []byte) (int, error) {
 			return n, s.fail(fmt.Errorf("stream %s: read failed at byte %d of %d after %d %s (%w): %w; check the origin and retry", s.name, s.pos, s.size, s.fails, plural(s.fails, "resume"), err, ErrShort))
 		}
 		s.fails++
-		s.st.log.Warn("origin stream interrupted; resuming", "source", s.name, "at", s.pos, "size", s.size, "error", err, "attempt", s.fails)
+		s.st.log.Warn("origin stream interrupted; resuming", "source", s.name, "at", s.pos, "size", s.size, "err", err, "attempt", s.fails)
 		if err := sleep(s.ctx, s.st.backoff(s.fails)); err != nil {
 			return n, s.fail(fmt.Errorf("stream %s: stopped at byte %d of %d: %w", s.name, s.pos, s.size, err))
 		}
@@ -156,7 +156,7 @@ func (s *stream) fail(err error) error {
 	s.err = err
 	s.closeBody()
 	if err != io.EOF {
-		s.st.log.LogAttrs(s.ctx, slog.LevelDebug, "origin stream ended with error", slog.String("source", s.name), slog.Any("error", err))
+		s.st.log.LogAttrs(s.ctx, slog.LevelDebug, "origin stream ended with error", slog.String("source", s.name), slog.Any("err", err))
 	}
 	return err
 }

@@ -1,0 +1,47 @@
+package node
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"testing"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/origin"
+)
+
+// TestErrStatus maps errors to HTTP statuses by kind (errors.Is on the
+// sentinels, however deeply wrapped), never by the words of the message: an
+// error that merely mentions "already exists" or "open export" is a 500.
+func TestErrStatus(t *testing.T) {
+	t.Parallel()
+	_, relErr := (&Node{}).AddImageProgress(t.Context(), ImportRequest{Source: "disk.img"}, nil)
+	_, chunkErr := chunkstore.ParseChunking("rabin")
+	wrap := func(err error) error { return fmt.Errorf("api: %w", fmt.Errorf("image %q: %w", "x", err)) }
+	for _, tc := range []struct {
+		name string
+		err  error
+		want int
+	}{
+		{"not found", wrap(chunkstore.ErrNotFound), http.StatusNotFound},
+		{"forbidden", wrap(origin.ErrForbidden), http.StatusForbidden},
+		{"name taken", wrap(chunkstore.ErrExists), http.StatusConflict},
+		{"image in use", wrap(ErrInUse), http.StatusConflict},
+		{"no ranges", wrap(origin.ErrNoRanges), http.StatusBadRequest},
+		{"invalid store input", wrap(chunkstore.ErrInvalid), http.StatusBadRequest},
+		{"invalid request", wrap(ErrInvalid), http.StatusBadRequest},
+		{"bad image name", wrap(chunkstore.ValidateName("bad/name")), http.StatusBadRequest},
+		{"unknown chunking", chunkErr, http.StatusBadRequest},
+		{"relative source", relErr, http.StatusBadRequest},
+		// Words alone decide nothing.
+		{"mentions already exists", errors.New("/var/lib/hoard/hot/x already exists"), http.StatusInternalServerError},
+		{"mentions open export", errors.New(`open export "vm1": connection reset`), http.StatusInternalServerError},
+		{"mentions invalid image name", errors.New("glance: invalid image name in record"), http.StatusInternalServerError},
+		{"mentions absolute path", errors.New("mkdir: absolute path too long"), http.StatusInternalServerError},
+		{"plain", errors.New("disk on fire"), http.StatusInternalServerError},
+	} {
+		if got := errStatus(tc.err); got != tc.want {
+			t.Errorf("%s: errStatus(%q) = %d, want %d", tc.name, tc.err, got, tc.want)
+		}
+	}
+}
