@@ -170,8 +170,15 @@ func TestImportRefusesOwnFiles(t *testing.T) {
 	os.WriteFile(key, []byte("not really a key"), 0o600)
 	link := filepath.Join(t.TempDir(), "disk.raw")
 	os.Symlink(filepath.Join(tn.dir, node.APITokenFile), link)
+	// A hard link (from outside the data dir) to the origin credentials.
+	creds := filepath.Join(tn.dir, node.OriginCredentialsFile)
+	os.WriteFile(creds, []byte(`{"http://h/x":"http://u:secret@h/x"}`), 0o600)
+	credLink := filepath.Join(t.TempDir(), "creds.raw")
+	if err := os.Link(creds, credLink); err != nil {
+		t.Fatal(err)
+	}
 	for _, src := range []string{
-		filepath.Join(tn.dir, node.APITokenFile), key, link, filepath.Join(tn.dir, "store"),
+		filepath.Join(tn.dir, node.APITokenFile), key, link, filepath.Join(tn.dir, "store"), credLink,
 		"/proc/self/environ", "/proc/self/root" + key, "/sys/kernel/notes",
 	} {
 		for _, lazy := range []bool{false, true} {

@@ -165,7 +165,8 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	// Never export the daemon's own data or keys, whoever asks.
 	c.Origin.DenyPaths = append(c.Origin.DenyPaths[:len(c.Origin.DenyPaths):len(c.Origin.DenyPaths)], c.DataDir, c.P2P.SwarmKeyFile,
-		filepath.Join(c.DataDir, "identity.key"), filepath.Join(c.DataDir, APITokenFile))
+		filepath.Join(c.DataDir, "identity.key"), filepath.Join(c.DataDir, APITokenFile),
+		filepath.Join(c.DataDir, OriginCredentialsFile))
 	if c.Origin.Log == nil {
 		c.Origin.Log = slog.New(slog.DiscardHandler)
 	}

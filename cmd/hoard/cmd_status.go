@@ -125,7 +125,11 @@ func (g *globalOptions) daemonAddr() string {
 // daemon returns a client for a running daemon, or an error saying how to start one.
 func (g *globalOptions) daemon(ctx context.Context) (*node.Client, error) {
 	addr := g.daemonAddr()
-	cl := node.NewClient(addr, g.apiToken(addr))
+	token, err := g.apiToken(addr)
+	if err != nil {
+		return nil, err
+	}
+	cl := node.NewClient(addr, token)
 	if err := cl.Ping(ctx, 2*time.Second); err != nil {
 		return nil, fmt.Errorf("no hoard daemon answers at %s: start one with hoard daemon, or set HOARD_API to its api.listen address (%v)", addr, err)
 	}
@@ -138,25 +142,34 @@ func (g *globalOptions) daemon(ctx context.Context) (*node.Client, error) {
 // naming the address the daemon wrote): the token is root-equivalent and
 // must not go to whatever HOARD_API points at. Without a token, requests go
 // out bare and the daemon's 401 says where the token is.
-func (g *globalOptions) apiToken(addr string) string {
+func (g *globalOptions) apiToken(addr string) (string, error) {
 	if t := g.v.GetString("api.token"); t != "" {
-		return t
+		return t, nil
 	}
 	dir := g.v.GetString("data_dir")
 	if dir == "" {
-		return ""
+		return "", nil
 	}
 	if a := g.v.GetString("api"); a != "" {
 		b, err := os.ReadFile(filepath.Join(dir, node.APIAddrFile))
 		if err != nil || strings.TrimSpace(string(b)) != strings.TrimPrefix(strings.TrimRight(a, "/"), "http://") {
-			return ""
+			return "", nil
 		}
 	}
 	t, err := node.ReadAPIToken(dir)
 	if err != nil {
-		return ""
+		return "", nil
 	}
-	return t
+	// Only to a socket of the token's owner (the daemon's user): see
+	// checkAPIOwner.
+	uid, err := fileOwner(filepath.Join(dir, node.APITokenFile))
+	if err != nil {
+		return "", nil
+	}
+	if err := checkAPIOwner(addr, uid); err != nil {
+		return "", fmt.Errorf("not sending the API token of %s to %s: %w", dir, addr, err)
+	}
+	return t, nil
 }
 
 // backend returns a client when a daemon runs on the data dir (it wrote its
