@@ -294,7 +294,7 @@ func errStatus(err error) int {
 		return http.StatusForbidden
 	case errors.Is(err, chunkstore.ErrExists), errors.Is(err, ErrInUse):
 		return http.StatusConflict
-	case errors.Is(err, origin.ErrNoRanges), errors.Is(err, chunkstore.ErrInvalid), errors.Is(err, ErrInvalid):
+	case errors.Is(err, origin.ErrNoRanges), errors.Is(err, origin.ErrInvalid), errors.Is(err, chunkstore.ErrInvalid), errors.Is(err, ErrInvalid):
 		return http.StatusBadRequest
 	}
 	return http.StatusInternalServerError

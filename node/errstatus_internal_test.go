@@ -17,6 +17,13 @@ func TestErrStatus(t *testing.T) {
 	t.Parallel()
 	_, relErr := (&Node{}).AddImageProgress(t.Context(), ImportRequest{Source: "disk.img"}, nil)
 	_, chunkErr := chunkstore.ParseChunking("rabin")
+	openErr := func(ref string) error {
+		_, err := origin.Open(t.Context(), ref, origin.Config{})
+		if err == nil {
+			t.Fatalf("origin.Open(%q) succeeded", ref)
+		}
+		return err
+	}
 	wrap := func(err error) error { return fmt.Errorf("api: %w", fmt.Errorf("image %q: %w", "x", err)) }
 	for _, tc := range []struct {
 		name string
@@ -33,6 +40,10 @@ func TestErrStatus(t *testing.T) {
 		{"bad image name", wrap(chunkstore.ValidateName("bad/name")), http.StatusBadRequest},
 		{"unknown chunking", chunkErr, http.StatusBadRequest},
 		{"relative source", relErr, http.StatusBadRequest},
+		{"unknown scheme", openErr("ftp://host/x.raw"), http.StatusBadRequest},
+		{"a directory", openErr(t.TempDir()), http.StatusBadRequest},
+		{"malformed URL", openErr("http://u:p@[::1/x"), http.StatusBadRequest},
+		{"glance without Glance", openErr("glance://0c5c7a8e"), http.StatusBadRequest},
 		// Words alone decide nothing.
 		{"mentions already exists", errors.New("/var/lib/hoard/hot/x already exists"), http.StatusInternalServerError},
 		{"mentions open export", errors.New(`open export "vm1": connection reset`), http.StatusInternalServerError},

@@ -26,7 +26,7 @@ func openFile(_ context.Context, ref string, st *settings) (Source, error) {
 	if strings.HasPrefix(strings.ToLower(ref), "file://") {
 		u, err := url.Parse(ref)
 		if err != nil || (u.Host != "" && u.Host != "localhost") || u.Path == "" {
-			return nil, fmt.Errorf("open image source %q: want file:///absolute/path", ref)
+			return nil, invalidf("open image source %q: want file:///absolute/path", ref)
 		}
 		path = u.Path
 	}
@@ -99,11 +99,11 @@ func fileErr(ref string, err error) error {
 func checkFileKind(ref string, fi fs.FileInfo) error {
 	switch m := fi.Mode(); {
 	case m.IsDir():
-		return fmt.Errorf("open image source %q: it is a directory; give the path of an image file", ref)
+		return invalidf("open image source %q: it is a directory; give the path of an image file", ref)
 	case m.IsRegular(), isBlockDevice(m):
 		return nil
 	default:
-		return fmt.Errorf("open image source %q: not a regular file or block device (mode %s); give the path of an image file", ref, m)
+		return invalidf("open image source %q: not a regular file or block device (mode %s); give the path of an image file", ref, m)
 	}
 }
 

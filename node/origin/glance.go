@@ -24,7 +24,7 @@ type glanceImage struct {
 
 func openGlance(ctx context.Context, id string, st *settings) (Source, error) {
 	if st.GlanceURL == "" {
-		return nil, fmt.Errorf("open image source glance://%s: no Glance endpoint configured; set origin.glance.url (or HOARD_ORIGIN_GLANCE_URL), e.g. http://controller:9292", id)
+		return nil, invalidf("open image source glance://%s: no Glance endpoint configured; set origin.glance.url (or HOARD_ORIGIN_GLANCE_URL), e.g. http://controller:9292", id)
 	}
 	if id == "" || strings.ContainsAny(id, "/?#") {
 		return nil, fmt.Errorf("open image source glance://%s: want glance://<image-id>, e.g. glance://9c4f0b4e-...; list ids with: openstack image list", id)
@@ -32,7 +32,7 @@ func openGlance(ctx context.Context, id string, st *settings) (Source, error) {
 	base := strings.TrimSuffix(strings.TrimRight(st.GlanceURL, "/"), "/v2")
 	u, err := url.Parse(base)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("open image source glance://%s: origin.glance.url %q is not an http(s) URL; set it to the Glance endpoint, e.g. http://controller:9292", id, st.GlanceURL)
+		return nil, invalidf("open image source glance://%s: origin.glance.url %q is not an http(s) URL; set it to the Glance endpoint, e.g. http://controller:9292", id, st.GlanceURL)
 	}
 	headers := http.Header{}
 	for k, v := range st.GlanceHeaders {

@@ -35,7 +35,7 @@ type httpSource struct {
 func openHTTP(ctx context.Context, ref string, st *settings) (Source, error) {
 	u, err := url.Parse(ref)
 	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("open image source %q: not a valid URL; want http(s)://host/path", Redact(ref))
+		return nil, invalidf("open image source %q: not a valid URL; want http(s)://host/path", Redact(ref))
 	}
 	var checksum string
 	if u.Fragment != "" {

@@ -31,6 +31,10 @@ var (
 	// and keys, /proc, /sys, /dev (but block devices), or a loopback HTTP
 	// origin when Config.BlockLoopback is set.
 	ErrForbidden = errors.New("image source not allowed")
+	// ErrInvalid: the source reference itself is wrong (an unknown scheme, a
+	// malformed URL, a directory, glance:// with no Glance configured):
+	// fixing the request, not retrying, helps.
+	ErrInvalid = errors.New("invalid image source")
 	// ErrUnavailable: the origin cannot serve now (transient failures outlasted the retries,
 	// a Glance image not active yet); trying again later may work.
 	ErrUnavailable = errors.New("origin unavailable")
@@ -178,7 +182,7 @@ func defaultClient() *http.Client {
 func Open(ctx context.Context, ref string, cfg Config) (Source, error) {
 	s := cfg.withDefaults()
 	if ref == "" {
-		return nil, errors.New("open image source: empty reference; give a path, an http(s):// URL or glance://<image-id>")
+		return nil, invalidf("open image source: empty reference; give a path, an http(s):// URL or glance://<image-id>")
 	}
 	lower := strings.ToLower(ref)
 	switch {
@@ -190,10 +194,21 @@ func Open(ctx context.Context, ref string, cfg Config) (Source, error) {
 		return openFile(ctx, ref, s)
 	case strings.Contains(ref, "://"):
 		scheme, _, _ := strings.Cut(ref, "://")
-		return nil, fmt.Errorf("open image source %q: unknown scheme %q; use a path, file://, http(s):// or glance://", Redact(ref), scheme)
+		return nil, invalidf("open image source %q: unknown scheme %q; use a path, file://, http(s):// or glance://", Redact(ref), scheme)
 	default:
 		return openFile(ctx, ref, s)
 	}
+}
+
+// invalidError is a wrong source reference: its message as written, and
+// errors.Is(err, ErrInvalid).
+type invalidError struct{ msg string }
+
+func (e *invalidError) Error() string        { return e.msg }
+func (e *invalidError) Is(target error) bool { return target == ErrInvalid }
+
+func invalidf(format string, args ...any) error {
+	return &invalidError{fmt.Sprintf(format, args...)}
 }
 
 // transientError marks one attempt's failure as worth retrying.
