@@ -31,12 +31,7 @@ accepts cluster connections, one per line. Give one of them to other nodes as
 p2p.bootstrap (--p2p-bootstrap). Fails when the node is not in a cluster.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			cl, err := g.daemon(ctx)
-			if err != nil {
-				return err
-			}
-			s, err := cl.Status(ctx)
+			s, err := g.statusWait(cmd.Context(), 0)
 			if err != nil {
 				return err
 			}

@@ -75,17 +75,13 @@ http.server.HTTPServer(("127.0.0.1", %d), H).serve_forever()
 	}
 	stop := func() { syscall.Kill(-squat.Process.Pid, syscall.SIGKILL); squat.Wait() }
 	defer stop()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if c, err := net.Dial("tcp", addr); err == nil {
+	eventually(t, 20*time.Second, func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
 			c.Close()
-			break
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the squatter never listened on %s: %s", addr, seen.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err == nil
+	}, "the squatter never listened on %s: %s", addr, &seen)
 
 	_, stderr, err := hoard(t, data, nil, "status")
 	if err == nil || !strings.Contains(stderr, "refusing to send it the token") {
