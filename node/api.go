@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -28,7 +29,7 @@ type Status struct {
 	Quota     int64            `json:"store_quota"`
 	Images    int              `json:"images"`
 	Counters  Counters         `json:"counters"`
-	Hot       HotStats         `json:"hot_cache"`
+	Hot       hot.Stats        `json:"hot_cache"`
 	Exports   []ExportStatus   `json:"exports"`
 	// Cluster is this node's p2p identity; nil when the cluster is off.
 	Cluster *ClusterStatus `json:"cluster,omitempty"`

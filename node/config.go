@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/libp2p/go-libp2p/core/host"
@@ -103,7 +104,7 @@ type Config struct {
 const OriginCredentialsFile = "origin-credentials.json"
 
 // DefaultHotCache is the default size of the hot tier (Config.HotCache).
-const DefaultHotCache = 4 << 30
+const DefaultHotCache = hot.DefaultSize
 
 // DefaultAPIListen is the default admin API address.
 const DefaultAPIListen = "127.0.0.1:7480"

@@ -224,7 +224,7 @@ func (x *export) ReadAt(ctx context.Context, p []byte, off int64) error {
 		x.img.record(n, i) // in offset order, before the fetches race
 		if n.hot != nil {
 			lo, hi := max(e.Offset, off), min(e.End(), end)
-			if n.hot.read(x.img.id, i, p[lo-off:hi-off], lo-e.Offset) {
+			if n.hot.Read(x.img.id, i, p[lo-off:hi-off], lo-e.Offset) {
 				n.stats.read(fromLocal, int(hi-lo))
 				continue
 			}
@@ -272,7 +272,7 @@ func (x *export) readahead(off, end int64, last int) {
 	}
 	var todo []int
 	for i := last + 1; i < len(m.Entries) && i <= last+2*want && len(todo) < want; i++ {
-		if e := m.Entries[i]; !e.Zero && !x.n.cache.has(e.ID) && (x.n.hot == nil || !x.n.hot.has(x.img.id, i)) {
+		if e := m.Entries[i]; !e.Zero && !x.n.cache.has(e.ID) && (x.n.hot == nil || !x.n.hot.Has(x.img.id, i)) {
 			todo = append(todo, i)
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/hot"
 )
 
 // TestHotTierServesWarmReads: the first read of an image fills the hot tier,
@@ -21,7 +22,7 @@ func TestHotTierServesWarmReads(t *testing.T) {
 	tn := startNode(t, node.Config{})
 	res := addImage(t, tn, node.ImportRequest{Source: src, Name: "hot"})
 
-	status := func() node.HotStats {
+	status := func() hot.Stats {
 		s, err := tn.client.Status(t.Context())
 		if err != nil {
 			t.Fatal(err)

@@ -205,7 +205,7 @@ func (n *Node) RemoveImage(ctx context.Context, name string) (RemoveResult, erro
 		}
 		n.withdraw(name, id, gerr != nil)
 		if gerr != nil && n.hot != nil {
-			n.hot.remove(id)
+			n.hot.Remove(id)
 		}
 	}
 	return res, err

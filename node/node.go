@@ -16,6 +16,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/nbd"
+	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/netutil"
@@ -54,8 +55,8 @@ type Node struct {
 	nbdAddr net.Addr
 
 	cache     *memCache
-	hot       *hotTier // nil: off
-	hotAuto   bool     // Config.HotCache was not set: size it by the free space (autoHotSize)
+	hot       *hot.Tier // nil: off
+	hotAuto   bool      // Config.HotCache was not set: size it by the free space (autoHotSize)
 	flights   singleflight.Group
 	origSlots originSlots
 	bgSem     chan struct{}
@@ -140,12 +141,12 @@ func (n *Node) usage() chunkstore.Usage {
 }
 
 // hotStats is the hot tier's state, zero before Run opened it.
-func (n *Node) hotStats() HotStats {
+func (n *Node) hotStats() hot.Stats {
 	select {
 	case <-n.ready:
-		return n.hot.stats()
+		return n.hot.Stats()
 	default:
-		return HotStats{}
+		return hot.Stats{}
 	}
 }
 
@@ -308,16 +309,16 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	hotSize := cfg.HotCache
 	hotDir := filepath.Join(cfg.DataDir, "hot")
 	if n.hotAuto {
-		hotSize = autoHotSize(cfg.DataDir, n.log.With("component", "hot"))
+		hotSize = hot.AutoSize(cfg.DataDir, n.log.With("component", "hot"))
 	}
-	if n.hot, err = newHotTier(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
+	if n.hot, err = hot.New(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
 		return err
 	}
 	if n.hot != nil {
 		// The last run's hot files, checked block by block on use: a
 		// restart starts warm.
-		n.hot.adopt(func(id chunkstore.ID) (*chunkstore.Manifest, error) { return st.GetManifest(ctx, id) })
-		defer n.hot.close()
+		n.hot.Adopt(func(id chunkstore.ID) (*chunkstore.Manifest, error) { return st.GetManifest(ctx, id) })
+		defer n.hot.Close()
 	}
 
 	// The cluster after the sockets and the store: p2p.New only builds the

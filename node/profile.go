@@ -114,7 +114,7 @@ func (n *Node) prefetchProfile(img *image) {
 			continue
 		}
 		inStore, err := n.store.Has(context.Background(), e.ID)
-		if err == nil && inStore && (n.hot == nil || n.hot.has(img.id, i)) {
+		if err == nil && inStore && (n.hot == nil || n.hot.Has(img.id, i)) {
 			continue
 		}
 		todo = append(todo, i)

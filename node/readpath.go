@@ -248,7 +248,7 @@ func (n *Node) chunk(ctx context.Context, img *image, idx int, why int) ([]byte,
 	b, from, err := n.chunk1(ctx, img, idx, why)
 	if err == nil && n.hot != nil && why != forPeer {
 		// A peer's request is no sign that this node will read the image.
-		n.hot.put(img.id, img.m, idx, b)
+		n.hot.Put(img.id, img.m, idx, b)
 	}
 	return b, from, err
 }
@@ -294,7 +294,7 @@ func (n *Node) chunk1(ctx context.Context, img *image, idx int, why int) ([]byte
 func (n *Node) warm(ctx context.Context, img *image, idx int) {
 	id := img.m.Entries[idx].ID
 	if n.hot != nil {
-		if n.hot.has(img.id, idx) {
+		if n.hot.Has(img.id, idx) {
 			return
 		}
 		b, ok := n.cache.get(id)
@@ -304,7 +304,7 @@ func (n *Node) warm(ctx context.Context, img *image, idx int) {
 				return
 			}
 		}
-		n.hot.put(img.id, img.m, idx, b)
+		n.hot.Put(img.id, img.m, idx, b)
 		return
 	}
 	if n.cache.has(id) {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/hot"
 )
 
 // startStoppable starts a daemon in-process on cfg.DataDir with the NBD socket at
@@ -62,7 +63,7 @@ func TestHotTierSurvivesRestart(t *testing.T) {
 	src := filepath.Join(dir, "src.raw")
 	data := writeImage(t, src, 12<<20, 33)
 
-	status := func(tn *testNode) node.HotStats {
+	status := func(tn *testNode) hot.Stats {
 		t.Helper()
 		s, err := tn.client.Status(t.Context())
 		if err != nil {

@@ -1,8 +1,7 @@
-package node
+package hot
 
 import (
 	"bytes"
-	"context"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -46,13 +45,13 @@ func hotData(n int, seed uint64) []byte {
 	return b
 }
 
-func newTestHot(t *testing.T, max int64) *hotTier {
+func newTestHot(t *testing.T, max int64) *Tier {
 	t.Helper()
-	h, err := newHotTier(filepath.Join(t.TempDir(), "hot"), max, slog.New(slog.DiscardHandler))
+	h, err := New(filepath.Join(t.TempDir(), "hot"), max, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(h.close)
+	t.Cleanup(h.Close)
 	return h
 }
 
@@ -65,17 +64,17 @@ func TestHotTierReadsBackEveryRange(t *testing.T) {
 		if e.Zero {
 			continue
 		}
-		if h.read(id, i, make([]byte, 1), 0) {
+		if h.Read(id, i, make([]byte, 1), 0) {
 			t.Fatalf("entry %d read before it was put", i)
 		}
-		h.put(id, m, i, data[e.Offset:e.End()])
+		h.Put(id, m, i, data[e.Offset:e.End()])
 	}
 	r := rand.New(rand.NewPCG(3, 4))
 	for range 2000 {
 		i := r.IntN(len(m.Entries))
 		e := m.Entries[i]
 		if e.Zero {
-			if h.has(id, i) {
+			if h.Has(id, i) {
 				t.Fatalf("zero entry %d in the tier", i)
 			}
 			continue
@@ -83,14 +82,14 @@ func TestHotTierReadsBackEveryRange(t *testing.T) {
 		lo := r.Int64N(e.Length)
 		hi := lo + 1 + r.Int64N(e.Length-lo)
 		dst := make([]byte, hi-lo)
-		if !h.read(id, i, dst, lo) {
+		if !h.Read(id, i, dst, lo) {
 			t.Fatalf("entry %d [%d, %d) not served", i, lo, hi)
 		}
 		if !bytes.Equal(dst, data[e.Offset+lo:e.Offset+hi]) {
 			t.Fatalf("entry %d [%d, %d): wrong bytes", i, lo, hi)
 		}
 	}
-	if st := h.stats(); st.Images != 1 || st.Corrupt != 0 {
+	if st := h.Stats(); st.Images != 1 || st.Corrupt != 0 {
 		t.Fatalf("stats %+v", st)
 	}
 }
@@ -107,7 +106,7 @@ func TestHotTierDetectsCorruption(t *testing.T) {
 		i++
 	}
 	e := m.Entries[i]
-	h.put(id, m, i, data[e.Offset:e.End()])
+	h.Put(id, m, i, data[e.Offset:e.End()])
 	f, err := os.OpenFile(h.file(id, nil, false).f.Name(), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -117,18 +116,18 @@ func TestHotTierDetectsCorruption(t *testing.T) {
 	}
 	f.Close()
 	// A read of the first block only still checks out.
-	if !h.read(id, i, make([]byte, 100), 10) {
+	if !h.Read(id, i, make([]byte, 100), 10) {
 		t.Fatal("an intact block was not served")
 	}
-	if h.read(id, i, make([]byte, 100), hotBlock) {
+	if h.Read(id, i, make([]byte, 100), hotBlock) {
 		t.Fatal("a corrupt block was served")
 	}
-	if h.has(id, i) || h.stats().Corrupt != 1 || h.stats().Bytes != 0 {
-		t.Fatalf("after corruption: has %v, stats %+v", h.has(id, i), h.stats())
+	if h.Has(id, i) || h.Stats().Corrupt != 1 || h.Stats().Bytes != 0 {
+		t.Fatalf("after corruption: has %v, stats %+v", h.Has(id, i), h.Stats())
 	}
-	h.put(id, m, i, data[e.Offset:e.End()])
+	h.Put(id, m, i, data[e.Offset:e.End()])
 	dst := make([]byte, e.Length)
-	if !h.read(id, i, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
+	if !h.Read(id, i, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
 		t.Fatal("the entry did not heal after a new put")
 	}
 }
@@ -148,7 +147,7 @@ func TestHotTierEvictsLeastRecentlyRead(t *testing.T) {
 	fill := func(id chunkstore.ID) {
 		for i, e := range m.Entries {
 			if !e.Zero {
-				h.put(id, m, i, data[e.Offset:e.End()])
+				h.Put(id, m, i, data[e.Offset:e.End()])
 			}
 		}
 	}
@@ -158,24 +157,24 @@ func TestHotTierEvictsLeastRecentlyRead(t *testing.T) {
 	}
 	fill(ids[0])
 	fill(ids[1])
-	h.read(ids[0], first, make([]byte, 10), 0) // a is now more recent than b
+	h.Read(ids[0], first, make([]byte, 10), 0) // a is now more recent than b
 	fill(ids[2])
-	if h.has(ids[1], first) {
+	if h.Has(ids[1], first) {
 		t.Error("b, the least recently read, is still in the tier")
 	}
-	if !h.has(ids[0], first) || !h.has(ids[2], first) {
+	if !h.Has(ids[0], first) || !h.Has(ids[2], first) {
 		t.Error("a or c is missing")
 	}
 	if files, _ := filepath.Glob(filepath.Join(h.dir, ids[1].String()+".*")); len(files) != 0 {
 		t.Errorf("b's file is still on disk: %v", files)
 	}
-	st := h.stats()
+	st := h.Stats()
 	if st.Bytes > h.max || st.Evictions != 1 || st.Images != 2 {
 		t.Fatalf("stats %+v, max %d", st, h.max)
 	}
-	h.remove(ids[0])
-	if h.stats().Bytes != nonZero || h.stats().Images != 1 {
-		t.Fatalf("after remove: %+v", h.stats())
+	h.Remove(ids[0])
+	if h.Stats().Bytes != nonZero || h.Stats().Images != 1 {
+		t.Fatalf("after remove: %+v", h.Stats())
 	}
 }
 
@@ -200,12 +199,12 @@ func TestHotTierConcurrent(t *testing.T) {
 					continue
 				}
 				if r.IntN(2) == 0 {
-					h.put(id, m, i, data[e.Offset:e.End()])
+					h.Put(id, m, i, data[e.Offset:e.End()])
 					continue
 				}
 				dst := make([]byte, e.Length)
 				reads.Add(1)
-				if !h.read(id, i, dst, 0) {
+				if !h.Read(id, i, dst, 0) {
 					continue
 				}
 				hits.Add(1)
@@ -217,7 +216,7 @@ func TestHotTierConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	st := h.stats()
+	st := h.Stats()
 	if st.Bytes > h.max || st.Bytes < 0 || st.Corrupt != 0 {
 		t.Fatalf("stats %+v", st)
 	}
@@ -238,11 +237,11 @@ func TestHotTierDiskFull(t *testing.T) {
 		t.Skipf("cannot mount a small tmpfs to fill (needs root): %v %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
-	h, err := newHotTier(filepath.Join(dir, "hot"), 1<<30, slog.New(slog.DiscardHandler))
+	h, err := New(filepath.Join(dir, "hot"), 1<<30, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.close()
+	defer h.Close()
 	data := hotData(2<<20, 11)
 	m := hotManifest(t, data, 11)
 	id := chunkstore.Sum([]byte("full"))
@@ -251,8 +250,8 @@ func TestHotTierDiskFull(t *testing.T) {
 		if e.Zero {
 			continue
 		}
-		h.put(id, m, i, data[e.Offset:e.End()])
-		if h.has(id, i) {
+		h.Put(id, m, i, data[e.Offset:e.End()])
+		if h.Has(id, i) {
 			filled = append(filled, i)
 		}
 	}
@@ -267,59 +266,12 @@ func TestHotTierDiskFull(t *testing.T) {
 		e := m.Entries[i]
 		sum += e.Length
 		dst := make([]byte, e.Length)
-		if !h.read(id, i, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
+		if !h.Read(id, i, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
 			t.Fatalf("entry %d filled before the disk was full does not read back", i)
 		}
 	}
-	if st := h.stats(); st.Bytes != sum {
+	if st := h.Stats(); st.Bytes != sum {
 		t.Fatalf("tier counts %d bytes, %d were written", st.Bytes, sum)
-	}
-}
-
-// TestHotTierDefaultFitsFreeSpace (issue 7, item 3): on a data dir with
-// 256 MiB of disk the default hot tier takes at most a quarter of the free
-// space (it used to be 4 GiB whatever the disk, so that filling it could fill
-// the disk the chunk store writes to); a configured size is used as given.
-func TestHotTierDefaultFitsFreeSpace(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a small tmpfs (needs root): %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
-	for _, tc := range []struct {
-		hot     int64 // Config.HotCache
-		atLeast int64
-		atMost  int64
-	}{
-		{hot: 0, atLeast: minHotCache, atMost: 64 << 20},
-		{hot: 1 << 30, atLeast: 1 << 30, atMost: 1 << 30},
-	} {
-		n, err := New(Config{DataDir: dir, NBDSocket: "-", APIListen: "127.0.0.1:0", HotCache: tc.hot}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(t.Context())
-		ran := make(chan error, 1)
-		go func() { ran <- n.Run(ctx) }()
-		select {
-		case <-n.Ready():
-		case err := <-ran:
-			t.Fatalf("Run: %v", err)
-		case <-time.After(10 * time.Second):
-			t.Fatal("node not ready after 10 s")
-		}
-		var size int64
-		if n.hot != nil {
-			size = n.hot.max
-		}
-		cancel()
-		if err := <-ran; err != nil {
-			t.Fatalf("Run: %v", err)
-		}
-		if size < tc.atLeast || size > tc.atMost {
-			t.Errorf("cache.hot %d on a 256 MiB disk: hot tier of %d bytes, want [%d, %d]", tc.hot, size, tc.atLeast, tc.atMost)
-		}
 	}
 }
 
@@ -334,26 +286,26 @@ func TestHotTierReopen(t *testing.T) {
 	m := hotManifest(t, data, 9)
 	id := chunkstore.Sum([]byte("manifest reopen"))
 	gone := chunkstore.Sum([]byte("manifest removed"))
-	h, err := newHotTier(dir, 1<<30, log)
+	h, err := New(dir, 1<<30, log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.adopt(func(chunkstore.ID) (*chunkstore.Manifest, error) { return nil, chunkstore.ErrNotFound })
+	h.Adopt(func(chunkstore.ID) (*chunkstore.Manifest, error) { return nil, chunkstore.ErrNotFound })
 	var filled int64
 	lost := -1
 	for i, e := range m.Entries {
 		if e.Zero {
 			continue
 		}
-		h.put(id, m, i, data[e.Offset:e.End()])
-		h.put(gone, m, i, data[e.Offset:e.End()])
+		h.Put(id, m, i, data[e.Offset:e.End()])
+		h.Put(gone, m, i, data[e.Offset:e.End()])
 		filled += e.Length
 		if lost < 0 && e.Length > hotBlock {
 			lost = i
 		}
 	}
 	name := h.file(id, nil, false).f.Name()
-	h.close()
+	h.Close()
 	// The crash: entry lost's first block never reached the disk.
 	f, err := os.OpenFile(name, os.O_RDWR, 0)
 	if err != nil {
@@ -364,18 +316,18 @@ func TestHotTierReopen(t *testing.T) {
 	}
 	f.Close()
 
-	h2, err := newHotTier(dir, 1<<30, log)
+	h2, err := New(dir, 1<<30, log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(h2.close)
-	h2.adopt(func(got chunkstore.ID) (*chunkstore.Manifest, error) {
+	t.Cleanup(h2.Close)
+	h2.Adopt(func(got chunkstore.ID) (*chunkstore.Manifest, error) {
 		if got == id {
 			return m, nil
 		}
 		return nil, chunkstore.ErrNotFound
 	})
-	if st := h2.stats(); st.Images != 1 || st.Bytes != filled {
+	if st := h2.Stats(); st.Images != 1 || st.Bytes != filled {
 		t.Fatalf("reopened tier: %+v, want 1 image of %d bytes", st, filled)
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, gone.String()+".*")); len(left) != 0 {
@@ -386,7 +338,7 @@ func TestHotTierReopen(t *testing.T) {
 			continue
 		}
 		dst := make([]byte, e.Length)
-		ok := h2.read(id, i, dst, 0)
+		ok := h2.Read(id, i, dst, 0)
 		if i == lost {
 			if ok {
 				t.Fatalf("entry %d, whose bytes never reached the disk, was served", i)
@@ -397,14 +349,14 @@ func TestHotTierReopen(t *testing.T) {
 			t.Fatalf("entry %d not served right after the reopen (served %v)", i, ok)
 		}
 	}
-	if st := h2.stats(); st.Corrupt != 1 {
+	if st := h2.Stats(); st.Corrupt != 1 {
 		t.Fatalf("stats %+v, want the lost entry counted corrupt", st)
 	}
 	// Refetched and put again, it is served.
 	e := m.Entries[lost]
-	h2.put(id, m, lost, data[e.Offset:e.End()])
+	h2.Put(id, m, lost, data[e.Offset:e.End()])
 	dst := make([]byte, e.Length)
-	if !h2.read(id, lost, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
+	if !h2.Read(id, lost, dst, 0) || !bytes.Equal(dst, data[e.Offset:e.End()]) {
 		t.Fatal("the lost entry did not heal after a new put")
 	}
 }
@@ -415,7 +367,7 @@ func TestHotTierReopenSmaller(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	data := hotData(200_000, 11)
 	m := hotManifest(t, data, 11)
-	h, err := newHotTier(dir, 1<<30, log)
+	h, err := New(dir, 1<<30, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -425,27 +377,27 @@ func TestHotTierReopenSmaller(t *testing.T) {
 		ids = append(ids, id)
 		for i, e := range m.Entries {
 			if !e.Zero {
-				h.put(id, m, i, data[e.Offset:e.End()])
+				h.Put(id, m, i, data[e.Offset:e.End()])
 			}
 		}
 		time.Sleep(20 * time.Millisecond) // distinct sidecar mtimes: the write order
 	}
-	per := h.stats().Bytes / 3
-	h.close()
-	h2, err := newHotTier(dir, 2*per, log)
+	per := h.Stats().Bytes / 3
+	h.Close()
+	h2, err := New(dir, 2*per, log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(h2.close)
-	h2.adopt(func(chunkstore.ID) (*chunkstore.Manifest, error) { return m, nil })
-	if st := h2.stats(); st.Images != 2 || st.Bytes != 2*per {
+	t.Cleanup(h2.Close)
+	h2.Adopt(func(chunkstore.ID) (*chunkstore.Manifest, error) { return m, nil })
+	if st := h2.Stats(); st.Images != 2 || st.Bytes != 2*per {
 		t.Fatalf("reopened at 2/3 the size: %+v", st)
 	}
 	nz := 0
 	for m.Entries[nz].Zero {
 		nz++
 	}
-	if h2.has(ids[0], nz) || !h2.has(ids[2], nz) {
+	if h2.Has(ids[0], nz) || !h2.Has(ids[2], nz) {
 		t.Fatal("the oldest file was not the one dropped")
 	}
 }

@@ -1,4 +1,4 @@
-package node
+package hot
 
 import (
 	"bytes"
@@ -48,6 +48,9 @@ import (
 // cache, not the daemon, holds the bytes in memory, so the kernel reclaims
 // them when the VMs need the RAM.
 
+// DefaultSize is the hot tier's default size (node.Config.HotCache).
+const DefaultSize = 4 << 30
+
 const hotBlock = 4096
 
 // Sidecar format: a header of hotMagic, the image's entry count and block
@@ -68,7 +71,7 @@ const (
 	hotFilled
 )
 
-type hotTier struct {
+type Tier struct {
 	dir string
 	max int64
 	log *slog.Logger
@@ -83,7 +86,7 @@ type hotTier struct {
 }
 
 type hotFile struct {
-	t  *hotTier
+	t  *Tier
 	m  *chunkstore.Manifest
 	id chunkstore.ID
 
@@ -99,9 +102,9 @@ type hotFile struct {
 
 const hotPage = 1024 // blocks per CRC page (4 MiB of image, 4 KiB of memory)
 
-// newHotTier returns the tier in dir; call adopt to take back what an earlier
+// New returns the tier in dir; call adopt to take back what an earlier
 // run left there. max <= 0 removes dir and returns nil (no tier).
-func newHotTier(dir string, max int64, log *slog.Logger) (*hotTier, error) {
+func New(dir string, max int64, log *slog.Logger) (*Tier, error) {
 	if max <= 0 {
 		if err := os.RemoveAll(dir); err != nil {
 			return nil, fmt.Errorf("clear hot cache %s: %w", dir, err)
@@ -111,18 +114,18 @@ func newHotTier(dir string, max int64, log *slog.Logger) (*hotTier, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create hot cache %s: %w (set cache.hot to 0 to run without it)", dir, err)
 	}
-	return &hotTier{dir: dir, max: max, log: log, files: map[chunkstore.ID]*hotFile{}}, nil
+	return &Tier{dir: dir, max: max, log: log, files: map[chunkstore.ID]*hotFile{}}, nil
 }
 
-// minHotCache is the smallest hot tier worth keeping: below it, the default
+// MinSize is the smallest hot tier worth keeping: below it, the default
 // size turns the tier off.
-const minHotCache = 32 << 20
+const MinSize = 32 << 20
 
-// autoHotSize is the hot tier's size when none is configured: DefaultHotCache,
+// AutoSize is the hot tier's size when none is configured: DefaultSize,
 // or a quarter of the disk space free under dir when that is less, so that
 // the tier never takes the space the chunk store needs; 0 (off) when that is
-// under minHotCache or the free space cannot be learned.
-func autoHotSize(dir string, log *slog.Logger) int64 {
+// under MinSize or the free space cannot be learned.
+func AutoSize(dir string, log *slog.Logger) int64 {
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
 		log.Warn("cannot learn the free disk space; hot cache off (set cache.hot to turn it on)", "path", dir, "err", err)
@@ -130,12 +133,12 @@ func autoHotSize(dir string, log *slog.Logger) int64 {
 	}
 	// The hot files an earlier run left are this tier's space, not used space.
 	free := int64(st.Bavail)*int64(st.Bsize) + dirBytes(filepath.Join(dir, "hot"))
-	size := min(int64(DefaultHotCache), free/4)
-	if size < minHotCache {
+	size := min(int64(DefaultSize), free/4)
+	if size < MinSize {
 		log.Info("little free disk space: hot cache off (set cache.hot to turn it on)", "path", dir, "free_bytes", free)
 		return 0
 	}
-	if size < DefaultHotCache {
+	if size < DefaultSize {
 		log.Info("hot cache smaller than its default: a quarter of the free disk space", "path", dir, "free_bytes", free, "hot_bytes", size)
 	}
 	return size
@@ -144,10 +147,10 @@ func autoHotSize(dir string, log *slog.Logger) int64 {
 // hotPause is how long the tier stops filling after a failed write.
 const hotPause = time.Minute
 
-func (t *hotTier) paused() bool { return time.Now().UnixNano() < t.pausedUntil.Load() }
+func (t *Tier) paused() bool { return time.Now().UnixNano() < t.pausedUntil.Load() }
 
 // file returns img's hot file, creating it when create is set.
-func (t *hotTier) file(id chunkstore.ID, m *chunkstore.Manifest, create bool) *hotFile {
+func (t *Tier) file(id chunkstore.ID, m *chunkstore.Manifest, create bool) *hotFile {
 	t.mu.RLock()
 	hf := t.files[id]
 	t.mu.RUnlock()
@@ -198,7 +201,7 @@ func (t *hotTier) file(id chunkstore.ID, m *chunkstore.Manifest, create bool) *h
 	return hf
 }
 
-func newHotFile(t *hotTier, id chunkstore.ID, m *chunkstore.Manifest, f, side *os.File) *hotFile {
+func newHotFile(t *Tier, id chunkstore.ID, m *chunkstore.Manifest, f, side *os.File) *hotFile {
 	hf := &hotFile{t: t, m: m, id: id, f: f, side: side}
 	hf.base = make([]uint32, len(m.Entries))
 	var blocks uint32
@@ -245,7 +248,7 @@ func (hf *hotFile) crcOff(blk uint32) int64 {
 	return int64(hotHeaderLen+len(hf.m.Entries)) + 4*int64(blk)
 }
 
-func (t *hotTier) fail(err error) {
+func (t *Tier) fail(err error) {
 	if !t.paused() {
 		t.log.Warn("hot cache stops filling for a minute; reads are served from the chunk store meanwhile (free disk space under the data dir or lower cache.hot)", "err", err)
 	}
@@ -254,7 +257,7 @@ func (t *hotTier) fail(err error) {
 
 // read copies entry idx's bytes [lo, hi) (offsets within the entry) into dst
 // if the entry is in the tier and its blocks check out.
-func (t *hotTier) read(id chunkstore.ID, idx int, dst []byte, lo int64) bool {
+func (t *Tier) Read(id chunkstore.ID, idx int, dst []byte, lo int64) bool {
 	hf := t.file(id, nil, false)
 	if hf == nil || hf.state[idx].Load() != hotFilled {
 		return false
@@ -325,7 +328,7 @@ func (hf *hotFile) blockCRC(blk uint32) uint32 {
 }
 
 // has reports whether entry idx of image id is in the tier.
-func (t *hotTier) has(id chunkstore.ID, idx int) bool {
+func (t *Tier) Has(id chunkstore.ID, idx int) bool {
 	hf := t.file(id, nil, false)
 	return hf != nil && hf.state[idx].Load() == hotFilled
 }
@@ -345,7 +348,7 @@ func (hf *hotFile) drop(idx int, why error) {
 }
 
 // put writes entry idx's verified bytes b into the tier.
-func (t *hotTier) put(id chunkstore.ID, m *chunkstore.Manifest, idx int, b []byte) {
+func (t *Tier) Put(id chunkstore.ID, m *chunkstore.Manifest, idx int, b []byte) {
 	if t.paused() {
 		return
 	}
@@ -401,7 +404,7 @@ func (t *hotTier) put(id chunkstore.ID, m *chunkstore.Manifest, idx int, b []byt
 // reserve accounts n more bytes for hf, evicting the least recently read
 // other files while the tier would be over its size. It fails when hf alone
 // fills the tier.
-func (t *hotTier) reserve(hf *hotFile, n int64) bool {
+func (t *Tier) reserve(hf *hotFile, n int64) bool {
 	for t.used.Add(n) > t.max {
 		t.used.Add(-n)
 		t.mu.Lock()
@@ -445,7 +448,7 @@ func (hf *hotFile) evict() {
 }
 
 // remove drops an image's file (image removed).
-func (t *hotTier) remove(id chunkstore.ID) {
+func (t *Tier) Remove(id chunkstore.ID) {
 	t.mu.Lock()
 	hf := t.files[id]
 	delete(t.files, id)
@@ -456,7 +459,7 @@ func (t *hotTier) remove(id chunkstore.ID) {
 }
 
 // close closes every file and keeps it for the next run (daemon stopping).
-func (t *hotTier) close() {
+func (t *Tier) Close() {
 	t.mu.Lock()
 	files := t.files
 	t.files = map[chunkstore.ID]*hotFile{}
@@ -476,7 +479,7 @@ func (t *hotTier) close() {
 // each whose image load still returns, with its sidecar's filled entries and
 // CRCs (checked on use as ever). It removes the rest, and the least recently
 // written files while the tier is over its size. Call it once, before use.
-func (t *hotTier) adopt(load func(chunkstore.ID) (*chunkstore.Manifest, error)) {
+func (t *Tier) Adopt(load func(chunkstore.ID) (*chunkstore.Manifest, error)) {
 	if t == nil {
 		return
 	}
@@ -546,7 +549,7 @@ func (t *hotTier) adopt(load func(chunkstore.ID) (*chunkstore.Manifest, error)) 
 }
 
 // open reopens one hot file and its sidecar.
-func (t *hotTier) open(raw string, id chunkstore.ID, load func(chunkstore.ID) (*chunkstore.Manifest, error)) (*hotFile, error) {
+func (t *Tier) open(raw string, id chunkstore.ID, load func(chunkstore.ID) (*chunkstore.Manifest, error)) (*hotFile, error) {
 	m, err := load(id)
 	if err != nil {
 		return nil, err
@@ -617,8 +620,8 @@ func dirBytes(dir string) int64 {
 	return n
 }
 
-// HotStats is the hot tier's state for status and metrics.
-type HotStats struct {
+// Stats is the hot tier's state for status and metrics.
+type Stats struct {
 	MaxBytes  int64 `json:"max_bytes"`
 	Bytes     int64 `json:"bytes"`
 	Images    int   `json:"images"`
@@ -628,13 +631,16 @@ type HotStats struct {
 	Evictions int64 `json:"evictions"`
 }
 
-func (t *hotTier) stats() HotStats {
+func (t *Tier) Stats() Stats {
 	if t == nil {
-		return HotStats{}
+		return Stats{}
 	}
 	t.mu.RLock()
 	k := len(t.files)
 	t.mu.RUnlock()
-	return HotStats{MaxBytes: t.max, Bytes: t.used.Load(), Images: k, Hits: t.hits.Load(),
+	return Stats{MaxBytes: t.max, Bytes: t.used.Load(), Images: k, Hits: t.hits.Load(),
 		Fills: t.fills.Load(), Corrupt: t.corrupt.Load(), Evictions: t.evictions.Load()}
 }
+
+// Max is the tier's size limit in bytes.
+func (t *Tier) Max() int64 { return t.max }
