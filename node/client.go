@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/p2p"
 )
 
@@ -61,7 +62,7 @@ func (c *Client) Image(ctx context.Context, name string, entries bool) (ImageDet
 }
 
 // AddImage asks the daemon to import an image.
-func (c *Client) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, error) {
+func (c *Client) AddImage(ctx context.Context, req ImportRequest) (*importer.Result, error) {
 	return c.AddImageProgress(ctx, req, nil)
 }
 
@@ -69,8 +70,8 @@ func (c *Client) AddImage(ctx context.Context, req ImportRequest) (*ImportResult
 // goroutine with the import's progress as the daemon reports it (bytes
 // read from the source of its size), at most a few times a second.
 // Cancelling ctx (or dropping the connection) cancels the import.
-func (c *Client) AddImageProgress(ctx context.Context, req ImportRequest, progress func(Progress)) (*ImportResult, error) {
-	var res ImportResult
+func (c *Client) AddImageProgress(ctx context.Context, req ImportRequest, progress func(Progress)) (*importer.Result, error) {
+	var res importer.Result
 	return &res, c.stream(ctx, http.MethodPost, "/v1/images", req, &res, progress)
 }
 

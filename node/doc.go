@@ -80,7 +80,7 @@
 //	GET    /metrics                     Prometheus
 //	GET    /v1/status                   store usage, read counters, open exports
 //	GET    /v1/images                   registered images
-//	POST   /v1/images                   add an image: ImportRequest -> ImportResult
+//	POST   /v1/images                   add an image: ImportRequest -> importer.Result
 //	GET    /v1/images/{name}            one image (?entries=1 for its extents)
 //	DELETE /v1/images/{name}            remove an image -> RemoveResult
 //	GET    /v1/images/{name}/profile    its boot profile

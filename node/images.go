@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/node/origin"
 )
 
@@ -110,13 +111,13 @@ func DefaultImageName(ref origin.Ref) string {
 }
 
 // AddImage imports an image into the node's store (see Import).
-func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*ImportResult, error) {
+func (n *Node) AddImage(ctx context.Context, req ImportRequest) (*importer.Result, error) {
 	return n.AddImageProgress(ctx, req, nil)
 }
 
 // AddImageProgress is AddImage; progress, if not nil, is called with the
-// bytes read from the source and its size, as ImportOptions.Progress.
-func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress func(done, total int64)) (*ImportResult, error) {
+// bytes read from the source and its size, as importer.Options.Progress.
+func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress func(done, total int64)) (*importer.Result, error) {
 	if !strings.Contains(req.Source, "://") && !filepath.IsAbs(req.Source) {
 		return nil, fmt.Errorf("source %q: %w: the daemon needs an absolute path or a URL", req.Source, ErrInvalid)
 	}
@@ -131,7 +132,7 @@ func (n *Node) AddImageProgress(ctx context.Context, req ImportRequest, progress
 // into st under req.Name (default: DefaultImageName): the one add path of
 // the daemon and of the offline CLI. A lazy add is refused when the origin
 // cannot serve ranges; a taken name is an error wrapping chunkstore.ErrExists.
-func AddImageTo(ctx context.Context, st *chunkstore.Store, oc origin.Config, req ImportRequest, progress func(done, total int64)) (*ImportResult, error) {
+func AddImageTo(ctx context.Context, st *chunkstore.Store, oc origin.Config, req ImportRequest, progress func(done, total int64)) (*importer.Result, error) {
 	ck := chunkstore.DefaultCDC
 	if req.Chunking != "" {
 		var err error
@@ -163,7 +164,7 @@ func AddImageTo(ctx context.Context, st *chunkstore.Store, oc origin.Config, req
 	if progress != nil {
 		progress(0, src.Size())
 	}
-	return Import(ctx, st, src, ImportOptions{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy, Progress: progress})
+	return importer.Import(ctx, st, src, importer.Options{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy, Progress: progress})
 }
 
 // RemoveResult says what removing an image freed.

@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hoardvm/hoard/node/importer"
+	"github.com/hoardvm/hoard/node/internal/testutil"
+
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node/origin"
 )
@@ -66,7 +69,7 @@ func TestIdleImagesForgotten(t *testing.T) {
 	data := map[string][]byte{}
 	paths := map[string]string{}
 	for i, name := range []string{"a", "b"} {
-		data[name] = testImage(uint64(20+i), 1<<20)
+		data[name] = testutil.Image(uint64(20+i), 1<<20)
 		p := filepath.Join(t.TempDir(), name+".raw")
 		if err := os.WriteFile(p, data[name], 0o600); err != nil {
 			t.Fatal(err)
@@ -79,7 +82,7 @@ func TestIdleImagesForgotten(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := Import(ctx, n.Store(), src, ImportOptions{Name: name, Lazy: true}); err != nil {
+		if _, err := importer.Import(ctx, n.Store(), src, importer.Options{Name: name, Lazy: true}); err != nil {
 			t.Fatal(err)
 		}
 		src.Close()

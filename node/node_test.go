@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/node/origin"
 )
 
@@ -120,7 +121,7 @@ func writeImage(t *testing.T, path string, size int, seed uint64) []byte {
 	return b
 }
 
-func addImage(t *testing.T, tn *testNode, req node.ImportRequest) *node.ImportResult {
+func addImage(t *testing.T, tn *testNode, req node.ImportRequest) *importer.Result {
 	t.Helper()
 	res, err := tn.client.AddImage(t.Context(), req)
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/node/origin"
 )
 
@@ -152,7 +153,7 @@ func TestRunWaitsForFetches(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := node.Import(ctx, n.Store(), src, node.ImportOptions{Name: "lazy", Lazy: true})
+	res, err := importer.Import(ctx, n.Store(), src, importer.Options{Name: "lazy", Lazy: true})
 	src.Close()
 	if err != nil {
 		t.Fatal(err)

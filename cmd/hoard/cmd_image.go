@@ -12,6 +12,7 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/spf13/cobra"
 )
@@ -91,7 +92,7 @@ func absSource(source string) string {
 	return source
 }
 
-func printImportResult(res *node.ImportResult, jsonOut bool) error {
+func printImportResult(res *importer.Result, jsonOut bool) error {
 	if jsonOut {
 		return printJSON(res)
 	}

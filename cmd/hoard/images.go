@@ -5,6 +5,7 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/node/origin"
 )
 
@@ -13,7 +14,7 @@ import (
 // on the data dir (localImages). Commands take one and never ask which.
 type imageService interface {
 	// Add imports an image; progress, if not nil, is called as it goes.
-	Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*node.ImportResult, error)
+	Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*importer.Result, error)
 	List(ctx context.Context) ([]node.ImageInfo, error)
 	Inspect(ctx context.Context, name string, entries bool) (node.ImageDetail, error)
 	Profile(ctx context.Context, name string) (node.ProfileInfo, error)
@@ -43,7 +44,7 @@ func (g *globalOptions) images(ctx context.Context, create bool) (imageService, 
 // daemonImages is imageService over a daemon's admin API.
 type daemonImages struct{ cl *node.Client }
 
-func (d daemonImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*node.ImportResult, error) {
+func (d daemonImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*importer.Result, error) {
 	return d.cl.AddImageProgress(ctx, req, progress)
 }
 func (d daemonImages) List(ctx context.Context) ([]node.ImageInfo, error) { return d.cl.Images(ctx) }
@@ -74,7 +75,7 @@ type localImages struct {
 	origins origin.Config
 }
 
-func (l localImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*node.ImportResult, error) {
+func (l localImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*importer.Result, error) {
 	var p func(done, total int64)
 	if progress != nil {
 		p = func(done, total int64) {

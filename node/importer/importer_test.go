@@ -1,4 +1,4 @@
-package node
+package importer
 
 import (
 	"bytes"
@@ -19,33 +19,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hoardvm/hoard/node/internal/testutil"
+
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node/origin"
 )
-
-// testImage returns n bytes that look like a disk image: compressible data,
-// incompressible data and zero runs.
-func testImage(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, 99))
-	b := make([]byte, n)
-	for off := 0; off < n; {
-		l := min(n-off, 4096*(1+r.IntN(64)))
-		switch r.IntN(3) {
-		case 0: // zeros
-		case 1:
-			for i := off; i < off+l; i++ {
-				b[i] = byte(r.Uint32())
-			}
-		case 2:
-			word := []byte(fmt.Sprintf("file-%d ", r.IntN(1000)))
-			for i := off; i < off+l; i++ {
-				b[i] = word[(i-off)%len(word)]
-			}
-		}
-		off += l
-	}
-	return b
-}
 
 func openStore(t *testing.T, dir string) *chunkstore.Store {
 	t.Helper()
@@ -91,13 +69,13 @@ func TestImportFileRoundTripAndDedup(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
 	st := openStore(t, t.TempDir())
-	img := testImage(1, 8<<20)
+	img := testutil.Image(1, 8<<20)
 	for _, ck := range []chunkstore.Chunking{chunkstore.DefaultCDC, chunkstore.Fixed64K} {
 		src, err := origin.Open(ctx, writeFile(t, img), origin.Config{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		res, err := Import(ctx, st, src, ImportOptions{Name: "a-" + ck.Kind, Chunking: ck, Pin: true})
+		res, err := Import(ctx, st, src, Options{Name: "a-" + ck.Kind, Chunking: ck, Pin: true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -114,7 +92,7 @@ func TestImportFileRoundTripAndDedup(t *testing.T) {
 	copy(img2[3<<20:], bytes.Repeat([]byte("patched!"), 1024)) // 8 KiB changed
 	img2 = append([]byte("a 22-byte insertion..."), img2...)
 	src, _ := origin.Open(ctx, writeFile(t, img2), origin.Config{})
-	res, err := Import(ctx, st, src, ImportOptions{Name: "b"})
+	res, err := Import(ctx, st, src, Options{Name: "b"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,10 +108,10 @@ func TestImportFileRoundTripAndDedup(t *testing.T) {
 
 func TestImportQcow2Detected(t *testing.T) {
 	t.Parallel()
-	img := append([]byte("QFI\xfb\x00\x00\x00\x03"), testImage(2, 1<<20)...)
+	img := append([]byte("QFI\xfb\x00\x00\x00\x03"), testutil.Image(2, 1<<20)...)
 	st := openStore(t, t.TempDir())
 	src, _ := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
-	res, err := Import(t.Context(), st, src, ImportOptions{Name: "q"})
+	res, err := Import(t.Context(), st, src, Options{Name: "q"})
 	if err != nil || res.Format != chunkstore.FormatQcow2 {
 		t.Fatalf("format %q, err %v; want qcow2", res.Format, err)
 	}
@@ -142,8 +120,8 @@ func TestImportQcow2Detected(t *testing.T) {
 func TestImportLazyStoresNoChunks(t *testing.T) {
 	t.Parallel()
 	st := openStore(t, t.TempDir())
-	src, _ := origin.Open(t.Context(), writeFile(t, testImage(3, 2<<20)), origin.Config{})
-	res, err := Import(t.Context(), st, src, ImportOptions{Name: "lazy", Lazy: true})
+	src, _ := origin.Open(t.Context(), writeFile(t, testutil.Image(3, 2<<20)), origin.Config{})
+	res, err := Import(t.Context(), st, src, Options{Name: "lazy", Lazy: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +152,7 @@ func assertNothingRegistered(t *testing.T, st *chunkstore.Store) {
 
 func TestImportBadInput(t *testing.T) {
 	t.Parallel()
-	img := testImage(4, 4<<20)
+	img := testutil.Image(4, 4<<20)
 	sum := sha256.Sum256(img)
 	for _, tc := range []struct {
 		name    string
@@ -222,8 +200,8 @@ func TestImportBadInput(t *testing.T) {
 			cfg := origin.Config{RetryBase: 1}
 			src, err := origin.Open(t.Context(), srv.URL+"/image.raw"+tc.frag, cfg)
 			if err == nil {
-				var res *ImportResult
-				res, err = Import(t.Context(), st, src, ImportOptions{Name: "x"})
+				var res *Result
+				res, err = Import(t.Context(), st, src, Options{Name: "x"})
 				if err == nil && tc.want == nil {
 					if got := readBack(t, st, res.Manifest); !bytes.Equal(got, img) {
 						t.Fatal("image differs after resumed download")
@@ -271,15 +249,15 @@ func TestImportDiskFull(t *testing.T) {
 		big[i] = byte(r.Uint32())
 	}
 	src, _ := origin.Open(t.Context(), writeFile(t, big), origin.Config{})
-	_, err = Import(t.Context(), st, src, ImportOptions{Name: "big"})
+	_, err = Import(t.Context(), st, src, Options{Name: "big"})
 	if err == nil || !strings.Contains(err.Error(), "disk holding the data dir is full") {
 		t.Fatalf("import onto a full disk: %v; want a message naming the full disk", err)
 	}
 	t.Logf("as users see it: %v", err)
 	assertNothingRegistered(t, st)
-	small := testImage(6, 1<<20)
+	small := testutil.Image(6, 1<<20)
 	src, _ = origin.Open(t.Context(), writeFile(t, small), origin.Config{})
-	res, err := Import(t.Context(), st, src, ImportOptions{Name: "small"})
+	res, err := Import(t.Context(), st, src, Options{Name: "small"})
 	if err != nil {
 		t.Fatalf("store unusable after ENOSPC: %v", err)
 	}
@@ -333,7 +311,7 @@ func BenchmarkImportFile(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.StartTimer()
-		if _, err := Import(b.Context(), st, src, ImportOptions{Name: "bench"}); err != nil {
+		if _, err := Import(b.Context(), st, src, Options{Name: "bench"}); err != nil {
 			b.Fatal(err)
 		}
 		b.StopTimer()
@@ -369,7 +347,7 @@ func TestImportRecurringChunksWrittenOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := Import(ctx, st, src, ImportOptions{Name: "recurring", Chunking: chunkstore.Fixed64K})
+	res, err := Import(ctx, st, src, Options{Name: "recurring", Chunking: chunkstore.Fixed64K})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -393,7 +371,7 @@ func TestImportRecurringChunksWrittenOnce(t *testing.T) {
 func TestImportSlowCommitterNoDeadlock(t *testing.T) {
 	t.Parallel()
 	st := openStore(t, t.TempDir())
-	img := testImage(11, 4<<20) // 64 fixed chunks: 16 segments of 4
+	img := testutil.Image(11, 4<<20) // 64 fixed chunks: 16 segments of 4
 	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
 	if err != nil {
 		t.Fatal(err)
@@ -401,12 +379,12 @@ func TestImportSlowCommitterNoDeadlock(t *testing.T) {
 	defer src.Close()
 	var commits atomic.Int32
 	type outcome struct {
-		res *ImportResult
+		res *Result
 		err error
 	}
 	done := make(chan outcome, 1)
 	go func() {
-		res, err := Import(t.Context(), st, src, ImportOptions{Name: "slow", Chunking: chunkstore.Fixed64K, Workers: 4,
+		res, err := Import(t.Context(), st, src, Options{Name: "slow", Chunking: chunkstore.Fixed64K, Workers: 4,
 			segmentChunks: 4,
 			beforeCommit: func(int) error {
 				commits.Add(1)
@@ -437,14 +415,14 @@ func TestImportSlowCommitterNoDeadlock(t *testing.T) {
 func TestImportProgressAndResult(t *testing.T) {
 	t.Parallel()
 	st := openStore(t, t.TempDir())
-	img := testImage(12, 6<<20)
+	img := testutil.Image(12, 6<<20)
 	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer src.Close()
 	var calls []int64 // no lock: Progress is called from one goroutine (-race checks)
-	res, err := Import(t.Context(), st, src, ImportOptions{Name: "p", segmentChunks: 8, Progress: func(done, total int64) {
+	res, err := Import(t.Context(), st, src, Options{Name: "p", segmentChunks: 8, Progress: func(done, total int64) {
 		if total != int64(len(img)) {
 			t.Errorf("progress total %d, want %d", total, len(img))
 		}
@@ -475,7 +453,7 @@ func TestImportProgressAndResult(t *testing.T) {
 func TestImportCommitFails(t *testing.T) {
 	t.Parallel()
 	st := openStore(t, t.TempDir())
-	img := testImage(13, 4<<20)
+	img := testutil.Image(13, 4<<20)
 	src, err := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
 	if err != nil {
 		t.Fatal(err)
@@ -484,7 +462,7 @@ func TestImportCommitFails(t *testing.T) {
 	boom := errors.New("commit failed (test)")
 	done := make(chan error, 1)
 	go func() {
-		_, err := Import(t.Context(), st, src, ImportOptions{Name: "f", Chunking: chunkstore.Fixed64K, segmentChunks: 4, Pin: true,
+		_, err := Import(t.Context(), st, src, Options{Name: "f", Chunking: chunkstore.Fixed64K, segmentChunks: 4, Pin: true,
 			beforeCommit: func(seg int) error {
 				if seg == 3 {
 					return boom
@@ -514,14 +492,14 @@ func TestImportSameNameConcurrently(t *testing.T) {
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i := range n {
-		src, err := origin.Open(ctx, writeFile(t, testImage(uint64(100+i), 1<<20)), origin.Config{})
+		src, err := origin.Open(ctx, writeFile(t, testutil.Image(uint64(100+i), 1<<20)), origin.Config{})
 		if err != nil {
 			t.Fatal(err)
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, errs[i] = Import(ctx, st, src, ImportOptions{Name: "same", Chunking: chunkstore.DefaultCDC, Pin: i%2 == 0})
+			_, errs[i] = Import(ctx, st, src, Options{Name: "same", Chunking: chunkstore.DefaultCDC, Pin: i%2 == 0})
 		}()
 	}
 	wg.Wait()

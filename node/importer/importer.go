@@ -1,4 +1,4 @@
-package node
+package importer
 
 import (
 	"bytes"
@@ -18,8 +18,8 @@ import (
 	"golang.org/x/sync/errgroup"
 )
 
-// ImportOptions controls Import.
-type ImportOptions struct {
+// Options controls Import.
+type Options struct {
 	Name     string              // name to register; empty: only the manifest CID
 	Chunking chunkstore.Chunking // zero value: chunkstore.DefaultCDC
 	Lazy     bool                // record the manifest only; chunks arrive on demand
@@ -35,8 +35,8 @@ type ImportOptions struct {
 	beforeCommit  func(seg int) error
 }
 
-// ImportResult summarises an import.
-type ImportResult struct {
+// Result summarises an import.
+type Result struct {
 	Name             string        `json:"name,omitempty"`
 	Manifest         chunkstore.ID `json:"manifest"`
 	Format           string        `json:"format"`
@@ -68,7 +68,7 @@ const segmentChunks = 1024
 // over bounded channels, every send also watching the context, and no lock is
 // held across a send, so a slow commit only slows the stages before it (and
 // bounds the chunk bytes in memory) instead of wedging them.
-func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o ImportOptions) (*ImportResult, error) {
+func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Options) (*Result, error) {
 	start := time.Now()
 	if o.Chunking.Kind == "" {
 		o.Chunking = chunkstore.DefaultCDC
@@ -151,7 +151,7 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Impo
 		return nil, err
 	}
 	sum := m.Summarize()
-	res := &ImportResult{Name: o.Name, Manifest: mid, Format: format, Source: ref, Size: m.Size,
+	res := &Result{Name: o.Name, Manifest: mid, Format: format, Source: ref, Size: m.Size,
 		NonZeroBytes: sum.NonZeroBytes, Chunks: sum.Chunks, UniqueChunks: sum.UniqueChunks,
 		NewChunks: len(p.newIDs), NewRawBytes: p.newRaw, NewStoredBytes: p.newStored,
 		Duration: time.Since(start), Lazy: o.Lazy}
@@ -213,7 +213,7 @@ type (
 // of it; Import reads the results after run returns (errgroup.Wait orders it).
 type importPipeline struct {
 	st    *chunkstore.Store
-	o     ImportOptions
+	o     Options
 	owner string // pin owner of the import's chunks until the image is registered
 	total int64  // the source's announced size, for Progress
 
@@ -414,7 +414,7 @@ func (p *importPipeline) commit(ctx context.Context, in <-chan *importSegment) e
 
 // fail undoes an import that cannot complete: it leaves nothing behind, neither
 // the import's pins nor the chunks it added that no image references.
-func (p *importPipeline) fail(ctx context.Context, src origin.Source, err error) (*ImportResult, error) {
+func (p *importPipeline) fail(ctx context.Context, src origin.Source, err error) (*Result, error) {
 	cctx := context.WithoutCancel(ctx)
 	for _, s := range p.segs {
 		if s.batch != nil && !s.settled {
