@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 )
 
 // runNode runs a node on cfg until stop is called (or the test ends).
@@ -182,7 +183,7 @@ func TestImportRefusesOwnFiles(t *testing.T) {
 		"/proc/self/environ", "/proc/self/root" + key, "/sys/kernel/notes",
 	} {
 		for _, lazy := range []bool{false, true} {
-			_, err := tn.client.AddImage(t.Context(), node.ImportRequest{Source: src, Name: "stolen", Lazy: lazy})
+			_, err := tn.client.AddImage(t.Context(), api.ImportRequest{Source: src, Name: "stolen", Lazy: lazy})
 			if err == nil || !strings.Contains(err.Error(), "hoard never exports it") && !strings.Contains(err.Error(), "holds no images") &&
 				!strings.Contains(err.Error(), "directory") {
 				t.Errorf("import %s (lazy %v): %v, want refused", src, lazy, err)

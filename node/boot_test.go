@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 )
 
 // guestCache is where the guest kernel, initrd and base image are kept
@@ -114,11 +115,11 @@ func TestGuestBootsFromLazyImage(t *testing.T) {
 	defer srv.Close()
 
 	tn := startNode(t, node.Config{})
-	res := addImage(t, tn, node.ImportRequest{Source: srv.URL + "/base.raw", Name: "guest", Lazy: true})
+	res := addImage(t, tn, api.ImportRequest{Source: srv.URL + "/base.raw", Name: "guest", Lazy: true})
 	imported := originBytes.Load()
 	dir := t.TempDir()
 
-	bootOnce := func(label string) (node.Counters, time.Duration) {
+	bootOnce := func(label string) (api.Counters, time.Duration) {
 		t.Helper()
 		ov := filepath.Join(dir, label+".qcow2")
 		if err := node.CreateOverlay(t.Context(), "guest", res.Format, tn.NBDSocket(), ov); err != nil {
@@ -132,7 +133,7 @@ func TestGuestBootsFromLazyImage(t *testing.T) {
 		// qemu has exited: wait until its export is closed (profile saved).
 		waitFor(t, "export closed", func() bool { return tn.counters(t).ExportsOpen == 0 })
 		after := tn.counters(t)
-		d := node.Counters{ReadBytes: map[string]int64{}, PrefetchChunks: map[string]int64{}}
+		d := api.Counters{ReadBytes: map[string]int64{}, PrefetchChunks: map[string]int64{}}
 		for k, v := range after.ReadBytes {
 			d.ReadBytes[k] = v - before.ReadBytes[k]
 		}

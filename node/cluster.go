@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/api"
+	"github.com/hoardvm/hoard/node/local"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -612,20 +614,20 @@ func (c *cluster) resolveShared(ctx context.Context, name string) (any, error) {
 
 // PullImage registers an image known to the cluster by name (or manifest CID)
 // without fetching its chunks.
-func (n *Node) PullImage(ctx context.Context, name string) (ImageInfo, error) {
+func (n *Node) PullImage(ctx context.Context, name string) (api.ImageInfo, error) {
 	if _, err := n.store.Resolve(ctx, name); err != nil {
 		if n.cl == nil {
-			return ImageInfo{}, fmt.Errorf("image %q is not here and the cluster is off (no swarm key): %w", name, err)
+			return api.ImageInfo{}, fmt.Errorf("image %q is not here and the cluster is off (no swarm key): %w", name, err)
 		}
 		if _, err := n.cl.resolveRemote(ctx, name); err != nil {
-			return ImageInfo{}, err
+			return api.ImageInfo{}, err
 		}
 	}
 	id, err := n.store.Resolve(ctx, name)
 	if err != nil {
-		return ImageInfo{}, err
+		return api.ImageInfo{}, err
 	}
-	info, _, err := DescribeImage(ctx, n.store, chunkstore.Named{Name: name, Manifest: id})
+	info, _, err := local.Describe(ctx, n.store, chunkstore.Named{Name: name, Manifest: id})
 	return info, err
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
@@ -120,7 +121,7 @@ func TestClusterCoalescesOriginReads(t *testing.T) {
 	// detector on a small machine are slow, and a fallback to the origin is
 	// what this test counts.
 	cl := startMockCluster(t, nodes, func(_ int, c *node.Config) { c.P2P.DesignatedTimeout = 15 * time.Second })
-	addImage(t, cl[0], node.ImportRequest{Source: srv.URL + "/coal.raw", Name: "coal", Lazy: true, Chunking: "fixed"})
+	addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/coal.raw", Name: "coal", Lazy: true, Chunking: "fixed"})
 	importBytes := srv.bytes.Load()
 
 	exps := make([]nbd.Export, nodes)
@@ -192,8 +193,8 @@ func TestClusterNameConflict(t *testing.T) {
 	dataB, _ := mockImage(1<<20, 52)
 	srvA, srvB := newRangeServer(t, dataA), newRangeServer(t, dataB)
 	cl := startMockCluster(t, 3, nil)
-	a := addImage(t, cl[0], node.ImportRequest{Source: srvA.URL + "/a.raw", Name: "deb", Lazy: true})
-	b := addImage(t, cl[1], node.ImportRequest{Source: srvB.URL + "/b.raw", Name: "deb", Lazy: true})
+	a := addImage(t, cl[0], api.ImportRequest{Source: srvA.URL + "/a.raw", Name: "deb", Lazy: true})
+	b := addImage(t, cl[1], api.ImportRequest{Source: srvB.URL + "/b.raw", Name: "deb", Lazy: true})
 	if a.Manifest == b.Manifest {
 		t.Fatal("two different images have one manifest")
 	}
@@ -229,7 +230,7 @@ func TestClusterResolveSurvivesCancelledCaller(t *testing.T) {
 	data, _ := mockImage(1<<20, 53)
 	srv := newRangeServer(t, data)
 	cl, mn := startMockNet(t, 2, nil)
-	res := addImage(t, cl[0], node.ImportRequest{Source: srv.URL + "/r.raw", Name: "shared", Lazy: true})
+	res := addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/r.raw", Name: "shared", Lazy: true})
 	waitFor(t, "the name to be announced", func() bool {
 		id, _, err := cl[1].P2P().ResolveName(t.Context(), "shared")
 		return err == nil && id == res.Manifest
@@ -265,7 +266,7 @@ func TestClusterFirstReadWithStoppedPeer(t *testing.T) {
 	data, _ := mockImage(1<<20, 54)
 	srv := newRangeServer(t, data)
 	cl := startMockCluster(t, 3, nil)
-	addImage(t, cl[0], node.ImportRequest{Source: srv.URL + "/s.raw", Name: "stopped"})
+	addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/s.raw", Name: "stopped"})
 	stop := make(chan struct{})
 	var mu sync.Mutex
 	var held []network.Stream

@@ -3,7 +3,7 @@ package node_test
 import (
 	"testing"
 
-	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/local"
 	"github.com/hoardvm/hoard/node/origin"
 )
 
@@ -18,7 +18,7 @@ func TestDefaultImageName(t *testing.T) {
 		{origin.Ref{Kind: "file", Location: "/var/lib/images/x.qcow2"}, "x.qcow2"},
 		{origin.Ref{Kind: "glance", Location: "0c5c7a8e-1e44-4b2e-9a4c-5a3c6a1f2b3d"}, "0c5c7a8e-1e44-4b2e-9a4c-5a3c6a1f2b3d"},
 	} {
-		if got := node.DefaultImageName(tc.ref); got != tc.want {
+		if got := local.DefaultName(tc.ref); got != tc.want {
 			t.Errorf("DefaultImageName(%+v) = %q, want %q", tc.ref, got, tc.want)
 		}
 	}

@@ -80,9 +80,9 @@
 //	GET    /metrics                     Prometheus
 //	GET    /v1/status                   store usage, read counters, open exports
 //	GET    /v1/images                   registered images
-//	POST   /v1/images                   add an image: ImportRequest -> importer.Result
+//	POST   /v1/images                   add an image: api.ImportRequest -> importer.Result
 //	GET    /v1/images/{name}            one image (?entries=1 for its extents)
-//	DELETE /v1/images/{name}            remove an image -> RemoveResult
+//	DELETE /v1/images/{name}            remove an image -> api.RemoveResult
 //	GET    /v1/images/{name}/profile    its boot profile
 //	POST   /v1/images/{name}/pull       register an image a peer has, lazily
 //	GET    /v1/peers                    the p2p peers (409 when the cluster is off)

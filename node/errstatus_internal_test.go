@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/origin"
 )
 
@@ -15,7 +16,7 @@ import (
 // error that merely mentions "already exists" or "open export" is a 500.
 func TestErrStatus(t *testing.T) {
 	t.Parallel()
-	_, relErr := (&Node{}).AddImageProgress(t.Context(), ImportRequest{Source: "disk.img"}, nil)
+	_, relErr := (&Node{}).AddImage(t.Context(), api.ImportRequest{Source: "disk.img"}, nil)
 	_, chunkErr := chunkstore.ParseChunking("rabin")
 	openErr := func(ref string) error {
 		_, err := origin.Open(t.Context(), ref, origin.Config{})
@@ -33,10 +34,10 @@ func TestErrStatus(t *testing.T) {
 		{"not found", wrap(chunkstore.ErrNotFound), http.StatusNotFound},
 		{"forbidden", wrap(origin.ErrForbidden), http.StatusForbidden},
 		{"name taken", wrap(chunkstore.ErrExists), http.StatusConflict},
-		{"image in use", wrap(ErrInUse), http.StatusConflict},
+		{"image in use", wrap(api.ErrInUse), http.StatusConflict},
 		{"no ranges", wrap(origin.ErrNoRanges), http.StatusBadRequest},
 		{"invalid store input", wrap(chunkstore.ErrInvalid), http.StatusBadRequest},
-		{"invalid request", wrap(ErrInvalid), http.StatusBadRequest},
+		{"invalid request", wrap(api.ErrInvalid), http.StatusBadRequest},
 		{"bad image name", wrap(chunkstore.ValidateName("bad/name")), http.StatusBadRequest},
 		{"unknown chunking", chunkErr, http.StatusBadRequest},
 		{"relative source", relErr, http.StatusBadRequest},
@@ -51,8 +52,8 @@ func TestErrStatus(t *testing.T) {
 		{"mentions absolute path", errors.New("mkdir: absolute path too long"), http.StatusInternalServerError},
 		{"plain", errors.New("disk on fire"), http.StatusInternalServerError},
 	} {
-		if got := errStatus(tc.err); got != tc.want {
-			t.Errorf("%s: errStatus(%q) = %d, want %d", tc.name, tc.err, got, tc.want)
+		if got := api.StatusOf(tc.err); got != tc.want {
+			t.Errorf("%s: StatusOf(%q) = %d, want %d", tc.name, tc.err, got, tc.want)
 		}
 	}
 }

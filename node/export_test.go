@@ -1,13 +1,9 @@
 package node
 
+import "github.com/hoardvm/hoard/node/api"
+
 // RoutePatterns lists every admin API route ("METHOD /path"), for tests.
-func RoutePatterns(n *Node) []string {
-	var out []string
-	for _, rt := range n.routes() {
-		out = append(out, rt.pattern)
-	}
-	return out
-}
+func RoutePatterns(*Node) []string { return api.Patterns() }
 
 // PublicRoute reports whether pattern is served without the API token.
-func PublicRoute(pattern string) bool { return publicRoutes[pattern] }
+func PublicRoute(pattern string) bool { return api.Public(pattern) }

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/hot"
 )
 
@@ -20,7 +21,7 @@ func TestHotTierServesWarmReads(t *testing.T) {
 	src := filepath.Join(dir, "src.raw")
 	data := writeImage(t, src, 12<<20, 21)
 	tn := startNode(t, node.Config{})
-	res := addImage(t, tn, node.ImportRequest{Source: src, Name: "hot"})
+	res := addImage(t, tn, api.ImportRequest{Source: src, Name: "hot"})
 
 	status := func() hot.Stats {
 		s, err := tn.client.Status(t.Context())

@@ -3,22 +3,9 @@ package node
 import (
 	"sync/atomic"
 
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/prometheus/client_golang/prometheus"
 )
-
-// Counters are the node's read counters since it started.
-type Counters struct {
-	ReadBytes      map[string]int64 `json:"read_bytes"`  // bytes of data chunks served to NBD readers, by where the chunk came from
-	ReadChunks     map[string]int64 `json:"read_chunks"` // chunk reads, by source
-	ZeroBytes      int64            `json:"zero_bytes"`  // bytes of holes served
-	OriginBytes    int64            `json:"origin_bytes"`
-	OriginErrors   int64            `json:"origin_errors"`
-	PrefetchChunks map[string]int64 `json:"prefetch_chunks"` // chunks fetched in the background, by reason
-	ExportsOpen    int64            `json:"exports_open"`
-	// DesignatedFallbacks counts chunks whose designated fetcher (another
-	// peer) did not deliver in time, so this node went to the origin itself.
-	DesignatedFallbacks int64 `json:"designated_fallbacks"`
-}
 
 type stats struct {
 	readBytes    [3]atomic.Int64 // local, peer, origin
@@ -48,8 +35,8 @@ func (s *stats) read(from int, n int) {
 	s.readChunks[slot(from)].Add(1)
 }
 
-func (s *stats) snapshot() Counters {
-	c := Counters{ReadBytes: map[string]int64{}, ReadChunks: map[string]int64{}, PrefetchChunks: map[string]int64{}}
+func (s *stats) snapshot() api.Counters {
+	c := api.Counters{ReadBytes: map[string]int64{}, ReadChunks: map[string]int64{}, PrefetchChunks: map[string]int64{}}
 	for i, name := range []string{"local", "peer", "origin"} {
 		c.ReadBytes[name] = s.readBytes[i].Load()
 		c.ReadChunks[name] = s.readChunks[i].Load()

@@ -16,6 +16,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/nbd"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/prometheus/client_golang/prometheus"
@@ -101,7 +102,7 @@ func (f *inflight) leave() { f.wg.Done() }
 func (f *inflight) track(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !f.enter() {
-			replyError(w, http.StatusServiceUnavailable, errors.New("the daemon is shutting down"))
+			api.ReplyError(w, http.StatusServiceUnavailable, errors.New("the daemon is shutting down"))
 			return
 		}
 		defer f.leave()

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/node/origin"
 )
@@ -47,7 +48,7 @@ func run(t *testing.T, name string, args ...string) string {
 type testNode struct {
 	*node.Node
 	dir    string
-	client *node.Client
+	client *api.Client
 }
 
 func startNode(t *testing.T, cfg node.Config) *testNode {
@@ -85,14 +86,14 @@ func startNode(t *testing.T, cfg node.Config) *testNode {
 	case <-time.After(10 * time.Second):
 		t.Fatal("node not ready after 10s")
 	}
-	return &testNode{Node: n, dir: cfg.DataDir, client: node.NewClient(n.APIAddr().String(), n.APIToken())}
+	return &testNode{Node: n, dir: cfg.DataDir, client: api.NewClient(n.APIAddr().String(), n.APIToken())}
 }
 
 func (tn *testNode) uri(export string) string {
 	return "nbd+unix:///" + export + "?socket=" + tn.NBDSocket()
 }
 
-func (tn *testNode) counters(t *testing.T) node.Counters {
+func (tn *testNode) counters(t *testing.T) api.Counters {
 	t.Helper()
 	s, err := tn.client.Status(t.Context())
 	if err != nil {
@@ -121,7 +122,7 @@ func writeImage(t *testing.T, path string, size int, seed uint64) []byte {
 	return b
 }
 
-func addImage(t *testing.T, tn *testNode, req node.ImportRequest) *importer.Result {
+func addImage(t *testing.T, tn *testNode, req api.ImportRequest) *importer.Result {
 	t.Helper()
 	res, err := tn.client.AddImage(t.Context(), req)
 	if err != nil {
@@ -196,8 +197,8 @@ func TestExportsMatchSource(t *testing.T) {
 	writeImage(t, raw, 24<<20+12345, 1)
 	qcow := filepath.Join(dir, "disk.qcow2")
 	run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow)
-	addImage(t, tn, node.ImportRequest{Source: raw, Name: "raw-img"})
-	res := addImage(t, tn, node.ImportRequest{Source: qcow, Name: "qcow-img", Chunking: "fixed"})
+	addImage(t, tn, api.ImportRequest{Source: raw, Name: "raw-img"})
+	res := addImage(t, tn, api.ImportRequest{Source: qcow, Name: "qcow-img", Chunking: "fixed"})
 	if res.Format != "qcow2" {
 		t.Fatalf("format %q, want qcow2", res.Format)
 	}
@@ -273,7 +274,7 @@ func TestLazyImageFromHTTP(t *testing.T) {
 	data := writeImage(t, filepath.Join(dir, "src.raw"), 16<<20, 2)
 	srv := newRangeServer(t, data)
 	tn := startNode(t, node.Config{})
-	res := addImage(t, tn, node.ImportRequest{Source: srv.URL + "/disk.raw", Name: "lazy", Lazy: true})
+	res := addImage(t, tn, api.ImportRequest{Source: srv.URL + "/disk.raw", Name: "lazy", Lazy: true})
 	if u := tn.Store().Usage(); u.Chunks != 0 {
 		t.Fatalf("lazy import stored %d chunks", u.Chunks)
 	}
@@ -314,7 +315,7 @@ func TestOriginFailureFailsOnlyItsReads(t *testing.T) {
 		Readahead:     -1,
 		MemCache:      -1,
 	})
-	addImage(t, tn, node.ImportRequest{Source: srv.URL + "/d.raw", Name: "flaky", Lazy: true, Chunking: "fixed"})
+	addImage(t, tn, api.ImportRequest{Source: srv.URL + "/d.raw", Name: "flaky", Lazy: true, Chunking: "fixed"})
 	qio := func(cmd string) (string, error) {
 		out, err := exec.CommandContext(t.Context(), "qemu-io", "-r", "-f", "raw", "-c", cmd, tn.uri("flaky")).CombinedOutput()
 		return string(out), err
@@ -354,7 +355,7 @@ func TestProfileRecordedAndPrefetched(t *testing.T) {
 	data := randBytes(8<<20, 4)
 	srv := newRangeServer(t, data)
 	tn := startNode(t, node.Config{Readahead: -1, MemCache: -1})
-	res := addImage(t, tn, node.ImportRequest{Source: srv.URL + "/p.raw", Name: "boot", Lazy: true, Chunking: "fixed"})
+	res := addImage(t, tn, api.ImportRequest{Source: srv.URL + "/p.raw", Name: "boot", Lazy: true, Chunking: "fixed"})
 	// A "boot": scattered reads, in this order.
 	offs := []int64{5 << 20, 64 << 10, 7 << 20, 1 << 20}
 	var cmds []string
@@ -362,7 +363,7 @@ func TestProfileRecordedAndPrefetched(t *testing.T) {
 		cmds = append(cmds, "-c", fmt.Sprintf("read %d 4k", o))
 	}
 	run(t, "qemu-io", append([]string{"-r", "-f", "raw"}, append(cmds, tn.uri("boot"))...)...)
-	var p node.ProfileInfo
+	var p api.ProfileInfo
 	eventually(t, 10*time.Second, func() bool {
 		var err error
 		p, err = tn.client.Profile(t.Context(), "boot")
@@ -419,7 +420,7 @@ func TestOneFetchPerChunk(t *testing.T) {
 	data := randBytes(4<<20, 5)
 	srv := newRangeServer(t, data)
 	tn := startNode(t, node.Config{MemCache: -1})
-	addImage(t, tn, node.ImportRequest{Source: srv.URL + "/d.raw", Name: "hot", Lazy: true, Chunking: "fixed"})
+	addImage(t, tn, api.ImportRequest{Source: srv.URL + "/d.raw", Name: "hot", Lazy: true, Chunking: "fixed"})
 	var wg sync.WaitGroup
 	errs := make(chan error, 64)
 	for r := range 16 {

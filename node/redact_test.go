@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 )
 
 // syncBuffer is a log sink safe for concurrent writes.
@@ -81,8 +82,8 @@ func TestOriginSecretsRedacted(t *testing.T) {
 	var logs syncBuffer
 	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	n, stop := runNodeLog(t, cfg, log)
-	cl := node.NewClient(n.APIAddr().String(), n.APIToken())
-	res, err := cl.AddImage(t.Context(), node.ImportRequest{Source: full, Name: "secret", Lazy: true, Chunking: "fixed"})
+	cl := api.NewClient(n.APIAddr().String(), n.APIToken())
+	res, err := cl.AddImage(t.Context(), api.ImportRequest{Source: full, Name: "secret", Lazy: true, Chunking: "fixed"})
 	if err != nil {
 		t.Fatal(err)
 	}

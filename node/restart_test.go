@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/hot"
 )
 
@@ -43,7 +44,7 @@ func startStoppable(t *testing.T, cfg node.Config) (tn *testNode, stop func()) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("node not ready after 20s")
 	}
-	return &testNode{Node: n, dir: cfg.DataDir, client: node.NewClient(n.APIAddr().String(), n.APIToken())}, stop
+	return &testNode{Node: n, dir: cfg.DataDir, client: api.NewClient(n.APIAddr().String(), n.APIToken())}, stop
 }
 
 // TestHotTierSurvivesRestart: the hot tier filled by one daemon is the next
@@ -85,7 +86,7 @@ func TestHotTierSurvivesRestart(t *testing.T) {
 	}
 
 	a, stopA := startStoppable(t, cfg)
-	res := addImage(t, a, node.ImportRequest{Source: src, Name: "hot"})
+	res := addImage(t, a, api.ImportRequest{Source: src, Name: "hot"})
 	copyAndCheck(a, "a.raw")
 	if h := status(a); h.Bytes != res.NonZeroBytes {
 		t.Fatalf("first daemon: hot tier holds %d bytes, want %d", h.Bytes, res.NonZeroBytes)

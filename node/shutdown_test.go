@@ -15,6 +15,7 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/node/origin"
 )
@@ -66,7 +67,7 @@ func TestRunCancelsAndWaitsForImports(t *testing.T) {
 	}
 	added := make(chan error, 1)
 	go func() {
-		_, err := node.NewClient(n.APIAddr().String(), n.APIToken()).AddImage(context.Background(), node.ImportRequest{Source: origin.URL + "/slow.raw", Name: "slow"})
+		_, err := api.NewClient(n.APIAddr().String(), n.APIToken()).AddImage(context.Background(), api.ImportRequest{Source: origin.URL + "/slow.raw", Name: "slow"})
 		added <- err
 	}()
 	select {

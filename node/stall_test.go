@@ -12,6 +12,7 @@ import (
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 )
 
 // hangingOrigin serves data normally until hang is set; from then on it
@@ -82,8 +83,8 @@ func TestHangingOriginStallsNothingElse(t *testing.T) {
 		}
 	})
 
-	resA := addImage(t, tn, node.ImportRequest{Source: originA.URL + "/a.raw", Name: "a"})
-	addImage(t, tn, node.ImportRequest{Source: originB.URL + "/b.raw", Name: "b", Lazy: true})
+	resA := addImage(t, tn, api.ImportRequest{Source: originA.URL + "/a.raw", Name: "a"})
+	addImage(t, tn, api.ImportRequest{Source: originB.URL + "/b.raw", Name: "b", Lazy: true})
 	m, err := tn.Store().GetManifest(ctx, resA.Manifest)
 	if err != nil {
 		t.Fatal(err)

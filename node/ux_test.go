@@ -18,6 +18,7 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/p2p"
 )
 
@@ -39,7 +40,7 @@ func TestLazyAddRefusedWithoutRanges(t *testing.T) {
 	}))
 	t.Cleanup(srv.Close)
 	tn := startNode(t, node.Config{})
-	_, err := tn.client.AddImage(t.Context(), node.ImportRequest{Source: srv.URL + "/disk.raw", Name: "lazy", Lazy: true})
+	_, err := tn.client.AddImage(t.Context(), api.ImportRequest{Source: srv.URL + "/disk.raw", Name: "lazy", Lazy: true})
 	if err == nil {
 		t.Fatal("lazy add from a server without Range support was accepted")
 	}
@@ -51,7 +52,7 @@ func TestLazyAddRefusedWithoutRanges(t *testing.T) {
 	if imgs, err := tn.client.Images(t.Context()); err != nil || len(imgs) != 0 {
 		t.Fatalf("images after the refused add: %+v, %v", imgs, err)
 	}
-	res := addImage(t, tn, node.ImportRequest{Source: srv.URL + "/disk.raw", Name: "whole"})
+	res := addImage(t, tn, api.ImportRequest{Source: srv.URL + "/disk.raw", Name: "whole"})
 	if res.Size != int64(len(data)) {
 		t.Fatalf("whole import: size %d, want %d", res.Size, len(data))
 	}
@@ -122,9 +123,9 @@ func TestAddImageStreamsProgress(t *testing.T) {
 	rand.NewChaCha8([32]byte{9}).Read(data)
 	srv := slowOrigin(t, data, 20*time.Millisecond)
 	tn := startNode(t, node.Config{})
-	var seen []node.Progress
-	res, err := tn.client.AddImageProgress(t.Context(), node.ImportRequest{Source: srv.URL + "/slow.raw", Name: "slow"},
-		func(p node.Progress) { seen = append(seen, p) })
+	var seen []api.Progress
+	res, err := tn.client.AddImageProgress(t.Context(), api.ImportRequest{Source: srv.URL + "/slow.raw", Name: "slow"},
+		func(p api.Progress) { seen = append(seen, p) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,15 +166,15 @@ func TestAddImageStreamsProgress(t *testing.T) {
 		t.Fatalf("plain verify: Content-Type %q, %+v", ct, v)
 	}
 	// The store routes stream too.
-	var verified []node.Progress
-	vr, err := tn.client.StoreVerifyProgress(t.Context(), func(p node.Progress) { verified = append(verified, p) })
+	var verified []api.Progress
+	vr, err := tn.client.StoreVerifyProgress(t.Context(), func(p api.Progress) { verified = append(verified, p) })
 	if err != nil || vr.Chunks != v.Chunks || len(verified) == 0 {
 		t.Fatalf("streamed verify: %+v, %v, progress %+v", vr, err, verified)
 	}
 	if p := verified[len(verified)-1]; p.Unit != "chunks" || p.Done != int64(vr.Chunks) {
 		t.Fatalf("verify progress ends at %+v, want %d chunks", p, vr.Chunks)
 	}
-	if _, err := tn.client.StoreGCProgress(t.Context(), func(node.Progress) {}); err != nil {
+	if _, err := tn.client.StoreGCProgress(t.Context(), func(api.Progress) {}); err != nil {
 		t.Fatalf("streamed gc: %v", err)
 	}
 }
@@ -213,8 +214,8 @@ func TestClientGoneCancelsImport(t *testing.T) {
 	errc := make(chan error, 1)
 	var events atomic.Int64
 	go func() {
-		_, err := tn.client.AddImageProgress(ctx, node.ImportRequest{Source: srv.URL + "/big.raw", Name: "big"},
-			func(node.Progress) { events.Add(1) })
+		_, err := tn.client.AddImageProgress(ctx, api.ImportRequest{Source: srv.URL + "/big.raw", Name: "big"},
+			func(api.Progress) { events.Add(1) })
 		errc <- err
 	}()
 	select {

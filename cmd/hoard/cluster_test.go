@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/p2p"
 )
 
@@ -148,9 +148,9 @@ func (d *peerDaemon) kill() {
 	<-d.done
 }
 
-func (d *peerDaemon) status(t *testing.T) node.Status {
+func (d *peerDaemon) status(t *testing.T) api.Status {
 	t.Helper()
-	var s node.Status
+	var s api.Status
 	if err := json.Unmarshal([]byte(mustHoard(t, d.data, nil, "status", "--json")), &s); err != nil {
 		t.Fatal(err)
 	}

@@ -11,8 +11,9 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
-	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/importer"
+	"github.com/hoardvm/hoard/node/local"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/spf13/cobra"
 )
@@ -60,7 +61,7 @@ func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking s
 		return err
 	}
 	defer svc.Close()
-	req := node.ImportRequest{Source: source, Name: name, Chunking: chunking, Lazy: lazy, Pin: pin}
+	req := api.ImportRequest{Source: source, Name: name, Chunking: chunking, Lazy: lazy, Pin: pin}
 	if svc.Remote() {
 		req.Source = absSource(source)
 		if !jsonOut {
@@ -69,7 +70,7 @@ func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking s
 	}
 	label := name
 	if label == "" {
-		label = node.DefaultImageName(origin.Ref{Location: origin.Redact(source)})
+		label = local.DefaultName(origin.Ref{Location: origin.Redact(source)})
 	}
 	// Interrupting the command cancels the import, here or in the daemon.
 	p := newProgress("import "+label, "bytes")
@@ -116,7 +117,7 @@ func printImportResult(res *importer.Result, jsonOut bool) error {
 	return tw.Flush()
 }
 
-type imageRow = node.ImageInfo
+type imageRow = api.ImageInfo
 
 // listImages lists images from the store, or through the daemon that holds it.
 func (g *globalOptions) listImages(ctx context.Context) ([]imageRow, error) {
@@ -129,10 +130,10 @@ func (g *globalOptions) listImages(ctx context.Context) ([]imageRow, error) {
 }
 
 // inspectImage describes one image, from the store or through the daemon.
-func (g *globalOptions) inspectImage(ctx context.Context, name string, entries bool) (node.ImageDetail, error) {
+func (g *globalOptions) inspectImage(ctx context.Context, name string, entries bool) (api.ImageDetail, error) {
 	svc, err := g.images(ctx, false)
 	if err != nil {
-		return node.ImageDetail{}, err
+		return api.ImageDetail{}, err
 	}
 	defer svc.Close()
 	return svc.Inspect(ctx, name, entries)
@@ -277,7 +278,7 @@ func newImageRmCommand(g *globalOptions) *cobra.Command {
 				return err
 			}
 			defer svc.Close()
-			var out []node.RemoveResult
+			var out []api.RemoveResult
 			for _, name := range args {
 				r, err := svc.Remove(ctx, name)
 				if err != nil {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/spf13/cobra"
 )
 
@@ -81,12 +82,12 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 
 // statusWait asks the daemon for its status, retrying for up to wait while it
 // is not answering yet (starting up, or its data dir not written yet).
-func (g *globalOptions) statusWait(ctx context.Context, wait time.Duration) (*node.Status, error) {
+func (g *globalOptions) statusWait(ctx context.Context, wait time.Duration) (*api.Status, error) {
 	deadline := time.Now().Add(wait)
 	for {
 		cl, err := g.daemon(ctx)
 		if err == nil {
-			var s node.Status
+			var s api.Status
 			if s, err = cl.Status(ctx); err == nil {
 				return &s, nil
 			}
@@ -123,13 +124,13 @@ func (g *globalOptions) daemonAddr() string {
 }
 
 // daemon returns a client for a running daemon, or an error saying how to start one.
-func (g *globalOptions) daemon(ctx context.Context) (*node.Client, error) {
+func (g *globalOptions) daemon(ctx context.Context) (*api.Client, error) {
 	addr := g.daemonAddr()
 	token, err := g.apiToken(addr)
 	if err != nil {
 		return nil, err
 	}
-	cl := node.NewClient(addr, token)
+	cl := api.NewClient(addr, token)
 	if err := cl.Ping(ctx, 2*time.Second); err != nil {
 		return nil, fmt.Errorf("no hoard daemon answers at %s: start one with hoard daemon, or set HOARD_API to its api.listen address (%v)", addr, err)
 	}
@@ -177,11 +178,11 @@ func (g *globalOptions) apiToken(addr string) (string, error) {
 // opens the store, which must exist: a command that only reads or removes
 // must not leave an empty store in whatever directory it ran in. Exactly
 // one of the results is not nil.
-func (g *globalOptions) backend(ctx context.Context) (*chunkstore.Store, *node.Client, error) {
+func (g *globalOptions) backend(ctx context.Context) (*chunkstore.Store, *api.Client, error) {
 	return g.backendFor(ctx, false)
 }
 
-func (g *globalOptions) backendFor(ctx context.Context, create bool) (*chunkstore.Store, *node.Client, error) {
+func (g *globalOptions) backendFor(ctx context.Context, create bool) (*chunkstore.Store, *api.Client, error) {
 	if g.v.GetString("api") != "" {
 		cl, err := g.daemon(ctx)
 		return nil, cl, err

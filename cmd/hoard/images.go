@@ -4,8 +4,9 @@ import (
 	"context"
 
 	"github.com/hoardvm/hoard/chunkstore"
-	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/importer"
+	"github.com/hoardvm/hoard/node/local"
 	"github.com/hoardvm/hoard/node/origin"
 )
 
@@ -14,14 +15,14 @@ import (
 // on the data dir (localImages). Commands take one and never ask which.
 type imageService interface {
 	// Add imports an image; progress, if not nil, is called as it goes.
-	Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*importer.Result, error)
-	List(ctx context.Context) ([]node.ImageInfo, error)
-	Inspect(ctx context.Context, name string, entries bool) (node.ImageDetail, error)
-	Profile(ctx context.Context, name string) (node.ProfileInfo, error)
-	Remove(ctx context.Context, name string) (node.RemoveResult, error)
+	Add(ctx context.Context, req api.ImportRequest, progress func(api.Progress)) (*importer.Result, error)
+	List(ctx context.Context) ([]api.ImageInfo, error)
+	Inspect(ctx context.Context, name string, entries bool) (api.ImageDetail, error)
+	Profile(ctx context.Context, name string) (api.ProfileInfo, error)
+	Remove(ctx context.Context, name string) (api.RemoveResult, error)
 	Stats(ctx context.Context) (chunkstore.Stats, error)
-	Verify(ctx context.Context, progress func(node.Progress)) (chunkstore.VerifyResult, error)
-	GC(ctx context.Context, progress func(node.Progress)) (chunkstore.GCResult, error)
+	Verify(ctx context.Context, progress func(api.Progress)) (chunkstore.VerifyResult, error)
+	GC(ctx context.Context, progress func(api.Progress)) (chunkstore.GCResult, error)
 	// Remote reports whether a daemon does the work (for messages).
 	Remote() bool
 	Close() error
@@ -42,28 +43,28 @@ func (g *globalOptions) images(ctx context.Context, create bool) (imageService, 
 }
 
 // daemonImages is imageService over a daemon's admin API.
-type daemonImages struct{ cl *node.Client }
+type daemonImages struct{ cl *api.Client }
 
-func (d daemonImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*importer.Result, error) {
+func (d daemonImages) Add(ctx context.Context, req api.ImportRequest, progress func(api.Progress)) (*importer.Result, error) {
 	return d.cl.AddImageProgress(ctx, req, progress)
 }
-func (d daemonImages) List(ctx context.Context) ([]node.ImageInfo, error) { return d.cl.Images(ctx) }
-func (d daemonImages) Inspect(ctx context.Context, name string, entries bool) (node.ImageDetail, error) {
+func (d daemonImages) List(ctx context.Context) ([]api.ImageInfo, error) { return d.cl.Images(ctx) }
+func (d daemonImages) Inspect(ctx context.Context, name string, entries bool) (api.ImageDetail, error) {
 	return d.cl.Image(ctx, name, entries)
 }
-func (d daemonImages) Profile(ctx context.Context, name string) (node.ProfileInfo, error) {
+func (d daemonImages) Profile(ctx context.Context, name string) (api.ProfileInfo, error) {
 	return d.cl.Profile(ctx, name)
 }
-func (d daemonImages) Remove(ctx context.Context, name string) (node.RemoveResult, error) {
+func (d daemonImages) Remove(ctx context.Context, name string) (api.RemoveResult, error) {
 	return d.cl.RemoveImage(ctx, name)
 }
 func (d daemonImages) Stats(ctx context.Context) (chunkstore.Stats, error) {
 	return d.cl.StoreStats(ctx)
 }
-func (d daemonImages) Verify(ctx context.Context, progress func(node.Progress)) (chunkstore.VerifyResult, error) {
+func (d daemonImages) Verify(ctx context.Context, progress func(api.Progress)) (chunkstore.VerifyResult, error) {
 	return d.cl.StoreVerifyProgress(ctx, progress)
 }
-func (d daemonImages) GC(ctx context.Context, progress func(node.Progress)) (chunkstore.GCResult, error) {
+func (d daemonImages) GC(ctx context.Context, progress func(api.Progress)) (chunkstore.GCResult, error) {
 	return d.cl.StoreGCProgress(ctx, progress)
 }
 func (d daemonImages) Remote() bool { return true }
@@ -75,24 +76,24 @@ type localImages struct {
 	origins origin.Config
 }
 
-func (l localImages) Add(ctx context.Context, req node.ImportRequest, progress func(node.Progress)) (*importer.Result, error) {
+func (l localImages) Add(ctx context.Context, req api.ImportRequest, progress func(api.Progress)) (*importer.Result, error) {
 	var p func(done, total int64)
 	if progress != nil {
 		p = func(done, total int64) {
-			progress(node.Progress{Phase: "import", Unit: "bytes", Done: done, Total: total})
+			progress(api.Progress{Phase: "import", Unit: "bytes", Done: done, Total: total})
 		}
 	}
-	return node.AddImageTo(ctx, l.st, l.origins, req, p)
+	return local.Add(ctx, l.st, l.origins, req, p)
 }
 
-func (l localImages) List(ctx context.Context) ([]node.ImageInfo, error) {
+func (l localImages) List(ctx context.Context) ([]api.ImageInfo, error) {
 	names, err := l.st.Names(ctx)
 	if err != nil {
 		return nil, err
 	}
-	rows := []node.ImageInfo{}
+	rows := []api.ImageInfo{}
 	for _, n := range names {
-		r, _, err := node.DescribeImage(ctx, l.st, n)
+		r, _, err := local.Describe(ctx, l.st, n)
 		if err != nil {
 			return nil, err
 		}
@@ -101,39 +102,39 @@ func (l localImages) List(ctx context.Context) ([]node.ImageInfo, error) {
 	return rows, nil
 }
 
-func (l localImages) Inspect(ctx context.Context, name string, entries bool) (node.ImageDetail, error) {
+func (l localImages) Inspect(ctx context.Context, name string, entries bool) (api.ImageDetail, error) {
 	id, err := l.st.Resolve(ctx, name)
 	if err != nil {
-		return node.ImageDetail{}, err
+		return api.ImageDetail{}, err
 	}
-	r, m, err := node.DescribeImage(ctx, l.st, chunkstore.Named{Name: name, Manifest: id})
+	r, m, err := local.Describe(ctx, l.st, chunkstore.Named{Name: name, Manifest: id})
 	if err != nil {
-		return node.ImageDetail{}, err
+		return api.ImageDetail{}, err
 	}
-	out := node.ImageDetail{ImageInfo: r, Chunking: m.Chunking, Checksum: m.Source.Checksum}
+	out := api.ImageDetail{ImageInfo: r, Chunking: m.Chunking, Checksum: m.Source.Checksum}
 	if entries {
 		out.Entries = m.Entries
 	}
 	return out, nil
 }
 
-func (l localImages) Profile(ctx context.Context, name string) (node.ProfileInfo, error) {
-	return node.ProfileOf(ctx, l.st, name)
+func (l localImages) Profile(ctx context.Context, name string) (api.ProfileInfo, error) {
+	return local.Profile(ctx, l.st, name)
 }
-func (l localImages) Remove(ctx context.Context, name string) (node.RemoveResult, error) {
-	return node.RemoveImage(ctx, l.st, name)
+func (l localImages) Remove(ctx context.Context, name string) (api.RemoveResult, error) {
+	return local.Remove(ctx, l.st, name)
 }
 func (l localImages) Stats(ctx context.Context) (chunkstore.Stats, error) { return l.st.Stats(ctx) }
-func (l localImages) Verify(ctx context.Context, progress func(node.Progress)) (chunkstore.VerifyResult, error) {
+func (l localImages) Verify(ctx context.Context, progress func(api.Progress)) (chunkstore.VerifyResult, error) {
 	var report func(done, total int64)
 	if progress != nil {
 		report = func(done, total int64) {
-			progress(node.Progress{Phase: "verify", Unit: "chunks", Done: done, Total: total})
+			progress(api.Progress{Phase: "verify", Unit: "chunks", Done: done, Total: total})
 		}
 	}
 	return l.st.Verify(ctx, report)
 }
-func (l localImages) GC(ctx context.Context, _ func(node.Progress)) (chunkstore.GCResult, error) {
+func (l localImages) GC(ctx context.Context, _ func(api.Progress)) (chunkstore.GCResult, error) {
 	return l.st.GC(ctx)
 }
 func (l localImages) Remote() bool { return false }

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"golang.org/x/term"
 )
 
@@ -44,8 +44,8 @@ func (p *progress) interval() time.Duration {
 	return 5 * time.Second
 }
 
-// Report renders progress a daemon streamed (node.Client's callbacks).
-func (p *progress) Report(pr node.Progress) {
+// Report renders progress a daemon streamed (api.Client's callbacks).
+func (p *progress) Report(pr api.Progress) {
 	if pr.Unit == "" {
 		p.alive()
 		return

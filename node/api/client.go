@@ -1,4 +1,4 @@
-package node
+package api
 
 import (
 	"bytes"
@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/p2p"
 )
@@ -148,7 +149,7 @@ func (c *Client) stream(ctx context.Context, method, path string, in, out any, p
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		var e apiError
+		var e errorBody
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		if json.Unmarshal(b, &e) == nil && e.Error != "" {
 			return fmt.Errorf("%w: %s", ErrAPI, e.Error)
@@ -194,4 +195,34 @@ func (c *Client) readStream(body io.Reader, method, path string, out any, progre
 			progress(*ev.Progress)
 		}
 	}
+}
+
+// StoreStats returns GET /v1/store/stats.
+func (c *Client) StoreStats(ctx context.Context) (chunkstore.Stats, error) {
+	var s chunkstore.Stats
+	return s, c.do(ctx, http.MethodGet, "/v1/store/stats", nil, &s)
+}
+
+// StoreVerify returns POST /v1/store/verify.
+func (c *Client) StoreVerify(ctx context.Context) (chunkstore.VerifyResult, error) {
+	return c.StoreVerifyProgress(ctx, nil)
+}
+
+// StoreVerifyProgress is StoreVerify; progress, if not nil, is called with
+// the chunks checked of the total as the daemon reports them.
+func (c *Client) StoreVerifyProgress(ctx context.Context, progress func(Progress)) (chunkstore.VerifyResult, error) {
+	var v chunkstore.VerifyResult
+	return v, c.stream(ctx, http.MethodPost, "/v1/store/verify", nil, &v, progress)
+}
+
+// StoreGC returns POST /v1/store/gc.
+func (c *Client) StoreGC(ctx context.Context) (chunkstore.GCResult, error) {
+	return c.StoreGCProgress(ctx, nil)
+}
+
+// StoreGCProgress is StoreGC; progress, if not nil, is called every few
+// seconds while the daemon collects (without counts: Unit is empty).
+func (c *Client) StoreGCProgress(ctx context.Context, progress func(Progress)) (chunkstore.GCResult, error) {
+	var v chunkstore.GCResult
+	return v, c.stream(ctx, http.MethodPost, "/v1/store/gc", nil, &v, progress)
 }

@@ -1,4 +1,4 @@
-package node
+package api
 
 import (
 	"context"
@@ -18,31 +18,12 @@ import (
 // have had. Other clients get the plain JSON answer when the operation ends.
 // A client that goes away cancels the operation.
 
-// MediaNDJSON is the media type of a streamed answer.
-const MediaNDJSON = "application/x-ndjson"
-
-// Progress is how far a long operation is.
-type Progress struct {
-	Phase string `json:"phase"`          // import, pull, verify, gc
-	Unit  string `json:"unit,omitempty"` // bytes or chunks; empty: no count, only alive
-	Done  int64  `json:"done"`
-	Total int64  `json:"total"` // 0: not known (yet)
-}
-
-// StreamEvent is one line of a streamed answer: Progress, or, on the last
-// line, Result or Error.
-type StreamEvent struct {
-	Progress *Progress       `json:"progress,omitempty"`
-	Result   json.RawMessage `json:"result,omitempty"`
-	Error    string          `json:"error,omitempty"`
-	Status   int             `json:"status,omitempty"` // with Error: the HTTP status of a plain answer
-}
-
-// progressInterval is how often a streamed answer reports changed progress;
-// keepAliveInterval, how often it repeats unchanged progress.
-var (
-	progressInterval  = 250 * time.Millisecond
-	keepAliveInterval = 5 * time.Second
+// DefaultProgressInterval is how often a streamed answer reports changed
+// progress (Options.ProgressInterval); keepAliveInterval, how often it
+// repeats unchanged progress.
+const (
+	DefaultProgressInterval = 250 * time.Millisecond
+	keepAliveInterval       = 5 * time.Second
 )
 
 // wantsStream reports whether the client asked for a streamed answer.
@@ -54,7 +35,7 @@ func wantsStream(r *http.Request) bool {
 // progress when the client asked for it (see StreamEvent). op may call
 // report from any goroutine; unit says what it counts ("" if it never
 // calls it). op runs in a goroutine that answer waits for.
-func answer(w http.ResponseWriter, r *http.Request, phase, unit string, op func(ctx context.Context, report func(done, total int64)) (any, error)) {
+func answer(w http.ResponseWriter, r *http.Request, every time.Duration, phase, unit string, op func(ctx context.Context, report func(done, total int64)) (any, error)) {
 	if !wantsStream(r) {
 		v, err := op(r.Context(), func(int64, int64) {})
 		reply(w, v, err)
@@ -98,7 +79,7 @@ func answer(w http.ResponseWriter, r *http.Request, phase, unit string, op func(
 	p, lastSeq := snapshot()
 	ok := send(StreamEvent{Progress: &p}) // at once: the client sees the daemon took it
 	lastSent := time.Now()
-	tick := time.NewTicker(progressInterval)
+	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for ok {
 		select {
@@ -107,7 +88,7 @@ func answer(w http.ResponseWriter, r *http.Request, phase, unit string, op func(
 				return
 			}
 			if out.err != nil {
-				send(StreamEvent{Error: out.err.Error(), Status: errStatus(out.err)})
+				send(StreamEvent{Error: out.err.Error(), Status: StatusOf(out.err)})
 				return
 			}
 			b, err := json.Marshal(out.v)
