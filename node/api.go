@@ -19,7 +19,7 @@ func (n *Node) clusterStatus() *api.ClusterStatus {
 	if n.cl == nil {
 		return nil
 	}
-	p := n.cl.p
+	p := n.cl.Peer()
 	cs := &api.ClusterStatus{PeerID: p.ID().String(), Addrs: []string{}, Provided: p.Provided()}
 	for _, a := range p.Addrs() {
 		cs.Addrs = append(cs.Addrs, a.String())
@@ -118,7 +118,7 @@ func (n *Node) Peers(context.Context) ([]p2p.PeerInfo, error) {
 	if n.cl == nil {
 		return nil, api.ErrClusterOff
 	}
-	return n.cl.p.Peers(), nil
+	return n.cl.Peer().Peers(), nil
 }
 
 // StoreStats is the chunk store's statistics.

@@ -23,7 +23,7 @@ func (n *Node) Open(ctx context.Context, name string) (nbd.Export, error) {
 	if errors.Is(err, chunkstore.ErrNotFound) && n.cl != nil {
 		// An image this node never saw: ask the cluster.
 		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		id, err = n.cl.resolveRemote(rctx, name)
+		id, err = n.cl.Resolve(rctx, name)
 		cancel()
 		if err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
 			n.log.Info("cannot resolve export name through the cluster", "image", name, "err", err)

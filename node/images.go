@@ -115,7 +115,7 @@ func (n *Node) Pull(ctx context.Context, name string) (api.ImageInfo, error) {
 		return info, fmt.Errorf("image %q: %w here, and this node is not in a cluster (no swarm key at %s), so there is no peer to ask; %s",
 			name, chunkstore.ErrNotFound, n.cfg.P2P.SwarmKeyFile, join)
 	}
-	for _, p := range n.cl.p.Peers() {
+	for _, p := range n.cl.Peer().Peers() {
 		if p.Connected {
 			return info, err // peers were asked: their answer stands
 		}

@@ -17,6 +17,7 @@ import (
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/node/api"
+	"github.com/hoardvm/hoard/node/cluster"
 	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/prometheus/client_golang/prometheus"
@@ -40,7 +41,7 @@ type Node struct {
 	cfg     Config
 	log     *slog.Logger
 	baseLog *slog.Logger
-	cl      *cluster // nil: standalone; set by Run before ready
+	cl      *cluster.Cluster // nil: standalone; set by Run before ready
 
 	reg      prometheus.Registerer
 	gatherer prometheus.Gatherer
@@ -345,7 +346,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	g.Go(func() error { n.sweepImages(gctx); return nil })
 	if peer != nil {
 		g.Go(func() error { return peer.Run(gctx) })
-		g.Go(func() error { n.cl.advertiseAll(gctx); return nil })
+		g.Go(func() error { n.cl.Run(gctx); return nil })
 		addrs := make([]string, 0)
 		for _, a := range peer.Addrs() {
 			addrs = append(addrs, a.String())
@@ -406,7 +407,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	n.bg.Wait()
 	n.fetches.wait(n.log)
 	if peer != nil {
-		n.cl.stop()
+		n.cl.Stop()
 		if cerr := peer.Close(); cerr != nil {
 			n.log.Warn("close p2p", "err", cerr)
 		}

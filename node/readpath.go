@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/cluster"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/hoardvm/hoard/p2p"
 )
@@ -347,7 +348,7 @@ func (n *Node) fetch(img *image, idx int, why int) (f fetched, err error) {
 		start := time.Now()
 		fctx := pctx
 		if why == forPeer {
-			fctx = context.WithValue(pctx, designatedKey{}, true)
+			fctx = cluster.WithDesignated(pctx)
 		}
 		var b []byte
 		var st chunkstore.Stored

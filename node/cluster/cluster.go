@@ -1,4 +1,9 @@
-package node
+// Package cluster is a node's side of the p2p layer: it advertises the
+// node's images, resolves images the node has never seen, and fetches
+// missing chunks from peers (node.Fetcher) with cluster-wide origin
+// coalescing. It knows the store and the p2p peer, not the node: serving the
+// node's chunks to peers is the node's p2p.Backend.
+package cluster
 
 import (
 	"context"
@@ -7,20 +12,98 @@ import (
 	"log/slog"
 	"maps"
 	"math"
-	"os"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
-	"github.com/hoardvm/hoard/node/api"
-	"github.com/hoardvm/hoard/node/local"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
 )
+
+// Options configure a Cluster.
+type Options struct {
+	// ViewTTL is how long an image's peer view (have-bitmaps) is used before
+	// it is asked again.
+	ViewTTL time.Duration
+	// DesignatedTimeout bounds the wait for a chunk's designated fetcher.
+	DesignatedTimeout time.Duration
+	// OnFallback is called each time a designated fetcher did not deliver in
+	// time, so that the caller goes to the origin itself.
+	OnFallback func()
+	Log        *slog.Logger
+}
+
+// New is the cluster side of peer p over store st.
+func New(p *p2p.Peer, st *chunkstore.Store, o Options) *Cluster {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Cluster{p: p, st: st, o: o, log: o.Log, views: map[chunkstore.ID]*view{}, refreshing: map[chunkstore.ID]chan struct{}{}}
+}
+
+// Peer is the p2p peer.
+func (c *Cluster) Peer() *p2p.Peer { return c.p }
+
+// Run advertises every registered image, then keeps ctx for the
+// background work (view refreshes, shared resolves, advertisements) until
+// ctx is done.
+func (c *Cluster) Run(ctx context.Context) {
+	c.mu.Lock()
+	c.ctx = ctx
+	c.mu.Unlock()
+	c.advertiseAll(ctx)
+	<-ctx.Done()
+}
+
+// baseCtx is Run's context, nil before Run.
+func (c *Cluster) baseCtx() context.Context {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ctx
+}
+
+func (c *Cluster) baseCtxOr(def context.Context) context.Context {
+	if ctx := c.baseCtx(); ctx != nil {
+		return ctx
+	}
+	return def
+}
+
+// AdvertiseLater advertises name and id in the background, once Run
+// started; Stop waits for it.
+func (c *Cluster) AdvertiseLater(name string, id chunkstore.ID) {
+	c.mu.Lock()
+	ctx := c.ctx
+	if ctx == nil || c.closing {
+		c.mu.Unlock()
+		return
+	}
+	c.wg.Add(1)
+	c.mu.Unlock()
+	go func() {
+		defer c.wg.Done()
+		c.Advertise(ctx, name, id)
+	}()
+}
+
+// WithDesignated marks ctx as the context of a fetch this node runs as a
+// peer's designated fetcher: FetchStored then waits for views only briefly.
+func WithDesignated(ctx context.Context) context.Context {
+	return context.WithValue(ctx, designatedKey{}, true)
+}
+
+// Withdraw stops advertising name, and the manifest too when it is gone.
+func (c *Cluster) Withdraw(name string, id chunkstore.ID, manifestGone bool) {
+	if manifestGone {
+		c.p.Withdraw(id)
+	} else {
+		c.p.WithdrawName(name)
+	}
+}
 
 // maxViewPeers bounds how many peers are asked for their have-bitmap of an
 // image when its view is refreshed.
@@ -52,10 +135,12 @@ const (
 // read path; since the designated peer has the highest rendezvous score of
 // the asker's view, a request only ever moves to a higher score, so a chain
 // of askers whose views differ climbs towards the same peer and never loops.
-type cluster struct {
-	n   *Node
+type Cluster struct {
 	p   *p2p.Peer
+	st  *chunkstore.Store
+	o   Options
 	log *slog.Logger
+	ctx context.Context // Run's; nil before Run (under mu)
 
 	mu         sync.Mutex
 	views      map[chunkstore.ID]*view
@@ -77,7 +162,7 @@ type view struct {
 
 // putView stores v as manifest's view and drops views unused for viewIdle,
 // then the least recently used beyond maxViews. c.mu is held.
-func (c *cluster) putView(manifest chunkstore.ID, v *view, now time.Time) {
+func (c *Cluster) putView(manifest chunkstore.ID, v *view, now time.Time) {
 	if old := c.views[manifest]; old != nil && old.used.After(v.used) {
 		v.used = old.used
 	}
@@ -102,108 +187,28 @@ func (c *cluster) putView(manifest chunkstore.ID, v *view, now time.Time) {
 	}
 }
 
-// p2pEnabled reports whether the config asks for the cluster.
-func (c Config) p2pEnabled() (bool, error) {
-	if c.P2P.Host != nil || len(c.P2P.Listen) > 0 || len(c.P2P.Bootstrap) > 0 {
-		return true, nil
-	}
-	if _, err := os.Stat(c.P2P.SwarmKeyFile); err == nil {
-		return true, nil
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return false, fmt.Errorf("p2p.swarm_key_file %s: %w", c.P2P.SwarmKeyFile, err)
-	}
-	return false, nil
-}
-
-// startP2P builds the node's p2p peer; Run runs and closes it.
-func (n *Node) startP2P(ctx context.Context) (*p2p.Peer, error) {
-	cfg := n.cfg
-	st := n.store
-	opts := []p2p.Option{
-		p2p.WithLogger(n.baseLog),
-		p2p.WithRegisterer(n.reg),
-		p2p.WithUploadLimit(cfg.P2P.UploadLimit),
-		p2p.WithBackend(backend{n}),
-		p2p.WithVerify(func(id chunkstore.ID, s chunkstore.Stored) ([]byte, error) {
-			b, err := st.Decode(s)
-			if err != nil {
-				return nil, err
-			}
-			if !id.Verify(b) {
-				return nil, chunkstore.ErrMismatch
-			}
-			return b, nil
-		}),
-	}
-	if len(cfg.P2P.Bootstrap) > 0 {
-		opts = append(opts, p2p.WithBootstrap(cfg.P2P.Bootstrap))
-	}
-	if cfg.P2P.Host != nil {
-		opts = append(opts, p2p.WithHost(cfg.P2P.Host))
-	} else {
-		if len(cfg.P2P.Listen) > 0 {
-			opts = append(opts, p2p.WithListenAddrs(cfg.P2P.Listen))
-		}
-		if _, err := os.Stat(cfg.P2P.SwarmKeyFile); err != nil {
-			return nil, fmt.Errorf("p2p: no swarm key at %s: create one with hoard cluster keygen %s (and copy it to every node), or set p2p.swarm_key_file", cfg.P2P.SwarmKeyFile, cfg.P2P.SwarmKeyFile)
-		}
-		opts = append(opts,
-			p2p.WithSwarmKeyFile(cfg.P2P.SwarmKeyFile),
-			p2p.WithIdentityFile(cfg.DataDir+"/identity.key"),
-			p2p.WithDataDir(cfg.DataDir))
-		if len(cfg.P2P.AllowList) > 0 {
-			ids := make([]peer.ID, 0, len(cfg.P2P.AllowList))
-			for _, s := range cfg.P2P.AllowList {
-				id, err := peer.Decode(s)
-				if err != nil {
-					return nil, fmt.Errorf("p2p.allow: %q is not a peer ID: %w", s, err)
-				}
-				ids = append(ids, id)
-			}
-			opts = append(opts, p2p.WithAllowList(ids))
-		}
-	}
-	opts = append(opts, cfg.P2P.Options...)
-	p, err := p2p.New(ctx, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("p2p: %w", err)
-	}
-	n.cl = &cluster{n: n, p: p, log: n.log.With("component", "cluster"), views: map[chunkstore.ID]*view{},
-		refreshing: map[chunkstore.ID]chan struct{}{}}
-	return p, nil
-}
-
-// P2P returns the node's p2p peer, nil when the cluster is off; valid once
-// Ready is closed.
-func (n *Node) P2P() *p2p.Peer {
-	if n.cl == nil {
-		return nil
-	}
-	return n.cl.p
-}
-
 // advertiseAll announces every registered image.
-func (c *cluster) advertiseAll(ctx context.Context) {
-	names, err := c.n.store.Names(ctx)
+func (c *Cluster) advertiseAll(ctx context.Context) {
+	names, err := c.st.Names(ctx)
 	if err != nil {
 		c.log.Warn("cannot list images to advertise", "err", err)
 		return
 	}
 	for _, nm := range names {
-		c.advertise(ctx, nm.Name, nm.Manifest)
+		c.Advertise(ctx, nm.Name, nm.Manifest)
 	}
 }
 
-// advertise announces that this node holds image id under name (and its
+// Advertise announces that this node holds image id under name (and its
 // Glance ID). Announcements that fail are kept and retried by p2p.
-func (c *cluster) advertise(ctx context.Context, name string, id chunkstore.ID) {
+func (c *Cluster) Advertise(ctx context.Context, name string, id chunkstore.ID) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := c.p.Provide(ctx, id); err != nil {
 		c.log.Debug("advertise image", "image", name, "err", err)
 	}
 	names := []string{name}
-	if m, err := c.n.store.GetManifest(ctx, id); err == nil && m.Source.Kind == "glance" && m.Source.Location != name {
+	if m, err := c.st.GetManifest(ctx, id); err == nil && m.Source.Kind == "glance" && m.Source.Location != name {
 		names = append(names, m.Source.Location)
 	}
 	for _, nm := range names {
@@ -216,42 +221,18 @@ func (c *cluster) advertise(ctx context.Context, name string, id chunkstore.ID) 
 	}
 }
 
-// advertiseLater advertises in the background (owned by the node's bg group).
-func (n *Node) advertiseLater(name string, id chunkstore.ID) {
-	if n.cl == nil || n.runCtx == nil {
-		return
-	}
-	n.bg.Add(1)
-	go func() {
-		defer n.bg.Done()
-		n.cl.advertise(n.runCtx, name, id)
-	}()
-}
-
-// withdraw stops advertising name, and the manifest when it is gone.
-func (n *Node) withdraw(name string, id chunkstore.ID, manifestGone bool) {
-	if n.cl == nil {
-		return
-	}
-	if manifestGone {
-		n.cl.p.Withdraw(id)
-	} else {
-		n.cl.p.WithdrawName(name)
-	}
-}
-
 // peerView returns the have-bitmaps of the peers serving manifest. Views older
 // than Config.P2P.ViewTTL are refreshed in the background while the old one is
 // used; only the first view of an image is waited for, at most maxWait (a
 // designated fetcher waits less: its askers are on a timer).
-func (c *cluster) peerView(ctx context.Context, manifest chunkstore.ID, maxWait time.Duration) *view {
+func (c *Cluster) peerView(ctx context.Context, manifest chunkstore.ID, maxWait time.Duration) *view {
 	c.mu.Lock()
 	v := c.views[manifest]
 	if v != nil {
 		v.used = time.Now()
 	}
 	c.mu.Unlock()
-	if v != nil && time.Since(v.at) < c.n.cfg.P2P.ViewTTL {
+	if v != nil && time.Since(v.at) < c.o.ViewTTL {
 		return v
 	}
 	done := c.startRefresh(manifest)
@@ -281,7 +262,7 @@ func (c *cluster) peerView(ctx context.Context, manifest chunkstore.ID, maxWait 
 // is under way; the returned channel is closed when a view is there: the
 // complete one, or a partial one viewGrace after the first peer answered
 // (nil once the cluster is closing). stop waits for refreshes.
-func (c *cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
+func (c *Cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if ch, ok := c.refreshing[manifest]; ok {
@@ -298,7 +279,7 @@ func (c *cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
 		defer c.wg.Done()
 		var once sync.Once
 		published := func() { once.Do(func() { close(ch) }) }
-		nv := c.refresh(c.n.runCtx, manifest, func(partial *view) {
+		nv := c.refresh(c.baseCtxOr(context.Background()), manifest, func(partial *view) {
 			partial.complete = complete
 			c.mu.Lock()
 			if c.views[manifest] == nil { // a first view only: never replace a complete one
@@ -319,7 +300,7 @@ func (c *cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
 
 // completeView waits (at most maxWait) for the complete view when v is
 // partial, and returns the view to use.
-func (c *cluster) completeView(ctx context.Context, manifest chunkstore.ID, v *view, maxWait time.Duration) *view {
+func (c *Cluster) completeView(ctx context.Context, manifest chunkstore.ID, v *view, maxWait time.Duration) *view {
 	if v.complete == nil {
 		return v
 	}
@@ -338,8 +319,8 @@ func (c *cluster) completeView(ctx context.Context, manifest chunkstore.ID, v *v
 	return v
 }
 
-// stop waits for background view refreshes; none starts afterwards.
-func (c *cluster) stop() {
+// Stop waits for background view refreshes; none starts afterwards.
+func (c *Cluster) Stop() {
 	c.mu.Lock()
 	c.closing = true
 	c.mu.Unlock()
@@ -350,7 +331,7 @@ func (c *cluster) stop() {
 // first) for their have-bitmaps. viewGrace after the first peer that holds
 // some of the image answered, partial is called (at most once, and only
 // while peers are still being waited for) with a copy of the view so far.
-func (c *cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial func(*view)) *view {
+func (c *Cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial func(*view)) *view {
 	self := c.p.ID()
 	seen := map[peer.ID]bool{self: true}
 	var cands []peer.ID
@@ -437,7 +418,7 @@ func (c *cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial f
 // chunk; else from the chunk's designated fetcher (which may go to the
 // origin) within Config.P2P.DesignatedTimeout; else ErrNotFound, and the
 // caller goes to the origin itself.
-func (c *cluster) Fetch(ctx context.Context, manifest chunkstore.ID, index int, id chunkstore.ID) ([]byte, error) {
+func (c *Cluster) Fetch(ctx context.Context, manifest chunkstore.ID, index int, id chunkstore.ID) ([]byte, error) {
 	b, _, err := c.FetchStored(ctx, manifest, index, id)
 	return b, err
 }
@@ -445,11 +426,11 @@ func (c *cluster) Fetch(ctx context.Context, manifest chunkstore.ID, index int, 
 // FetchStored is Fetch that also returns the chunk as the peer sent it
 // (compressed), to be stored as is. The p2p layer has verified it: decoded,
 // and hashed against id.
-func (c *cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index int, id chunkstore.ID) ([]byte, chunkstore.Stored, error) {
+func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index int, id chunkstore.ID) ([]byte, chunkstore.Stored, error) {
 	designated := ctx.Value(designatedKey{}) != nil
 	maxWait := time.Duration(math.MaxInt64)
 	if designated {
-		maxWait = c.n.cfg.P2P.DesignatedTimeout / 2
+		maxWait = c.o.DesignatedTimeout / 2
 	}
 	v := c.peerView(ctx, manifest, maxWait)
 	want := []p2p.Want{{Index: index, ID: id}}
@@ -505,7 +486,7 @@ func (c *cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	if d == c.p.ID() {
 		return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: this node is its designated fetcher: %w", id, chunkstore.ErrNotFound)
 	}
-	dctx, cancel := context.WithTimeout(ctx, c.n.cfg.P2P.DesignatedTimeout)
+	dctx, cancel := context.WithTimeout(ctx, c.o.DesignatedTimeout)
 	defer cancel()
 	_, err := c.p.Fetch(dctx, d, manifest, want, true, keep)
 	if got != nil {
@@ -514,7 +495,9 @@ func (c *cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	if ctx.Err() != nil {
 		return nil, chunkstore.Stored{}, ctx.Err()
 	}
-	c.n.stats.designatedFallbacks.Add(1)
+	if c.o.OnFallback != nil {
+		c.o.OnFallback()
+	}
 	c.log.Debug("designated fetcher did not deliver; going to the origin", "chunk_id", id.String(), "peer_id", d.String(), "err", err)
 	return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: designated fetcher %s did not deliver (%v): %w", id, d, err, chunkstore.ErrNotFound)
 }
@@ -523,13 +506,13 @@ func (c *cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 // designated fetcher.
 type designatedKey struct{}
 
-// resolveRemote registers an image this node has never seen, by name or
+// Resolve registers an image this node has never seen, by name or
 // manifest CID: the name is resolved through the DHT, the manifest fetched
 // from a provider (verified by CID), stored and named, and advertised.
 // Concurrent callers for one name share one resolution, which runs on a
 // context of its own (the node's, bounded by resolveTimeout): a caller that
 // gives up stops waiting without failing the others.
-func (c *cluster) resolveRemote(ctx context.Context, name string) (chunkstore.ID, error) {
+func (c *Cluster) Resolve(ctx context.Context, name string) (chunkstore.ID, error) {
 	ch := c.sf.DoChan("name:"+name, func() (any, error) {
 		c.mu.Lock()
 		if c.closing {
@@ -539,7 +522,7 @@ func (c *cluster) resolveRemote(ctx context.Context, name string) (chunkstore.ID
 		c.wg.Add(1)
 		c.mu.Unlock()
 		defer c.wg.Done()
-		base := c.n.runCtx
+		base := c.baseCtx()
 		if base == nil {
 			base = context.WithoutCancel(ctx)
 		}
@@ -558,9 +541,9 @@ func (c *cluster) resolveRemote(ctx context.Context, name string) (chunkstore.ID
 	}
 }
 
-// resolveShared is resolveRemote's shared work.
-func (c *cluster) resolveShared(ctx context.Context, name string) (any, error) {
-	if id, err := c.n.store.Resolve(ctx, name); err == nil {
+// resolveShared is Resolve's shared work.
+func (c *Cluster) resolveShared(ctx context.Context, name string) (any, error) {
+	if id, err := c.st.Resolve(ctx, name); err == nil {
 		return id, nil
 	}
 	var id chunkstore.ID
@@ -594,7 +577,7 @@ func (c *cluster) resolveShared(ctx context.Context, name string) (any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("image %q: manifest from peers: %w", name, err)
 	}
-	got, err := c.n.store.PutManifest(ctx, m)
+	got, err := c.st.PutManifest(ctx, m)
 	if err != nil {
 		return nil, err
 	}
@@ -604,150 +587,10 @@ func (c *cluster) resolveShared(ctx context.Context, name string) (any, error) {
 	regName := name
 	if byID {
 		regName = id.String()
-	} else if err := c.n.store.SetName(ctx, name, id); err != nil {
+	} else if err := c.st.SetName(ctx, name, id); err != nil {
 		return nil, err
 	}
 	c.log.Info("image registered from peers", "image", name, "manifest", id.String(), "size", m.Size, "from_peers", len(provs))
-	c.n.advertiseLater(regName, id)
+	c.AdvertiseLater(regName, id)
 	return id, nil
-}
-
-// PullImage registers an image known to the cluster by name (or manifest CID)
-// without fetching its chunks.
-func (n *Node) PullImage(ctx context.Context, name string) (api.ImageInfo, error) {
-	if _, err := n.store.Resolve(ctx, name); err != nil {
-		if n.cl == nil {
-			return api.ImageInfo{}, fmt.Errorf("image %q is not here and the cluster is off (no swarm key): %w", name, err)
-		}
-		if _, err := n.cl.resolveRemote(ctx, name); err != nil {
-			return api.ImageInfo{}, err
-		}
-	}
-	id, err := n.store.Resolve(ctx, name)
-	if err != nil {
-		return api.ImageInfo{}, err
-	}
-	info, _, err := local.Describe(ctx, n.store, chunkstore.Named{Name: name, Manifest: id})
-	return info, err
-}
-
-// backend serves the node's store to peers (p2p.Backend).
-type backend struct{ n *Node }
-
-// wait holds a peer's request until the node is ready (p2p starts serving
-// just before).
-func (b backend) wait(ctx context.Context) error {
-	select {
-	case <-b.n.ready:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-func (b backend) Manifest(ctx context.Context, id chunkstore.ID) ([]byte, error) {
-	if err := b.wait(ctx); err != nil {
-		return nil, err
-	}
-	return b.n.store.GetManifestBytes(ctx, id)
-}
-
-func (b backend) Have(ctx context.Context, manifest chunkstore.ID) ([]byte, error) {
-	if err := b.wait(ctx); err != nil {
-		return nil, err
-	}
-	img, err := b.n.image(ctx, manifest)
-	if err != nil {
-		return nil, err
-	}
-	return b.n.haveBitmap(ctx, img), nil
-}
-
-func (b backend) Chunk(ctx context.Context, manifest chunkstore.ID, index int, fetch bool) (chunkstore.Stored, error) {
-	n := b.n
-	if err := b.wait(ctx); err != nil {
-		return chunkstore.Stored{}, err
-	}
-	img, err := n.image(ctx, manifest)
-	if err != nil {
-		return chunkstore.Stored{}, err
-	}
-	if index < 0 || index >= len(img.m.Entries) || img.m.Entries[index].Zero {
-		return chunkstore.Stored{}, fmt.Errorf("entry %d of %s: %w", index, manifest, chunkstore.ErrNotFound)
-	}
-	e := img.m.Entries[index]
-	st, err := n.store.GetStored(ctx, e.ID)
-	if err == nil || !fetch {
-		return st, err
-	}
-	// Designated fetcher: this node's own read path (peers that hold it,
-	// a higher-ranked designated peer, or the origin), single-flight per chunk.
-	raw, _, err := n.chunk(ctx, img, index, forPeer)
-	if err != nil {
-		return chunkstore.Stored{}, err
-	}
-	if st, err := n.store.GetStored(ctx, e.ID); err == nil {
-		return st, nil
-	}
-	return chunkstore.Stored{Codec: chunkstore.CodecRaw, RawLen: len(raw), Payload: raw}, nil
-}
-
-// haveBitmap returns which entries of img are in the local store, from a
-// cache refreshed every 30 s and updated as chunks are fetched. The store scan
-// runs without haveMu, so markHave (after every fetch) never waits for it;
-// marks made during a scan are added to its result. One scan at a time: other
-// callers wait for it (or their ctx) and share its result.
-func (n *Node) haveBitmap(ctx context.Context, img *image) p2p.Bitmap {
-	img.haveMu.Lock()
-	for img.have == nil || time.Since(img.haveAt) > 30*time.Second {
-		if scan := img.haveScan; scan != nil {
-			stale := img.have
-			img.haveMu.Unlock()
-			select {
-			case <-scan:
-			case <-ctx.Done():
-				return p2p.Bitmap(slices.Clone(stale))
-			}
-			img.haveMu.Lock()
-			continue
-		}
-		scan := make(chan struct{})
-		img.haveScan, img.haveMarks = scan, nil
-		img.haveMu.Unlock()
-		bm := p2p.NewBitmap(len(img.m.Entries))
-		for i, e := range img.m.Entries {
-			if e.Zero {
-				continue
-			}
-			if ok, _ := n.store.Has(ctx, e.ID); ok {
-				bm.Set(i)
-			}
-		}
-		img.haveMu.Lock()
-		for _, i := range img.haveMarks {
-			bm.Set(i)
-		}
-		img.haveScan, img.haveMarks = nil, nil
-		close(scan)
-		if ctx.Err() != nil { // an interrupted scan is incomplete: not cached
-			img.haveMu.Unlock()
-			return bm
-		}
-		img.have, img.haveAt = bm, time.Now()
-	}
-	out := p2p.Bitmap(slices.Clone(img.have))
-	img.haveMu.Unlock()
-	return out
-}
-
-// markHave records in img's cached bitmap that entry idx is now stored.
-func (img *image) markHave(idx int) {
-	img.haveMu.Lock()
-	defer img.haveMu.Unlock()
-	if img.have != nil {
-		img.have.Set(idx)
-	}
-	if img.haveScan != nil {
-		img.haveMarks = append(img.haveMarks, idx)
-	}
 }
