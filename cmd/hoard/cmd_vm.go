@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/hoardvm/hoard/node"
 	"github.com/spf13/cobra"
 )
 
@@ -45,17 +44,17 @@ I/O error instead (virsh resume DOMAIN once the daemon is back).`,
 			if err != nil {
 				return err
 			}
-			if err := node.CreateOverlay(ctx, args[0], format, sock, path); err != nil {
+			if err := CreateOverlay(ctx, args[0], format, sock, path); err != nil {
 				return err
 			}
 			if libvirt {
-				fmt.Print(node.LibvirtDisk(args[0], format, sock, path))
+				fmt.Print(LibvirtDisk(args[0], format, sock, path))
 				fmt.Fprintf(os.Stderr, "created %s; libvirt has no NBD reconnect, so the disk pauses the guest on an I/O error\n"+
 					"(error_policy=stop): if the hoard daemon restarts under a running guest, resume it with `virsh resume DOMAIN`\n", path)
 				return nil
 			}
-			fmt.Fprintf(os.Stderr, "created %s (backing: %s, format %s)\nstart a VM on it with:\n", path, node.NBDURI(args[0], sock), format)
-			fmt.Println(node.QemuCommand(path))
+			fmt.Fprintf(os.Stderr, "created %s (backing: %s, format %s)\nstart a VM on it with:\n", path, NBDURI(args[0], sock), format)
+			fmt.Println(QemuCommand(path))
 			return nil
 		},
 	}

@@ -1,4 +1,4 @@
-package node_test
+package main
 
 import (
 	"bytes"
@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/nbd"
-	"github.com/hoardvm/hoard/node"
 )
 
 // patternExports serves one export, "img", of size bytes of 0x5a, and reports
@@ -90,10 +89,10 @@ func TestOverlaySurvivesServerRestart(t *testing.T) {
 	stop := serveNBD(t, exp, sock)
 
 	ov := filepath.Join(dir, "vm.qcow2")
-	if err := node.CreateOverlay(t.Context(), "img", "raw", sock, ov); err != nil {
+	if err := CreateOverlay(t.Context(), "img", "raw", sock, ov); err != nil {
 		t.Fatal(err)
 	}
-	info := run(t, "qemu-img", "info", ov)
+	info := runTool(t, "qemu-img", "info", ov)
 	if !strings.Contains(info, `"reconnect-delay"`) || !strings.Contains(info, "backing file format: raw") {
 		t.Fatalf("qemu-img info does not show a reconnecting raw backing:\n%s", info)
 	}
@@ -125,4 +124,24 @@ func TestOverlaySurvivesServerRestart(t *testing.T) {
 	if err != nil || strings.Contains(o, "failed") || strings.Count(o, "read 65536/65536") != 2 {
 		t.Fatalf("qemu-io across a server restart: %v\n%s", err, o)
 	}
+}
+
+// needTool returns the path of a tool the test needs, or skips the test.
+func needTool(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		t.Skipf("%s not installed (scripts/install-test-deps.sh installs it): %v", name, err)
+	}
+	return p
+}
+
+// runTool runs a tool the test needs and returns its output.
+func runTool(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.CommandContext(t.Context(), needTool(t, name), args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
 }
