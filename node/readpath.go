@@ -1,7 +1,6 @@
 package node
 
 import (
-	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -507,64 +506,4 @@ func (n *Node) keep(ctx context.Context, id chunkstore.ID, b []byte) {
 		n.log.Warn("cannot store fetched chunk; serving it anyway", "chunk_id", id.String(), "err", err)
 	}
 	n.cache.add(id, b)
-}
-
-// memCache is a byte-bounded LRU of verified, uncompressed chunks.
-type memCache struct {
-	max int64
-
-	mu   sync.Mutex
-	size int64
-	ll   *list.List
-	m    map[chunkstore.ID]*list.Element
-}
-
-type memEntry struct {
-	id chunkstore.ID
-	b  []byte
-}
-
-func newMemCache(max int64) *memCache {
-	return &memCache{max: max, ll: list.New(), m: make(map[chunkstore.ID]*list.Element)}
-}
-
-func (c *memCache) get(id chunkstore.ID) ([]byte, bool) {
-	if c.max <= 0 {
-		return nil, false
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if el, ok := c.m[id]; ok {
-		c.ll.MoveToFront(el)
-		return el.Value.(*memEntry).b, true
-	}
-	return nil, false
-}
-
-func (c *memCache) has(id chunkstore.ID) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	_, ok := c.m[id]
-	return ok
-}
-
-func (c *memCache) add(id chunkstore.ID, b []byte) {
-	if c.max <= 0 || int64(len(b)) > c.max {
-		return
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if el, ok := c.m[id]; ok {
-		c.ll.MoveToFront(el)
-		return
-	}
-	c.m[id] = c.ll.PushFront(&memEntry{id, b})
-	c.size += int64(len(b))
-	for c.size > c.max {
-		el := c.ll.Back()
-		e := el.Value.(*memEntry)
-		c.ll.Remove(el)
-		delete(c.m, e.id)
-		c.size -= int64(len(e.b))
-	}
 }
