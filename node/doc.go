@@ -3,12 +3,30 @@
 // store -> peers -> origin), learns boot profiles, and answers the admin HTTP
 // API.
 //
+// # Rooms
+//
+// The daemon core (this package: lifecycle, exports, read path, profiles,
+// metrics, the p2p.Backend it serves peers from) wires rooms that each hold
+// one concern, with arrows one way (cmd/hoard's TestLayering keeps them):
+//
+//	node ──> cluster   views of peers, designated fetcher, advertising, remote resolve  ──> p2p
+//	     ──> api       wire types, the HTTP handler over api.Service (*Node), the Go client
+//	     ──> local     add / describe / remove / profile on a store this process holds ──> api, importer
+//	     ──> importer  the import pipeline (split, hash, compress, commit)             ──> origin
+//	     ──> hot       the hot tier: decoded chunks in sparse raw files, CRC-checked
+//	     ──> origin    file, HTTP range and Glance sources
+//
+// The CLI uses api.Client against a daemon and package local on a data dir
+// no daemon holds: one image service, two implementations. None of the rooms
+// imports node; cluster consumes only the store and the p2p peer, and the
+// read path consumes cluster through the small Fetcher interface.
+//
 // # Read path
 //
 // An NBD read is mapped to manifest entries by binary search. Zero entries
 // read as zeroes and are reported as holes. For each data chunk: the
 // in-memory cache of verified chunks, then the local store, then (one fetch
-// per chunk ID however many readers wait: singleflight) the [Fetcher] (peers)
+// per chunk ID however many readers wait: singleflight) the [Fetcher] (peers: package cluster)
 // if any, then the origin: a range read of exactly the chunk's span
 // [Offset, Offset+Length) from the image's recorded source, bounded by
 // Config.OriginTimeout and Config.OriginConcurrency. Bytes from anywhere but
@@ -87,5 +105,5 @@
 //	POST   /v1/images/{name}/pull       register an image a peer has, lazily
 //	GET    /v1/peers                    the p2p peers (409 when the cluster is off)
 //
-// [Client] is the Go client the CLI uses.
+// api.Client is the Go client the CLI uses.
 package node

@@ -9,16 +9,25 @@ import (
 // TestLayering keeps DESIGN.md's dependency direction true:
 // cmd -> node -> {p2p, nbd, planner} -> chunkstore; nbd and chunkstore import
 // nothing of ours; p2p, nbd and planner never import one another; nothing
-// imports cmd or node (except cmd).
+// imports cmd or node (except cmd). Inside node (node/doc.go draws it), the
+// rooms point one way: node -> {cluster, api, local, importer, hot, origin};
+// local -> {api, importer, origin}; api -> {importer, hot, origin, p2p types};
+// cluster -> p2p; importer -> origin; hot and origin import nothing of ours
+// but chunkstore.
 func TestLayering(t *testing.T) {
 	t.Parallel()
 	const mod = "github.com/hoardvm/hoard/"
 	rules := map[string][]string{ // package -> ours it may import (transitively)
-		"chunkstore":  {},
-		"nbd":         {},
-		"planner":     {"chunkstore"},
-		"p2p":         {"chunkstore"},
-		"node/origin": {},
+		"chunkstore":    {},
+		"nbd":           {},
+		"planner":       {"chunkstore"},
+		"p2p":           {"chunkstore"},
+		"node/origin":   {},
+		"node/hot":      {"chunkstore"},
+		"node/importer": {"chunkstore", "node/origin"},
+		"node/cluster":  {"chunkstore", "p2p"},
+		"node/api":      {"chunkstore", "node/importer", "node/origin", "node/hot", "p2p"},
+		"node/local":    {"chunkstore", "node/api", "node/importer", "node/origin", "node/hot", "p2p"},
 	}
 	for pkg, allowed := range rules {
 		out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", "../../"+pkg).CombinedOutput()
