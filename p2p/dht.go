@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cenkalti/backoff/v5"
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/crypto"
@@ -355,7 +356,9 @@ func (p *Peer) bootstrapLoop(ctx context.Context) {
 		<-ctx.Done()
 		return
 	}
-	backoff := time.Second
+	// Failed joins are retried after 1 s, doubling up to a minute (jittered,
+	// so that nodes started together do not retry in step).
+	bo := &backoff.ExponentialBackOff{InitialInterval: time.Second, RandomizationFactor: 0.2, Multiplier: 2, MaxInterval: time.Minute}
 	for {
 		err := p.Bootstrap(ctx)
 		if ctx.Err() != nil {
@@ -363,10 +366,10 @@ func (p *Peer) bootstrapLoop(ctx context.Context) {
 		}
 		wait := 5 * time.Minute
 		if err != nil {
-			p.log.Warn("cannot join the cluster yet; retrying", "err", err, "retry_in", backoff.String())
-			wait, backoff = backoff, min(backoff*2, time.Minute)
+			wait = bo.NextBackOff()
+			p.log.Warn("cannot join the cluster yet; retrying", "err", err, "retry_in", wait.Round(time.Millisecond).String())
 		} else {
-			backoff = time.Second
+			bo.Reset()
 			select {
 			case p.kick <- struct{}{}:
 			default:

@@ -6,12 +6,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/cenkalti/backoff/v5"
 )
 
 // Sentinel errors; check them with errors.Is.
@@ -254,9 +255,10 @@ func (e *exhaustedError) Unwrap() []error {
 func (s *settings) retry(ctx context.Context, fn func() error) error {
 	attempts := s.Retries + 1
 	var last *transientError
+	bo := s.backoff()
 	for i := range attempts {
 		if i > 0 {
-			d := s.backoff(i)
+			d := bo.NextBackOff()
 			if last.retryAfter > d {
 				d = min(last.retryAfter, maxRetryAfter)
 			}
@@ -280,13 +282,10 @@ func (s *settings) retry(ctx context.Context, fn func() error) error {
 	return &exhaustedError{last: last, attempts: attempts}
 }
 
-// backoff returns the delay before retry n (n >= 1): RetryBase * 2^(n-1), half of it jittered.
-func (s *settings) backoff(n int) time.Duration {
-	d := s.RetryBase << (n - 1)
-	if d <= 0 || d > maxBackoff {
-		d = maxBackoff
-	}
-	return d/2 + rand.N(d/2+1)
+// backoff is the delays between attempts (cenkalti/backoff): RetryBase,
+// doubling up to maxBackoff, each jittered by ±50%.
+func (s *settings) backoff() *backoff.ExponentialBackOff {
+	return &backoff.ExponentialBackOff{InitialInterval: s.RetryBase, RandomizationFactor: 0.5, Multiplier: 2, MaxInterval: maxBackoff}
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

@@ -11,6 +11,9 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
 )
 
 // parseChecksum splits "algo:hex" and returns a hash for it. It returns a nil hash for ""
@@ -60,7 +63,8 @@ type stream struct {
 
 	body  io.ReadCloser
 	pos   int64
-	fails int // consecutive resumes without progress
+	fails int                         // consecutive resumes without progress
+	bo    *backoff.ExponentialBackOff // delays between those resumes; reset on progress
 	err   error
 }
 
@@ -117,7 +121,7 @@ func (s *stream) Read(p []byte) (int, error) {
 		}
 		s.fails++
 		s.st.log.Warn("origin stream interrupted; resuming", "source", s.name, "at", s.pos, "size", s.size, "err", err, "attempt", s.fails)
-		if err := sleep(s.ctx, s.st.backoff(s.fails)); err != nil {
+		if err := sleep(s.ctx, s.nextBackoff()); err != nil {
 			return n, s.fail(fmt.Errorf("stream %s: stopped at byte %d of %d: %w", s.name, s.pos, s.size, err))
 		}
 		if n > 0 {
@@ -175,4 +179,12 @@ func (s *stream) Close() error {
 		s.err = fmt.Errorf("stream %s: read after close", s.name)
 	}
 	return nil
+}
+
+// nextBackoff is the delay before the next resume.
+func (s *stream) nextBackoff() time.Duration {
+	if s.bo == nil || s.fails <= 1 {
+		s.bo = s.st.backoff()
+	}
+	return s.bo.NextBackOff()
 }
