@@ -236,7 +236,7 @@ type SimEvent struct {
 // NewWorkload generates the workload cfg describes; the same cfg gives the
 // same workload.
 func NewWorkload(cfg WorkloadConfig) Workload {
-	r := rand.New(rand.NewPCG(cfg.Seed, 0x686f617264)) // "hoard"
+	r := rand.New(rand.NewPCG(cfg.Seed, 0x686f617264))        // "hoard"
 	size := func() int64 { return 16<<10 + r.Int64N(96<<10) } // 16..112 KiB, mean 64 KiB
 	chunk := func(name string) Chunk {
 		s := size()
