@@ -76,7 +76,7 @@ type ImagePlan struct {
 	// or not: working_set_local_bytes.
 	HeldBytes int64
 	// PlannedBytes is the raw bytes of the working set the plan fetches
-	// (for this image or, for a shared chunk, for an image before it).
+	// (for this image or, for a shared chunk, for another).
 	PlannedBytes int64
 	// Complete reports whether the working set is wholly local once the
 	// plan is fetched (HeldBytes+PlannedBytes == WorkingSetBytes).
@@ -115,19 +115,45 @@ func Hoard(images []Image, have func(chunkstore.ID) bool, budget int64) HoardPla
 	})
 	// state of a distinct chunk over the whole plan.
 	type state struct {
-		lastImage int  // ordinal of the last image that counted it in its accounting
+		lastImage int  // ordinal of the last image that accounted for it
 		held      bool // have said so
 		hoarded   bool // counted against the budget (held or planned)
 	}
 	states := make(map[chunkstore.ID]*state)
-	plan := HoardPlan{Images: make([]ImagePlan, 0, len(order))}
+	plan := HoardPlan{Images: make([]ImagePlan, len(order))}
 	var used int64
-	for n, r := range order {
-		ip := ImagePlan{Manifest: r.img.Manifest, Boots: r.img.Boots}
-		cut := false
+	for n, r := range order { // decide
 		for _, c := range r.img.WorkingSet {
 			st, ok := states[c.ID]
 			if !ok {
+				st = &state{lastImage: -1, held: have != nil && have(c.ID)}
+				states[c.ID] = st
+			}
+			if st.hoarded {
+				continue
+			}
+			if used+c.stored() > budget {
+				break // keep this image's boot order: no skipping ahead
+			}
+			st.hoarded = true
+			used += c.stored()
+			if st.held {
+				plan.Held = append(plan.Held, c.ID)
+				plan.HeldBytes += c.stored()
+			} else {
+				plan.Chunks = append(plan.Chunks, c.ID)
+				plan.Bytes += c.stored()
+				plan.RawBytes += c.Size
+			}
+		}
+		plan.Images[n] = ImagePlan{Manifest: r.img.Manifest, Boots: r.img.Boots}
+	}
+	for n, r := range order { // account, once every chunk's fate is known
+		ip := &plan.Images[n]
+		for _, c := range r.img.WorkingSet {
+			st := states[c.ID]
+			if st == nil {
+				// after the cut of its image: not hoarded; have not asked yet
 				st = &state{lastImage: -1, held: have != nil && have(c.ID)}
 				states[c.ID] = st
 			}
@@ -137,22 +163,6 @@ func Hoard(images []Image, have func(chunkstore.ID) bool, budget int64) HoardPla
 			st.lastImage = n
 			ip.Chunks++
 			ip.WorkingSetBytes += c.Size
-			if !st.hoarded && !cut {
-				if used+c.stored() > budget {
-					cut = true // keep this image's boot order: no skipping ahead
-				} else {
-					st.hoarded = true
-					used += c.stored()
-					if st.held {
-						plan.Held = append(plan.Held, c.ID)
-						plan.HeldBytes += c.stored()
-					} else {
-						plan.Chunks = append(plan.Chunks, c.ID)
-						plan.Bytes += c.stored()
-						plan.RawBytes += c.Size
-					}
-				}
-			}
 			switch {
 			case st.held:
 				ip.HeldBytes += c.Size
@@ -161,7 +171,6 @@ func Hoard(images []Image, have func(chunkstore.ID) bool, budget int64) HoardPla
 			}
 		}
 		ip.Complete = ip.HeldBytes+ip.PlannedBytes == ip.WorkingSetBytes
-		plan.Images = append(plan.Images, ip)
 	}
 	return plan
 }
