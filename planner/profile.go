@@ -17,10 +17,12 @@ type MergedProfile struct {
 
 // posScale is the fixed-point scale of a normalized position (rank/length):
 // integers keep the merge bit-for-bit the same on every node and platform.
-const posScale = 1 << 20
+// With 1<<30, positions in profiles of up to a billion indices stay distinct.
+const posScale = 1 << 30
 
-// maxWeight caps one node's weight (its boots), so that sums cannot overflow.
-const maxWeight = 1 << 20
+// maxWeight caps one node's weight (its boots), so that sums cannot overflow
+// (weight × position < 2^46: over 250,000 nodes of the heaviest weight).
+const maxWeight = 1 << 16
 
 // MergeProfiles merges the profiles that nodes learned of one image (keyed by
 // node) into the cluster profile, deterministically: the same set of profiles
@@ -29,7 +31,7 @@ const maxWeight = 1 << 20
 // A profile is a hint, never data: indices >= entries (the manifest's entry
 // count) and indices repeated within one profile (after the first) are
 // dropped; a profile left with no index does not contribute. Each node's
-// weight is its Boots (at least 1, at most 1<<20); Boots of the result is
+// weight is its Boots (at least 1, at most 1<<16); Boots of the result is
 // the sum of the contributors' Boots (negative counts as 0, saturating).
 //
 // Which indices: when more than maxChunks distinct indices remain (maxChunks
