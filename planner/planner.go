@@ -1,8 +1,3 @@
-// Package planner makes hoard's decisions — which working-set chunks a node
-// should hoard ahead of time, what to evict first, and where a VM should boot —
-// as deterministic functions over a snapshot of state: no goroutines, no I/O,
-// so that the daemon, tests and a simulator all drive the same code. It imports
-// only chunkstore's types.
 package planner
 
 import (
