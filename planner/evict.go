@@ -164,35 +164,39 @@ func (p *Sharing) Shares(id chunkstore.ID) int {
 }
 
 // Victims implements chunkstore.EvictionPolicy. It ranges over candidates
-// once, and stops early when the chunks in no working set are enough.
+// once, and stops early when the chunks in no working set are enough; it
+// runs in time linear in the candidates (plus sorting the distinct share
+// counts).
 func (p *Sharing) Victims(need int64, candidates iter.Seq[chunkstore.Candidate]) []chunkstore.ID {
 	var shares map[chunkstore.ID]int
 	if m := p.shares.Load(); m != nil {
 		shares = *m
 	}
-	type hot struct {
-		c      chunkstore.Candidate
-		shares int
-	}
 	var ids []chunkstore.ID
-	var hots []hot
+	byShares := make(map[int][]chunkstore.Candidate) // working-set candidates, LRU first within each
 	var freed int64
 	for c := range candidates {
 		if freed >= need {
 			return ids
 		}
 		if n := shares[c.ID]; n > 0 {
-			hots = append(hots, hot{c, n})
+			byShares[n] = append(byShares[n], c)
 			continue
 		}
 		ids = take(ids, &freed, c)
 	}
-	slices.SortStableFunc(hots, func(a, b hot) int { return a.shares - b.shares })
-	for _, h := range hots {
-		if freed >= need {
-			break
+	levels := make([]int, 0, len(byShares))
+	for n := range byShares {
+		levels = append(levels, n)
+	}
+	slices.Sort(levels)
+	for _, n := range levels {
+		for _, c := range byShares[n] {
+			if freed >= need {
+				return ids
+			}
+			ids = take(ids, &freed, c)
 		}
-		ids = take(ids, &freed, h.c)
 	}
 	return ids
 }

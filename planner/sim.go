@@ -331,7 +331,7 @@ type SimResult struct {
 	LocalBoots, Boots int
 	// WholeAtEnd is the number of images whose whole working set is held
 	// at the end; WholeMean the mean of that count sampled after every
-	// boot of the second half of the run.
+	// fifth boot of the second half of the run.
 	WholeAtEnd int
 	WholeMean  float64
 }
@@ -397,7 +397,7 @@ func RunSim(w Workload, quota int64, policy Eviction) SimResult {
 			if local {
 				res.LocalBoots++
 			}
-			if res.Boots > bootsTotal/2 {
+			if res.Boots > bootsTotal/2 && res.Boots%5 == 0 {
 				sum += whole()
 				samples++
 			}
