@@ -134,3 +134,70 @@ func TestComparePolicies(t *testing.T) {
 		t.Errorf("%s keeps the most working sets whole, not DefaultEviction %s: change DefaultEviction and its comment", best, DefaultEviction)
 	}
 }
+
+func TestSimCache(t *testing.T) {
+	t.Parallel()
+	c := NewSimCache(100, LRU{})
+	c.SetWatermarks(0.9, 0.5)
+	for i := range 9 {
+		if c.Access(id(fmt.Sprint("s", i)), 10) {
+			t.Fatalf("s%d hit on first access", i)
+		}
+	}
+	c.Pin(id("s0"))
+	if !c.Access(id("s1"), 10) { // s1 becomes the most recent
+		t.Fatal("s1 missed")
+	}
+	c.Access(id("s9"), 10) // 100 > 90: evict down to 50 - 10
+	// LRU order now s0 (pinned) s2 .. s8 s1: s2..s6 go.
+	for i, want := range []bool{true, true, false, false, false, false, false, true, true, true} {
+		if c.Has(id(fmt.Sprint("s", i))) != want {
+			t.Fatalf("after eviction s%d held = %v", i, !want)
+		}
+	}
+	if s := c.Stats(); c.Used() != 50 || s.Evictions != 5 || s.EvictedBytes != 50 || s.Hits != 1 || s.Misses != 10 {
+		t.Fatalf("used %d stats %+v", c.Used(), s)
+	}
+	// A chunk larger than the quota, or with everything pinned, is not stored.
+	if c.Access(id("huge"), 101); c.Has(id("huge")) || c.Stats().Bypassed != 1 {
+		t.Fatal("a chunk larger than the quota was stored")
+	}
+	all := NewSimCache(20, LRU{})
+	all.Pin(id("p1"))
+	all.Pin(id("p2"))
+	all.Access(id("p1"), 10)
+	all.Access(id("p2"), 10)
+	if all.Access(id("x"), 10); all.Has(id("x")) || !all.Has(id("p1")) || all.Stats().Bypassed != 1 {
+		t.Fatal("with everything pinned a miss must be bypassed, not evict a pinned chunk")
+	}
+	all.Unpin(id("p1"))
+	if all.Access(id("x"), 10); !all.Has(id("x")) || all.Has(id("p1")) {
+		t.Fatal("an unpinned chunk should make room")
+	}
+}
+
+// TestRunSimDeterministic: the same workload, quota and policy give the same
+// result, and another seed gives another workload.
+func TestRunSimDeterministic(t *testing.T) {
+	t.Parallel()
+	cfg := DefaultWorkload(9)
+	cfg.Images, cfg.Boots, cfg.DataChunks = 12, 150, 300
+	for _, name := range EvictionNames() {
+		var got []SimResult
+		for range 2 {
+			p, _ := NewEviction(name)
+			w := NewWorkload(cfg)
+			got = append(got, RunSim(w, w.UnionBytes()/2, p))
+		}
+		if got[0] != got[1] {
+			t.Fatalf("%s: %v then %v", name, got[0], got[1])
+		}
+		if got[0].Boots != cfg.Boots || got[0].Hits+got[0].Misses == 0 {
+			t.Fatalf("%s: %v", name, got[0])
+		}
+	}
+	a, b := NewWorkload(cfg), NewWorkload(DefaultWorkload(10))
+	if a.UnionBytes() == b.UnionBytes() {
+		t.Fatal("two seeds gave the same working sets")
+	}
+}
