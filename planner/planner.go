@@ -173,7 +173,10 @@ func Hoard(images []Image, have func(chunkstore.ID) bool, budget int64) HoardPla
 // WorkingSetFirst is a chunkstore.EvictionPolicy that protects boot working
 // sets: it evicts chunks outside every working set first (least recently used
 // first), and working-set chunks only when that is not enough. Hot holds the
-// working-set chunk IDs; a nil map protects nothing (plain LRU).
+// working-set chunk IDs; a nil map protects nothing (plain LRU). Sharing
+// refines it (working-set chunks by how many sets share them) and is what
+// store.eviction offers; WorkingSetFirst stays for callers that hold a plain
+// set.
 type WorkingSetFirst struct {
 	Hot map[chunkstore.ID]bool
 }
