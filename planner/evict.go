@@ -24,7 +24,8 @@ type Eviction interface {
 	// Name is the policy's name, as store.eviction spells it.
 	Name() string
 	// Touch records a read of a chunk. The read path calls it once per
-	// chunk read, hit or miss, and when it stores a chunk (a fill).
+	// chunk read, hit or miss (not again when it stores the missed chunk);
+	// the hoarder calls it once for a chunk it stores without a read.
 	Touch(id chunkstore.ID)
 	// Forget drops what the policy knows of a chunk the store removed
 	// outside eviction (Delete, garbage collection). Chunks the policy
