@@ -96,7 +96,7 @@ func TestComparePolicies(t *testing.T) {
 	seeds := []uint64{1, 2}
 	for _, seed := range seeds {
 		cfg := DefaultWorkload(seed)
-		cfg.Boots = 600 // the full 1,500 take too long under -race
+		cfg.Boots = 500 // the full 1,500 take too long under -race
 		w := NewWorkload(cfg)
 		quota := w.UnionBytes() * 6 / 10
 		for _, name := range EvictionNames() {
