@@ -270,13 +270,15 @@ func (p *Peer) ResolveName(ctx context.Context, name string) (chunkstore.ID, []p
 
 // Run joins the cluster through the bootstrap peers (retrying with backoff, and
 // again whenever the routing table empties) and re-announces every provided key
-// each reprovide interval. It returns nil when ctx is cancelled.
+// each reprovide interval, and runs the catalog (gossip and sync) when the
+// backend is a CatalogBackend. It returns nil when ctx is cancelled.
 func (p *Peer) Run(ctx context.Context) error {
 	p.log.Info("p2p node up", "peer_id", p.ID().String(), "addrs", fmt.Sprint(p.Addrs()))
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { p.bootstrapLoop(ctx); return nil })
 	g.Go(func() error { p.reprovideLoop(ctx); return nil })
 	g.Go(func() error { p.idleLoop(ctx); return nil })
+	g.Go(func() error { return p.runCatalog(ctx) })
 	return g.Wait()
 }
 

@@ -16,6 +16,11 @@ type metrics struct {
 	received prometheus.Counter
 	badPeers prometheus.Counter
 	latency  *prometheus.HistogramVec
+
+	catalogMsgs        *prometheus.CounterVec
+	catalogDropped     prometheus.Counter
+	catalogSyncs       *prometheus.CounterVec
+	catalogSyncEntries prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, p *Peer) *metrics {
@@ -30,11 +35,21 @@ func newMetrics(reg prometheus.Registerer, p *Peer) *metrics {
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "hoard_p2p_request_seconds",
 			Help:    "Chunk-protocol request latency, from send to the last reply, by request type.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"type"}),
+		catalogMsgs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hoard_p2p_catalog_messages_total",
+			Help: "Catalog and profile pubsub messages from peers, by kind (catalog, profile) and result (accepted, rejected)."},
+			[]string{"kind", "result"}),
+		catalogDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "hoard_p2p_catalog_dropped_total",
+			Help: "Accepted catalog and profile messages dropped because the backend's learn queue was full."}),
+		catalogSyncs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hoard_p2p_catalog_syncs_total",
+			Help: "Catalog syncs this node asked of peers, by result (ok, error)."}, []string{"result"}),
+		catalogSyncEntries: prometheus.NewCounter(prometheus.CounterOpts{Name: "hoard_p2p_catalog_sync_entries_total",
+			Help: "Catalog and profile entries received by sync."}),
 	}
 	peers := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hoard_p2p_peers",
 		Help: "Peers this node is connected to."},
 		func() float64 { return float64(len(p.host.Network().Peers())) })
-	m.cs = []prometheus.Collector{m.served, m.received, m.badPeers, m.latency, peers}
+	m.cs = []prometheus.Collector{m.served, m.received, m.badPeers, m.latency, peers,
+		m.catalogMsgs, m.catalogDropped, m.catalogSyncs, m.catalogSyncEntries}
 	if reg != nil {
 		for _, c := range m.cs {
 			reg.MustRegister(c)

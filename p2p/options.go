@@ -37,6 +37,8 @@ type options struct {
 	streamIdle        time.Duration
 	lookupTimeout     time.Duration
 	maxProviders      int
+
+	catalogSyncInterval time.Duration
 }
 
 // Option configures New.
@@ -97,7 +99,8 @@ func WithLogger(l *slog.Logger) Option { return func(o *options) { o.log = l } }
 func WithHost(h host.Host) Option { return func(o *options) { o.host = h } }
 
 // WithBackend sets what the node serves to peers; without one it serves nothing
-// (every request gets NOTFOUND or an error).
+// (every request gets NOTFOUND or an error). A backend that also implements
+// CatalogBackend turns the catalog on (gossip and sync, run by Run).
 func WithBackend(b Backend) Option { return func(o *options) { o.backend = b } }
 
 // WithVerify replaces the built-in decoder used to check chunks received from
@@ -137,6 +140,13 @@ func WithHedging(hedgeAfter, stall time.Duration) Option {
 // reading cannot wedge a fetch or a server goroutine.
 func WithWriteTimeout(d time.Duration) Option { return func(o *options) { o.writeTimeout = d } }
 
+// WithCatalogSyncInterval sets how often a node syncs the catalog with a few
+// random connected peers (default 1 min); it also bounds how often one peer
+// is asked (see doc.go, Catalog).
+func WithCatalogSyncInterval(d time.Duration) Option {
+	return func(o *options) { o.catalogSyncInterval = d }
+}
+
 func defaults() options {
 	return options{
 		listen:            DefaultListenAddrs,
@@ -150,6 +160,8 @@ func defaults() options {
 		streamIdle:        5 * time.Minute,
 		lookupTimeout:     10 * time.Second,
 		maxProviders:      20,
+
+		catalogSyncInterval: time.Minute,
 	}
 }
 

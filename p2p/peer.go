@@ -105,6 +105,7 @@ type Peer struct {
 	load     map[peer.ID]int64           // chunks requested and not yet answered
 	closed   bool
 	kick     chan struct{} // wakes the reprovide loop (after bootstrap)
+	cat      catalogState
 }
 
 // New builds a node: its host (unless WithHost), DHT and protocol handler. It
@@ -122,7 +123,11 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 		provided: make(map[cid.Cid]string), retry: make(map[cid.Cid]string), names: make(map[string]chunkstore.ID),
 		bad: make(map[peer.ID]time.Time), slow: make(map[peer.ID]time.Time), pools: make(map[peer.ID]*pool),
 		conns: make(map[*conn]struct{}), served: make(map[network.Stream]struct{}),
-		load: make(map[peer.ID]int64), kick: make(chan struct{}, 1)}
+		load: make(map[peer.ID]int64), kick: make(chan struct{}, 1),
+		cat: catalogState{ready: make(chan struct{}), lastSync: map[peer.ID]time.Time{}, syncing: map[peer.ID]bool{}}}
+	if o.catalogSyncInterval <= 0 {
+		p.o.catalogSyncInterval = time.Minute
+	}
 	p.verify = o.verify
 	if p.verify == nil {
 		p.verify = verifyStored

@@ -1,0 +1,612 @@
+package p2p
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+)
+
+// Catalog topics and the anti-entropy protocol (see doc.go).
+const (
+	TopicCatalog  = "/hoard/catalog/1"
+	TopicProfiles = "/hoard/profiles/1"
+	// ProtocolCatalogSync is the stream protocol a node asks a peer's whole
+	// catalog and profiles with.
+	ProtocolCatalogSync protocol.ID = "/hoard/catalog-sync/1.0.0"
+)
+
+// Sync frame types (the first byte of a frame that is not an entry).
+const (
+	syncRequest byte = 0x10
+	syncEnd     byte = 0x11
+)
+
+const (
+	// maxSyncBytes and maxSyncEntries bound one sync reply; a server with
+	// more sends what fits and flags the END frame as truncated.
+	maxSyncBytes   = 64 << 20
+	maxSyncEntries = 1 << 20
+	// syncTimeout bounds one whole sync, either side.
+	syncTimeout = 5 * time.Minute
+	// syncConcurrency bounds the syncs a node runs at once, as a client.
+	syncConcurrency = 4
+	// syncFanout is how many random connected peers the periodic sync asks.
+	syncFanout = 3
+	// syncDebounce gathers connection events before syncing with the new peers.
+	syncDebounce = 500 * time.Millisecond
+	// learnQueueSize bounds the entries waiting for the backend's Learn*.
+	learnQueueSize = 4096
+	// maxPubsubMessage is the pubsub limit on a whole RPC; entries themselves
+	// are held to MaxCatalogEntrySize by the topic validators, so a larger
+	// message is seen (and counted as rejected) rather than dropped unseen.
+	maxPubsubMessage = 2*MaxCatalogEntrySize + 64<<10
+)
+
+// ErrCatalogOff is returned by PublishCatalog and PublishProfile when the
+// node's backend does not implement CatalogBackend.
+var ErrCatalogOff = errors.New("catalog off: the backend does not implement p2p.CatalogBackend")
+
+// learnItem is one entry waiting for the backend.
+type learnItem struct {
+	from    peer.ID
+	cat     *CatalogEntry
+	profile *ProfileEntry
+}
+
+// catalogState is the catalog's part of a Peer, guarded by Peer.mu.
+type catalogState struct {
+	ready    chan struct{} // closed while the catalog runs (see runCatalog)
+	topics   *catalogTopics
+	lastSync map[peer.ID]time.Time // when each peer was last asked (rate limit)
+	syncing  map[peer.ID]bool
+}
+
+type catalogTopics struct {
+	catalog, profiles *pubsub.Topic
+}
+
+func (p *Peer) catalogBackend() CatalogBackend {
+	cb, _ := p.o.backend.(CatalogBackend)
+	return cb
+}
+
+// runCatalog runs gossip and anti-entropy until ctx is cancelled or the Peer
+// closes; Run calls it. Without a CatalogBackend it returns at once.
+func (p *Peer) runCatalog(ctx context.Context) error {
+	cb := p.catalogBackend()
+	if cb == nil {
+		return nil
+	}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.wg.Add(1)
+	p.mu.Unlock()
+	defer p.wg.Done()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(p.ctx, cancel)()
+
+	// pubsub registers its protocols on the host and never removes them; the
+	// host may outlive this run (WithHost), so remove what it added.
+	before := map[protocol.ID]bool{}
+	for _, id := range p.host.Mux().Protocols() {
+		before[id] = true
+	}
+	ps, err := pubsub.NewGossipSub(ctx, p.host,
+		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
+		pubsub.WithMaxMessageSize(maxPubsubMessage),
+		pubsub.WithLogger(p.log.With("component", "pubsub")),
+	)
+	if err != nil {
+		return fmt.Errorf("start catalog gossip: %w", err)
+	}
+	defer func() {
+		for _, id := range p.host.Mux().Protocols() {
+			if !before[id] {
+				p.host.RemoveStreamHandler(id)
+			}
+		}
+	}()
+	queue := make(chan learnItem, learnQueueSize)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel() // before wg.Wait: every goroutine below ends with ctx
+	topics := &catalogTopics{}
+	for _, t := range []struct {
+		name string
+		dst  **pubsub.Topic
+	}{{TopicCatalog, &topics.catalog}, {TopicProfiles, &topics.profiles}} {
+		if err := ps.RegisterTopicValidator(t.name, p.validateEntry, pubsub.WithValidatorTimeout(5*time.Second)); err != nil {
+			return fmt.Errorf("catalog topic %s: %w", t.name, err)
+		}
+		topic, err := ps.Join(t.name)
+		if err != nil {
+			return fmt.Errorf("join catalog topic %s: %w", t.name, err)
+		}
+		sub, err := topic.Subscribe(pubsub.WithBufferSize(256))
+		if err != nil {
+			return fmt.Errorf("subscribe to catalog topic %s: %w", t.name, err)
+		}
+		*t.dst = topic
+		wg.Go(func() { p.readTopic(ctx, sub, queue) })
+	}
+	wg.Go(func() { p.learnLoop(ctx, cb, queue) })
+
+	conns := make(chan peer.ID, 256)
+	notifee := &network.NotifyBundle{ConnectedF: func(_ network.Network, c network.Conn) {
+		select {
+		case conns <- c.RemotePeer():
+		default: // the periodic sync catches up
+		}
+	}}
+	p.host.Network().Notify(notifee)
+	defer p.host.Network().StopNotify(notifee)
+	p.host.SetStreamHandler(ProtocolCatalogSync, p.handleCatalogSync)
+	defer p.host.RemoveStreamHandler(ProtocolCatalogSync)
+
+	p.mu.Lock()
+	p.cat.topics = topics
+	close(p.cat.ready)
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		p.cat.topics = nil
+		p.cat.ready = make(chan struct{})
+		p.mu.Unlock()
+	}()
+	p.syncLoop(ctx, &wg, conns, queue)
+	return nil
+}
+
+// validateEntry is the topic validator: it decodes the message, rejecting
+// malformed or oversized ones, and checks that the entry's Publisher (Node)
+// signed it. The decoded entry travels on as ValidatorData.
+func (p *Peer) validateEntry(_ context.Context, from peer.ID, m *pubsub.Message) pubsub.ValidationResult {
+	local := from == p.host.ID()
+	reject := func(kind string, err error) pubsub.ValidationResult {
+		if !local {
+			p.metrics.catalogMsgs.WithLabelValues(kind, "rejected").Inc()
+			p.log.Debug("rejected catalog message", "peer_id", from.String(), "author", m.GetFrom().String(), "err", err)
+		}
+		return pubsub.ValidationReject
+	}
+	kind := "catalog"
+	if m.GetTopic() == TopicProfiles {
+		kind = "profile"
+	}
+	if len(m.Data) > MaxCatalogEntrySize {
+		return reject(kind, badEntry("%d bytes (max %d)", len(m.Data), MaxCatalogEntrySize))
+	}
+	switch kind {
+	case "catalog":
+		e, err := DecodeCatalogEntry(m.Data)
+		if err != nil {
+			return reject(kind, err)
+		}
+		if e.Publisher != m.GetFrom() {
+			return reject(kind, fmt.Errorf("entry published by %s signed by %s", e.Publisher, m.GetFrom()))
+		}
+		m.ValidatorData = &e
+	default:
+		e, err := DecodeProfileEntry(m.Data)
+		if err != nil {
+			return reject(kind, err)
+		}
+		if e.Node != m.GetFrom() {
+			return reject(kind, fmt.Errorf("profile of node %s signed by %s", e.Node, m.GetFrom()))
+		}
+		m.ValidatorData = &e
+	}
+	if !local {
+		p.metrics.catalogMsgs.WithLabelValues(kind, "accepted").Inc()
+	}
+	return pubsub.ValidationAccept
+}
+
+// readTopic hands every validated message of sub from another peer to the
+// learn queue, dropping it (with a count) when the queue is full.
+func (p *Peer) readTopic(ctx context.Context, sub *pubsub.Subscription, queue chan<- learnItem) {
+	defer sub.Cancel()
+	for {
+		m, err := sub.Next(ctx)
+		if err != nil {
+			return
+		}
+		if m.ReceivedFrom == p.host.ID() {
+			continue
+		}
+		it := learnItem{from: m.ReceivedFrom}
+		switch v := m.ValidatorData.(type) {
+		case *CatalogEntry:
+			it.cat = v
+		case *ProfileEntry:
+			it.profile = v
+		default:
+			continue
+		}
+		select {
+		case queue <- it:
+		default:
+			p.metrics.catalogDropped.Inc()
+		}
+	}
+}
+
+// learnLoop feeds queued entries to the backend, one at a time.
+func (p *Peer) learnLoop(ctx context.Context, cb CatalogBackend, queue <-chan learnItem) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case it := <-queue:
+			if it.cat != nil {
+				cb.LearnCatalog(it.from, *it.cat)
+			} else {
+				cb.LearnProfile(it.from, *it.profile)
+			}
+		}
+	}
+}
+
+// catalogTopics waits until Run has started the catalog and returns its topics.
+func (p *Peer) catalogTopics(ctx context.Context) (*catalogTopics, error) {
+	if p.catalogBackend() == nil {
+		return nil, ErrCatalogOff
+	}
+	for {
+		p.mu.Lock()
+		t, ready, closed := p.cat.topics, p.cat.ready, p.closed
+		p.mu.Unlock()
+		if closed {
+			return nil, errors.New("p2p node closed")
+		}
+		if t != nil {
+			return t, nil
+		}
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("catalog not running (is p2p Run started?): %w", ctx.Err())
+		case <-p.ctx.Done():
+			return nil, errors.New("p2p node closed")
+		}
+	}
+}
+
+// PublishCatalog announces e to every peer on the catalog topic. e.Publisher
+// must be this node or empty (then filled in): a node announces only its own
+// changes, and peers reject a message whose signer is not the Publisher. It
+// waits (within ctx) for Run to have started the catalog. Peers that miss the
+// announcement learn e at their next sync, from any node that has it.
+func (p *Peer) PublishCatalog(ctx context.Context, e CatalogEntry) error {
+	if e.Publisher == "" {
+		e.Publisher = p.host.ID()
+	}
+	if e.Publisher != p.host.ID() {
+		return fmt.Errorf("publish catalog entry of %s: publisher %s is not this node; only the publisher announces a change (peers learn others' entries by sync)", e.Manifest, e.Publisher)
+	}
+	b, err := AppendCatalogEntry(nil, e)
+	if err != nil {
+		return fmt.Errorf("publish catalog entry of %s: %w", e.Manifest, err)
+	}
+	t, err := p.catalogTopics(ctx)
+	if err != nil {
+		return fmt.Errorf("publish catalog entry of %s: %w", e.Manifest, err)
+	}
+	if err := t.catalog.Publish(ctx, b); err != nil {
+		return fmt.Errorf("publish catalog entry of %s: %w", e.Manifest, err)
+	}
+	return nil
+}
+
+// PublishProfile announces e on the profiles topic, as PublishCatalog; e.Node
+// must be this node or empty.
+func (p *Peer) PublishProfile(ctx context.Context, e ProfileEntry) error {
+	if e.Node == "" {
+		e.Node = p.host.ID()
+	}
+	if e.Node != p.host.ID() {
+		return fmt.Errorf("publish profile of %s: node %s is not this node; only a profile's node announces it", e.Manifest, e.Node)
+	}
+	b, err := AppendProfileEntry(nil, e)
+	if err != nil {
+		return fmt.Errorf("publish profile of %s: %w", e.Manifest, err)
+	}
+	t, err := p.catalogTopics(ctx)
+	if err != nil {
+		return fmt.Errorf("publish profile of %s: %w", e.Manifest, err)
+	}
+	if err := t.profiles.Publish(ctx, b); err != nil {
+		return fmt.Errorf("publish profile of %s: %w", e.Manifest, err)
+	}
+	return nil
+}
+
+// ReportBad demotes id, as a peer that sent bytes failing verification: the
+// node calls it when an entry from id fails its CID check. id is left out of
+// selection and its catalog syncs are refused for the bad-peer TTL.
+func (p *Peer) ReportBad(id peer.ID, why error) {
+	if id == "" || id == p.host.ID() {
+		return
+	}
+	p.markBad(id, why)
+}
+
+// syncLoop syncs with each newly connected peer (debounced) and, every sync
+// interval, with syncFanout random connected peers; at most once per peer per
+// interval, syncConcurrency at a time. Sync goroutines join wg.
+func (p *Peer) syncLoop(ctx context.Context, wg *sync.WaitGroup, conns <-chan peer.ID, queue chan<- learnItem) {
+	sem := make(chan struct{}, syncConcurrency)
+	pending := map[peer.ID]bool{}
+	// Peers connected before the notifiee was registered.
+	for _, id := range p.host.Network().Peers() {
+		pending[id] = true
+	}
+	debounce := time.NewTimer(syncDebounce)
+	defer debounce.Stop()
+	tick := time.NewTicker(p.o.catalogSyncInterval)
+	defer tick.Stop()
+	start := func(id peer.ID) {
+		if !p.claimSync(id) {
+			return
+		}
+		wg.Go(func() {
+			defer p.releaseSync(id)
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				return
+			}
+			defer func() { <-sem }()
+			n, err := p.syncCatalog(ctx, id, queue)
+			if err != nil && ctx.Err() == nil {
+				p.log.Debug("catalog sync failed", "peer_id", id.String(), "err", err)
+			} else if err == nil {
+				p.log.Debug("catalog synced", "peer_id", id.String(), "entries", n)
+			}
+		})
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case id := <-conns:
+			pending[id] = true
+			debounce.Reset(syncDebounce)
+		case <-debounce.C:
+			for id := range pending {
+				start(id)
+			}
+			clear(pending)
+		case <-tick.C:
+			peers := p.host.Network().Peers()
+			rand.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
+			for _, id := range peers[:min(len(peers), syncFanout)] {
+				start(id)
+			}
+		}
+	}
+}
+
+// claimSync reports whether id may be synced with now (not bad, not asked in
+// the last interval, no sync under way) and, if so, records the attempt.
+func (p *Peer) claimSync(id peer.ID) bool {
+	if id == p.host.ID() || !p.connected(id) || p.Bad(id) {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	if p.cat.syncing[id] || now.Sub(p.cat.lastSync[id]) < p.o.catalogSyncInterval {
+		return false
+	}
+	for q, t := range p.cat.lastSync {
+		if now.Sub(t) >= p.o.catalogSyncInterval {
+			delete(p.cat.lastSync, q)
+		}
+	}
+	p.cat.lastSync[id] = now
+	p.cat.syncing[id] = true
+	return true
+}
+
+func (p *Peer) releaseSync(id peer.ID) {
+	p.mu.Lock()
+	delete(p.cat.syncing, id)
+	p.mu.Unlock()
+}
+
+// syncCatalog asks id for its whole catalog and profiles and queues every
+// entry for the backend's Learn* (waiting for room in the queue), returning
+// how many entries arrived. The periodic and on-connect syncs call it; it
+// ignores the per-peer rate limit.
+func (p *Peer) syncCatalog(ctx context.Context, id peer.ID, queue chan<- learnItem) (n int, err error) {
+	defer func() {
+		result := "ok"
+		if err != nil {
+			result = "error"
+		}
+		p.metrics.catalogSyncs.WithLabelValues(result).Inc()
+		p.metrics.catalogSyncEntries.Add(float64(n))
+	}()
+	ctx, cancel := context.WithTimeout(ctx, syncTimeout)
+	defer cancel()
+	s, err := p.host.NewStream(ctx, id, ProtocolCatalogSync)
+	if err != nil {
+		return 0, fmt.Errorf("catalog sync with %s: %w", id, err)
+	}
+	defer s.Reset() // after a clean END, Close below has already run
+	stop := context.AfterFunc(ctx, func() { s.Reset() })
+	defer stop()
+	s.SetWriteDeadline(time.Now().Add(p.writeTimeout(16)))
+	if _, err := s.Write(appendFrame(nil, []byte{syncRequest, 0})); err != nil {
+		return 0, fmt.Errorf("catalog sync with %s: %w", id, err)
+	}
+	s.CloseWrite()
+	r := bufio.NewReaderSize(s, 64<<10)
+	var buf []byte
+	total := 0
+	for {
+		s.SetReadDeadline(time.Now().Add(p.writeTimeout(MaxCatalogEntrySize)))
+		frame, err := readFrame(r, buf)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return n, fmt.Errorf("catalog sync with %s: %w", id, err)
+		}
+		buf = frame[:0]
+		total += len(frame)
+		if total > maxSyncBytes+4096 || n > maxSyncEntries {
+			return n, fmt.Errorf("catalog sync with %s: %w: reply over %d bytes or %d entries", id, errProtocol, maxSyncBytes, maxSyncEntries)
+		}
+		it := learnItem{from: id}
+		switch frame[0] {
+		case syncEnd:
+			if len(frame) != 2 || frame[1]&^1 != 0 {
+				return n, fmt.Errorf("catalog sync with %s: %w: bad end frame", id, errProtocol)
+			}
+			if frame[1]&1 != 0 {
+				p.log.Warn("peer's catalog was truncated in sync", "peer_id", id.String(), "entries", n)
+			}
+			s.Close()
+			return n, nil
+		case entryCatalog:
+			e, err := DecodeCatalogEntry(frame)
+			if err != nil {
+				return n, fmt.Errorf("catalog sync with %s: %w", id, err)
+			}
+			it.cat = &e
+		case entryProfile:
+			e, err := DecodeProfileEntry(frame)
+			if err != nil {
+				return n, fmt.Errorf("catalog sync with %s: %w", id, err)
+			}
+			it.profile = &e
+		default:
+			return n, fmt.Errorf("catalog sync with %s: %w: unknown frame type %#x", id, errProtocol, frame[0])
+		}
+		select {
+		case queue <- it:
+			n++
+		case <-ctx.Done():
+			return n, fmt.Errorf("catalog sync with %s: %w", id, ctx.Err())
+		}
+	}
+}
+
+// appendFrame appends uvarint(len(body)) body to b.
+func appendFrame(b, body []byte) []byte {
+	b = binary.AppendUvarint(b, uint64(len(body)))
+	return append(b, body...)
+}
+
+// handleCatalogSync serves one sync request: every entry of the backend's
+// Catalog and Profiles, one frame each, then END.
+func (p *Peer) handleCatalogSync(s network.Stream) {
+	remote := s.Conn().RemotePeer()
+	p.mu.Lock()
+	closed := p.closed
+	if !closed {
+		p.served[s] = struct{}{}
+		p.wg.Add(1)
+	}
+	p.mu.Unlock()
+	if closed {
+		s.Reset()
+		return
+	}
+	defer p.unserve(s)
+	if p.Bad(remote) {
+		s.Reset()
+		return
+	}
+	ctx, cancel := context.WithTimeout(p.ctx, syncTimeout)
+	defer cancel()
+	defer context.AfterFunc(ctx, func() { s.Reset() })()
+	s.SetReadDeadline(time.Now().Add(p.o.writeTimeout))
+	frame, err := readFrame(bufio.NewReaderSize(s, 64), nil)
+	if err != nil || len(frame) != 2 || frame[0] != syncRequest || frame[1] != 0 {
+		p.log.Debug("closing catalog sync stream: bad request", "peer_id", remote.String(), "err", err)
+		s.Reset()
+		return
+	}
+	if err := p.serveCatalog(ctx, s); err != nil {
+		p.log.Debug("catalog sync not served", "peer_id", remote.String(), "err", err)
+		s.Reset()
+		return
+	}
+	s.Close()
+}
+
+func (p *Peer) serveCatalog(ctx context.Context, s network.Stream) error {
+	w := bufio.NewWriterSize(s, 64<<10)
+	write := func(body []byte) error {
+		s.SetWriteDeadline(time.Now().Add(p.writeTimeout(w.Buffered() + len(body) + 16)))
+		_, err := w.Write(appendFrame(nil, body))
+		return err
+	}
+	var truncated byte
+	if cb := p.catalogBackend(); cb != nil {
+		cat, err := cb.Catalog(ctx)
+		if err != nil {
+			return fmt.Errorf("list catalog: %w", err)
+		}
+		profs, err := cb.Profiles(ctx)
+		if err != nil {
+			return fmt.Errorf("list profiles: %w", err)
+		}
+		total, n := 0, 0
+		var body []byte
+		next := func(b []byte, err error, what string) (bool, error) {
+			if err != nil {
+				p.log.Warn("not syncing an entry out of bounds", "entry", what, "err", err)
+				return true, nil
+			}
+			if total+len(b) > maxSyncBytes || n >= maxSyncEntries {
+				truncated = 1
+				return false, nil
+			}
+			total += len(b)
+			n++
+			return true, write(b)
+		}
+		for _, e := range cat {
+			body, err = AppendCatalogEntry(body[:0], e)
+			if more, err := next(body, err, e.Manifest.String()); err != nil {
+				return err
+			} else if !more {
+				break
+			}
+		}
+		for _, e := range profs {
+			if truncated != 0 {
+				break
+			}
+			body, err = AppendProfileEntry(body[:0], e)
+			if more, err := next(body, err, "profile of "+e.Manifest.String()); err != nil {
+				return err
+			} else if !more {
+				break
+			}
+		}
+	}
+	if err := write([]byte{syncEnd, truncated}); err != nil {
+		return err
+	}
+	return w.Flush()
+}
