@@ -254,3 +254,19 @@ func (img *image) markHave(idx int) {
 		img.haveMarks = append(img.haveMarks, idx)
 	}
 }
+
+// The catalog half of the backend (p2p.CatalogBackend): the node's catalog.
+// Run attaches the catalog before the peer runs, so n.cat is set whenever
+// the p2p layer calls these.
+
+func (b backend) Catalog(ctx context.Context) ([]p2p.CatalogEntry, error) {
+	return b.n.cat.Catalog(ctx)
+}
+
+func (b backend) Profiles(ctx context.Context) ([]p2p.ProfileEntry, error) {
+	return b.n.cat.Profiles(ctx)
+}
+
+func (b backend) LearnCatalog(from peer.ID, e p2p.CatalogEntry) { b.n.cat.LearnCatalog(from, e) }
+
+func (b backend) LearnProfile(from peer.ID, e p2p.ProfileEntry) { b.n.cat.LearnProfile(from, e) }

@@ -17,6 +17,7 @@ import (
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/node/api"
+	"github.com/hoardvm/hoard/node/catalog"
 	"github.com/hoardvm/hoard/node/cluster"
 	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/p2p"
@@ -42,6 +43,7 @@ type Node struct {
 	log     *slog.Logger
 	baseLog *slog.Logger
 	cl      *cluster.Cluster // nil: standalone; set by Run before ready
+	cat     *catalog.Catalog // the cluster catalog; nil: standalone; set by Run before ready
 
 	reg      prometheus.Registerer
 	gatherer prometheus.Gatherer
@@ -332,10 +334,22 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		closeAll()
 		return err
 	} else if on {
+		if n.cat, err = catalog.Open(st, catalog.Options{
+			Path:       filepath.Join(cfg.DataDir, "catalog.json"),
+			Log:        n.log.With("component", "catalog"),
+			InUse:      func(id chunkstore.ID) bool { return n.openExports(id) > 0 },
+			Registered: n.advertiseLater,
+			Removed:    n.removed,
+			Changed:    n.catalogChanged,
+		}); err != nil {
+			closeAll()
+			return err
+		}
 		if peer, err = n.startP2P(ctx); err != nil {
 			closeAll()
 			return err
 		}
+		n.cat.Attach(peer)
 	} else {
 		n.log.Info("running standalone (no cluster): to share chunks with peers, create a swarm key with hoard cluster keygen "+
 			cfg.P2P.SwarmKeyFile+", copy it to every node, and set p2p.bootstrap", "swarm_key_file", cfg.P2P.SwarmKeyFile)
@@ -347,6 +361,8 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	if peer != nil {
 		g.Go(func() error { return peer.Run(gctx) })
 		g.Go(func() error { n.cl.Run(gctx); return nil })
+		g.Go(func() error { return n.cat.Run(gctx) })
+		g.Go(func() error { n.announceAll(gctx); return nil })
 		addrs := make([]string, 0)
 		for _, a := range peer.Addrs() {
 			addrs = append(addrs, a.String())

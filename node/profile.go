@@ -93,6 +93,9 @@ func (n *Node) saveProfile(img *image, rec *recorder) {
 		return
 	}
 	n.log.Info("boot profile saved", "image", img.id.String(), "boots", p.Boots, "chunks", len(p.Chunks), "new_chunks", len(p.Chunks)-before)
+	if n.cat != nil {
+		n.cat.ProfileSaved(ctx, img.id, *p)
+	}
 }
 
 // prefetchProfile fetches the image's stored profile in order, in the

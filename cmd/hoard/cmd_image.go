@@ -266,7 +266,7 @@ func newImageInspectCommand(g *globalOptions) *cobra.Command {
 }
 
 func newImageRmCommand(g *globalOptions) *cobra.Command {
-	var jsonOut bool
+	var jsonOut, cluster bool
 	c := &cobra.Command{
 		Use:   "rm NAME...",
 		Short: "Remove images; chunks no other image uses are deleted",
@@ -280,7 +280,7 @@ func newImageRmCommand(g *globalOptions) *cobra.Command {
 			defer svc.Close()
 			var out []api.RemoveResult
 			for _, name := range args {
-				r, err := svc.Remove(ctx, name)
+				r, err := svc.Remove(ctx, name, cluster)
 				if err != nil {
 					return err
 				}
@@ -296,6 +296,7 @@ func newImageRmCommand(g *globalOptions) *cobra.Command {
 		},
 	}
 	c.Flags().BoolVar(&jsonOut, "json", false, "print as JSON")
+	c.Flags().BoolVar(&cluster, "cluster", false, "remove the image from every node of the cluster (nodes that are down learn it when they return)")
 	return c
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node/api"
@@ -19,7 +20,8 @@ type imageService interface {
 	List(ctx context.Context) ([]api.ImageInfo, error)
 	Inspect(ctx context.Context, name string, entries bool) (api.ImageDetail, error)
 	Profile(ctx context.Context, name string) (api.ProfileInfo, error)
-	Remove(ctx context.Context, name string) (api.RemoveResult, error)
+	// Remove removes an image; with cluster, from every node (daemon only).
+	Remove(ctx context.Context, name string, cluster bool) (api.RemoveResult, error)
 	Stats(ctx context.Context) (chunkstore.Stats, error)
 	Verify(ctx context.Context, progress func(api.Progress)) (chunkstore.VerifyResult, error)
 	GC(ctx context.Context, progress func(api.Progress)) (chunkstore.GCResult, error)
@@ -55,8 +57,8 @@ func (d daemonImages) Inspect(ctx context.Context, name string, entries bool) (a
 func (d daemonImages) Profile(ctx context.Context, name string) (api.ProfileInfo, error) {
 	return d.cl.Profile(ctx, name)
 }
-func (d daemonImages) Remove(ctx context.Context, name string) (api.RemoveResult, error) {
-	return d.cl.RemoveImage(ctx, name)
+func (d daemonImages) Remove(ctx context.Context, name string, cluster bool) (api.RemoveResult, error) {
+	return d.cl.RemoveImage(ctx, name, cluster)
 }
 func (d daemonImages) Stats(ctx context.Context) (chunkstore.Stats, error) {
 	return d.cl.StoreStats(ctx)
@@ -121,7 +123,10 @@ func (l localImages) Inspect(ctx context.Context, name string, entries bool) (ap
 func (l localImages) Profile(ctx context.Context, name string) (api.ProfileInfo, error) {
 	return local.Profile(ctx, l.st, name)
 }
-func (l localImages) Remove(ctx context.Context, name string) (api.RemoveResult, error) {
+func (l localImages) Remove(ctx context.Context, name string, cluster bool) (api.RemoveResult, error) {
+	if cluster {
+		return api.RemoveResult{}, errors.New("image rm --cluster needs the running daemon (it tells the cluster); start it with hoard daemon, or drop --cluster to remove the image from this data dir only")
+	}
 	return local.Remove(ctx, l.st, name)
 }
 func (l localImages) Stats(ctx context.Context) (chunkstore.Stats, error) { return l.st.Stats(ctx) }

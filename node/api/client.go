@@ -76,10 +76,15 @@ func (c *Client) AddImageProgress(ctx context.Context, req ImportRequest, progre
 	return &res, c.stream(ctx, http.MethodPost, "/v1/images", req, &res, progress)
 }
 
-// RemoveImage asks the daemon to remove an image.
-func (c *Client) RemoveImage(ctx context.Context, name string) (RemoveResult, error) {
+// RemoveImage asks the daemon to remove an image; with cluster, from every
+// node of the cluster.
+func (c *Client) RemoveImage(ctx context.Context, name string, cluster bool) (RemoveResult, error) {
 	var res RemoveResult
-	return res, c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(name), nil, &res)
+	p := "/v1/images/" + url.PathEscape(name)
+	if cluster {
+		p += "?cluster=1"
+	}
+	return res, c.do(ctx, http.MethodDelete, p, nil, &res)
 }
 
 // Profile returns an image's boot profile.

@@ -32,8 +32,9 @@ type Service interface {
 	Image(ctx context.Context, name string, entries bool) (ImageDetail, error)
 	// AddImage imports an image; progress gets the bytes read and the size.
 	AddImage(ctx context.Context, req ImportRequest, progress func(done, total int64)) (*importer.Result, error)
-	// RemoveImage removes an image; an image in use is an error wrapping ErrInUse.
-	RemoveImage(ctx context.Context, name string) (RemoveResult, error)
+	// RemoveImage removes an image, with cluster from every node; an image
+	// in use is an error wrapping ErrInUse.
+	RemoveImage(ctx context.Context, name string, cluster bool) (RemoveResult, error)
 	Profile(ctx context.Context, name string) (ProfileInfo, error)
 	// Peers lists the cluster's peers; an error wrapping ErrClusterOff when
 	// the node is standalone.
@@ -140,7 +141,7 @@ func routes(svc Service, o Options) []route {
 			reply(w, d, err)
 		}},
 		{"DELETE /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
-			res, err := svc.RemoveImage(r.Context(), r.PathValue("name"))
+			res, err := svc.RemoveImage(r.Context(), r.PathValue("name"), r.URL.Query().Get("cluster") != "")
 			reply(w, res, err)
 		}},
 		{"GET /v1/images/{name}/profile", func(w http.ResponseWriter, r *http.Request) {

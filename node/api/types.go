@@ -56,12 +56,15 @@ type RemoveResult struct {
 
 // ProfileInfo is an image's boot profile, for display.
 type ProfileInfo struct {
-	Name     string         `json:"name"`
-	Manifest chunkstore.ID  `json:"manifest"`
-	Boots    int            `json:"boots"`
-	Chunks   int            `json:"chunks"`
-	Bytes    int64          `json:"bytes"`
-	Entries  []ProfileEntry `json:"entries"`
+	Name     string        `json:"name"`
+	Manifest chunkstore.ID `json:"manifest"`
+	Boots    int           `json:"boots"`
+	Chunks   int           `json:"chunks"`
+	Bytes    int64         `json:"bytes"`
+	// Contributors is how many nodes' profiles the working set merges (1:
+	// this node's only; 0: none recorded).
+	Contributors int            `json:"contributors"`
+	Entries      []ProfileEntry `json:"entries"`
 }
 
 // ProfileEntry is one chunk of a profile, in first-read order.

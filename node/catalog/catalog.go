@@ -350,6 +350,14 @@ func (c *Catalog) ProfileSaved(ctx context.Context, manifest chunkstore.ID, prof
 	}
 }
 
+// HasOwnProfile reports whether the catalog holds this node's profile of manifest.
+func (c *Catalog) HasOwnProfile(manifest chunkstore.ID) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.profiles[manifest][c.self]
+	return ok
+}
+
 // WorkingSet is an image's working set as the cluster knows it: its merged
 // profile and how many nodes contributed. own is this node's profile (from
 // its store; nil if none); entries is the manifest's entry count.

@@ -109,19 +109,28 @@ func Profile(ctx context.Context, st *chunkstore.Store, name string) (api.Profil
 	if err != nil {
 		return api.ProfileInfo{}, err
 	}
-	out := api.ProfileInfo{Name: name, Manifest: id, Entries: []api.ProfileEntry{}}
 	p, err := st.GetProfile(ctx, id, len(m.Entries))
 	if err != nil {
 		if errors.Is(err, chunkstore.ErrNotFound) {
-			return out, nil
+			return ProfileInfo(name, id, m, nil, 0), nil
 		}
-		return out, err
+		return api.ProfileInfo{Name: name, Manifest: id, Entries: []api.ProfileEntry{}}, err
 	}
-	out.Boots, out.Chunks = p.Boots, len(p.Chunks)
+	return ProfileInfo(name, id, m, p, 1), nil
+}
+
+// ProfileInfo describes profile p of image name (manifest m), merged from
+// contributors nodes' profiles; p nil: none recorded.
+func ProfileInfo(name string, id chunkstore.ID, m *chunkstore.Manifest, p *chunkstore.Profile, contributors int) api.ProfileInfo {
+	out := api.ProfileInfo{Name: name, Manifest: id, Entries: []api.ProfileEntry{}}
+	if p == nil {
+		return out
+	}
+	out.Boots, out.Chunks, out.Contributors = p.Boots, len(p.Chunks), contributors
 	for _, i := range p.Chunks {
 		e := m.Entries[i]
 		out.Bytes += e.Length
 		out.Entries = append(out.Entries, api.ProfileEntry{Index: i, Offset: e.Offset, Length: e.Length, ID: e.ID})
 	}
-	return out, nil
+	return out
 }
