@@ -33,6 +33,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -104,6 +105,9 @@ type Catalog struct {
 	// pending: registrations and removals still to do, with the peers to
 	// ask for the manifest.
 	pending map[chunkstore.ID][]peer.ID
+	// learned: the names the catalog set here (not a local add), so that a
+	// name two images claim is taken back.
+	learned map[string]chunkstore.ID
 	dirty   bool
 	wake    chan struct{}
 }
@@ -113,6 +117,7 @@ type file struct {
 	Entries  []p2p.CatalogEntry       `json:"entries"`
 	Profiles []p2p.ProfileEntry       `json:"profiles"`
 	Dropped  map[chunkstore.ID]uint64 `json:"dropped,omitempty"`
+	Learned  map[string]chunkstore.ID `json:"learned,omitempty"`
 }
 
 // Open loads the catalog kept at o.Path (a missing file is an empty
@@ -124,7 +129,7 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	}
 	c := &Catalog{st: st, o: o, entries: map[chunkstore.ID]p2p.CatalogEntry{},
 		profiles: map[chunkstore.ID]map[peer.ID]p2p.ProfileEntry{}, dropped: map[chunkstore.ID]uint64{},
-		pending: map[chunkstore.ID][]peer.ID{}, wake: make(chan struct{}, 1)}
+		pending: map[chunkstore.ID][]peer.ID{}, learned: map[string]chunkstore.ID{}, wake: make(chan struct{}, 1)}
 	if o.Path == "" {
 		return c, nil
 	}
@@ -152,6 +157,9 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	}
 	for id, v := range f.Dropped {
 		c.dropped[id] = v
+	}
+	for name, id := range f.Learned {
+		c.learned[name] = id
 	}
 	return c, nil
 }
@@ -442,6 +450,26 @@ func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks
 	}
 	for _, name := range e.Names {
 		id, err := c.st.Resolve(ctx, name)
+		if other, ok := c.claimedElsewhere(name, e.Manifest); ok {
+			// Two images claim the name: neither gets it from the catalog
+			// (a local add keeps its own), and one the catalog gave is
+			// taken back; users choose by CID.
+			c.mu.Lock()
+			mine := c.learned[name] == id && err == nil
+			if mine {
+				delete(c.learned, name)
+				c.dirty = true
+			}
+			c.mu.Unlock()
+			if mine {
+				if err := c.st.DeleteName(ctx, name); err == nil && c.o.Removed != nil {
+					c.o.Removed(name, id, false)
+				}
+			}
+			c.o.Log.Warn("catalog: two images claim one name; registered by CID only (pull the one meant by its CID, or rename one)",
+				"image", name, "manifest", e.Manifest.String(), "other_manifest", other.String())
+			continue
+		}
 		switch {
 		case err == nil && id == e.Manifest:
 			continue
@@ -460,6 +488,10 @@ func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks
 			c.o.Log.Warn("catalog: cannot name the image", "image", name, "err", err)
 			return false
 		}
+		c.mu.Lock()
+		c.learned[name] = e.Manifest
+		c.dirty = true
+		c.mu.Unlock()
 		c.o.Log.Info("image learned from the cluster", "image", name, "manifest", e.Manifest.String(), "publisher", e.Publisher.String())
 		if c.o.Registered != nil {
 			c.o.Registered(name, e.Manifest)
@@ -469,6 +501,18 @@ func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks
 		c.o.Registered(e.Manifest.String(), e.Manifest)
 	}
 	return true
+}
+
+// claimedElsewhere reports another live entry that claims name.
+func (c *Catalog) claimedElsewhere(name string, manifest chunkstore.ID) (chunkstore.ID, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for id, e := range c.entries {
+		if id != manifest && !e.Removed && slices.Contains(e.Names, name) {
+			return id, true
+		}
+	}
+	return chunkstore.ID{}, false
 }
 
 // fetchManifest gets e's manifest from one of asks and stores it.
@@ -557,6 +601,7 @@ func (c *Catalog) save() {
 	for id, v := range c.dropped {
 		f.Dropped[id] = v
 	}
+	f.Learned = maps.Clone(c.learned)
 	c.dirty = false
 	c.mu.Unlock()
 	b, err := json.Marshal(f)
