@@ -166,10 +166,8 @@ func waitGossipReady(t *testing.T, peers ...*Peer) {
 	t.Helper()
 	waitUntil(t, 15*time.Second, "catalog topics have no peers", func() bool {
 		for _, p := range peers {
-			p.mu.Lock()
-			tp := p.cat.topics
-			p.mu.Unlock()
-			if tp == nil || len(tp.catalog.ListPeers()) == 0 || len(tp.profiles.ListPeers()) == 0 {
+			g := p.cat.gossip
+			if g == nil || len(g.catalog.ListPeers()) == 0 || len(g.profiles.ListPeers()) == 0 {
 				return false
 			}
 		}
@@ -393,11 +391,9 @@ func TestCatalogRejects(t *testing.T) {
 		s.Write(appendFrame(nil, []byte{entryCatalog, 1, 2, 3}))
 	})
 	runPeers(t, peers...)
-	for _, p := range peers {
-		if err := h.Connect(ctx, peer.AddrInfo{ID: p.ID(), Addrs: p.Host().Addrs()}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	waitGossipReady(t, peers...)
+	// Both sides' gossipsub runs before they connect, so each opens its
+	// stream to the other at once.
 	psCtx, psCancel := context.WithCancel(ctx)
 	defer psCancel()
 	ps, err := pubsub.NewGossipSub(psCtx, h, pubsub.WithMaxMessageSize(4<<20))
@@ -411,6 +407,11 @@ func TestCatalogRejects(t *testing.T) {
 	profs, err := ps.Join(TopicProfiles)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, p := range peers {
+		if err := h.Connect(ctx, peer.AddrInfo{ID: p.ID(), Addrs: p.Host().Addrs()}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	waitUntil(t, 15*time.Second, "the rogue found no topic peers", func() bool {
 		return len(cat.ListPeers()) == 3 && len(profs.ListPeers()) == 3
@@ -549,9 +550,18 @@ func TestCatalogReportBad(t *testing.T) {
 	if peers[0].claimSync(peers[1].ID()) {
 		t.Error("a sync with a bad peer was allowed")
 	}
+	if err := peers[1].PublishCatalog(t.Context(), testEntry("y", "", 1, "y")); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "peer 0 did not ignore the bad peer's announcement", func() bool {
+		return testutil.ToFloat64(peers[0].metrics.catalogMsgs.WithLabelValues("catalog", "ignored")) >= 1
+	})
 	time.Sleep(3 * syncDebounce)
 	if _, ok := bs[0].entry(chunkstore.Sum([]byte("x"))); ok {
 		t.Error("peer 0 learned an entry by sync from a peer it reported bad")
+	}
+	if _, ok := bs[0].entry(chunkstore.Sum([]byte("y"))); ok {
+		t.Error("peer 0 learned an announcement of a peer it reported bad")
 	}
 	if n := testutil.ToFloat64(peers[1].metrics.catalogSyncs.WithLabelValues("error")); n < 1 {
 		t.Errorf("the bad peer's sync with peer 0 was not refused (%v errors)", n)
@@ -713,4 +723,25 @@ func FuzzDecodeCatalog(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestRealCatalog: two real hosts on a swarm key (TCP, Noise) gossip and sync.
+func TestRealCatalog(t *testing.T) {
+	t.Parallel()
+	key, _ := DecodeSwarmKey(GenerateSwarmKey())
+	ba, bb := newCatBackend(), newCatBackend()
+	a := realPeer(t, WithSwarmKey(key), WithBackend(ba))
+	old := testEntry("old", a.ID(), 1, "old")
+	ba.put(old)
+	b := realPeer(t, WithSwarmKey(key), WithBackend(bb), WithBootstrap([]string{a.Addrs()[0].String()}))
+	runPeers(t, a, b)
+	waitUntil(t, 15*time.Second, "b did not sync a's entry", func() bool { _, ok := bb.entry(old.Manifest); return ok })
+	waitGossipReady(t, a, b)
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	e := testEntry("new", "", 2, "new")
+	if err := a.PublishCatalog(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "b did not learn a's announcement", func() bool { _, ok := bb.entry(e.Manifest); return ok })
 }
