@@ -29,6 +29,7 @@ type catBackend struct {
 	profs   map[string]ProfileEntry // manifest + node
 	froms   map[peer.ID]int         // Learn* calls by from
 	learned int
+	block   chan struct{} // when set (before Run), Learn* waits for it to close
 }
 
 func newCatBackend() *catBackend {
@@ -66,6 +67,9 @@ func (b *catBackend) Profiles(context.Context) ([]ProfileEntry, error) {
 }
 
 func (b *catBackend) LearnCatalog(from peer.ID, e CatalogEntry) {
+	if b.block != nil {
+		<-b.block
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.learned++
@@ -76,6 +80,9 @@ func (b *catBackend) LearnCatalog(from peer.ID, e CatalogEntry) {
 }
 
 func (b *catBackend) LearnProfile(from peer.ID, e ProfileEntry) {
+	if b.block != nil {
+		<-b.block
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.learned++
@@ -744,4 +751,36 @@ func TestRealCatalog(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitUntil(t, 10*time.Second, "b did not learn a's announcement", func() bool { _, ok := bb.entry(e.Manifest); return ok })
+}
+
+// TestCatalogQueueFull: a backend that stops in Learn holds up neither
+// pubsub (messages are still validated) nor its peers; what does not fit the
+// queue is dropped and counted.
+func TestCatalogQueueFull(t *testing.T) {
+	t.Parallel()
+	peers, bs, _ := catCluster(t, 2, WithCatalogSyncInterval(time.Hour))
+	peers[1].learnQueue = 2
+	bs[1].block = make(chan struct{})
+	runPeers(t, peers...)
+	waitGossipReady(t, peers...)
+	waitInitialSyncs(t, peers...)
+	const n = 12
+	for i := range n {
+		if err := peers[0].PublishCatalog(t.Context(), testEntry(fmt.Sprint(i), "", 1, fmt.Sprint("img-", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	accepted := func() float64 {
+		return testutil.ToFloat64(peers[1].metrics.catalogMsgs.WithLabelValues("catalog", "accepted"))
+	}
+	dropped := func() float64 { return testutil.ToFloat64(peers[1].metrics.catalogDropped) }
+	waitUntil(t, 10*time.Second, "the blocked node did not validate every message", func() bool { return accepted() == n })
+	// One entry in Learn, two in the queue, the rest dropped.
+	waitUntil(t, 5*time.Second, "no message was dropped", func() bool { return dropped() == n-3 })
+	close(bs[1].block)
+	waitUntil(t, 5*time.Second, "the queued entries did not reach Learn", func() bool {
+		bs[1].mu.Lock()
+		defer bs[1].mu.Unlock()
+		return bs[1].learned == 3
+	})
 }

@@ -39,8 +39,10 @@ const (
 	maxSyncEntries = 1 << 20
 	// syncTimeout bounds one whole sync, either side.
 	syncTimeout = 5 * time.Minute
-	// syncConcurrency bounds the syncs a node runs at once, as a client.
+	// syncConcurrency bounds the syncs a node runs at once, as a client;
+	// maxServedSyncs as a server (a request over it is reset).
 	syncConcurrency = 4
+	maxServedSyncs  = 16
 	// syncFanout is how many random connected peers the periodic sync asks.
 	syncFanout = 3
 	// syncDebounce gathers connection events before syncing with the new peers.
@@ -70,6 +72,7 @@ type catalogState struct {
 	gossip   *gossip
 	lastSync map[peer.ID]time.Time // when each peer was last asked (rate limit)
 	syncing  map[peer.ID]bool
+	serving  int // syncs being served
 }
 
 // gossip is the node's GossipSub and its two topics.
@@ -106,6 +109,9 @@ func (p *Peer) startGossip() error {
 		// to the mesh: the mesh forms at heartbeats (the first 100 ms after a
 		// peer joins), and a message published before would reach nobody.
 		pubsub.WithFloodPublish(true),
+		// Room for a burst of announcements (a node publishing its whole
+		// catalog after an import); what overflows comes back by sync.
+		pubsub.WithPeerOutboundQueueSize(256),
 		pubsub.WithLogger(p.log.With("component", "pubsub")),
 	)
 	g := &gossip{ps: ps}
@@ -175,7 +181,7 @@ func (p *Peer) runCatalog(ctx context.Context) error {
 	defer cancel()
 	defer context.AfterFunc(p.ctx, cancel)()
 
-	queue := make(chan learnItem, learnQueueSize)
+	queue := make(chan learnItem, p.learnQueue)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel() // before wg.Wait: every goroutine below ends with ctx
@@ -544,17 +550,23 @@ func appendFrame(b, body []byte) []byte {
 func (p *Peer) handleCatalogSync(s network.Stream) {
 	remote := s.Conn().RemotePeer()
 	p.mu.Lock()
-	closed := p.closed
-	if !closed {
+	closed, busy := p.closed, p.cat.serving >= maxServedSyncs
+	if !closed && !busy {
 		p.served[s] = struct{}{}
 		p.wg.Add(1)
+		p.cat.serving++
 	}
 	p.mu.Unlock()
-	if closed {
+	if closed || busy {
 		s.Reset()
 		return
 	}
-	defer p.unserve(s)
+	defer func() {
+		p.mu.Lock()
+		p.cat.serving--
+		p.mu.Unlock()
+		p.unserve(s)
+	}()
 	if p.Bad(remote) {
 		s.Reset()
 		return

@@ -103,7 +103,8 @@
 //     whole catalog and profiles when it connects to it (gathered for 0.5 s)
 //     and, every sync interval (WithCatalogSyncInterval, default 1 min), asks
 //     3 random connected peers; never one peer more than once per interval,
-//     nor a peer marked bad, at most 4 syncs at a time. So a node that was
+//     nor a peer marked bad, at most 4 syncs at a time (and at most 16
+//     served at a time; more are reset). So a node that was
 //     offline learns every image and tombstone it missed, from any node that
 //     has them. Sync entries carry no signature: their Publisher is what the
 //     serving peer says, and LearnCatalog's from names that peer; a node that

@@ -106,6 +106,8 @@ type Peer struct {
 	closed   bool
 	kick     chan struct{} // wakes the reprovide loop (after bootstrap)
 	cat      catalogState
+	// learnQueue is the size of the catalog's learn queue (tests shrink it).
+	learnQueue int
 }
 
 // New builds a node: its host (unless WithHost), DHT, protocol handlers and,
@@ -125,7 +127,8 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 		bad: make(map[peer.ID]time.Time), slow: make(map[peer.ID]time.Time), pools: make(map[peer.ID]*pool),
 		conns: make(map[*conn]struct{}), served: make(map[network.Stream]struct{}),
 		load: make(map[peer.ID]int64), kick: make(chan struct{}, 1),
-		cat: catalogState{lastSync: map[peer.ID]time.Time{}, syncing: map[peer.ID]bool{}}}
+		cat:        catalogState{lastSync: map[peer.ID]time.Time{}, syncing: map[peer.ID]bool{}},
+		learnQueue: learnQueueSize}
 	if o.catalogSyncInterval <= 0 {
 		p.o.catalogSyncInterval = time.Minute
 	}
