@@ -29,6 +29,7 @@ type catBackend struct {
 	profs   map[string]ProfileEntry // manifest + node
 	froms   map[peer.ID]int         // Learn* calls by from
 	learned int
+	block   chan struct{} // when set (before Run), Learn* waits for it to close
 }
 
 func newCatBackend() *catBackend {
@@ -66,6 +67,9 @@ func (b *catBackend) Profiles(context.Context) ([]ProfileEntry, error) {
 }
 
 func (b *catBackend) LearnCatalog(from peer.ID, e CatalogEntry) {
+	if b.block != nil {
+		<-b.block
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.learned++
@@ -76,6 +80,9 @@ func (b *catBackend) LearnCatalog(from peer.ID, e CatalogEntry) {
 }
 
 func (b *catBackend) LearnProfile(from peer.ID, e ProfileEntry) {
+	if b.block != nil {
+		<-b.block
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.learned++
@@ -166,10 +173,8 @@ func waitGossipReady(t *testing.T, peers ...*Peer) {
 	t.Helper()
 	waitUntil(t, 15*time.Second, "catalog topics have no peers", func() bool {
 		for _, p := range peers {
-			p.mu.Lock()
-			tp := p.cat.topics
-			p.mu.Unlock()
-			if tp == nil || len(tp.catalog.ListPeers()) == 0 || len(tp.profiles.ListPeers()) == 0 {
+			g := p.cat.gossip
+			if g == nil || len(g.catalog.ListPeers()) == 0 || len(g.profiles.ListPeers()) == 0 {
 				return false
 			}
 		}
@@ -393,11 +398,9 @@ func TestCatalogRejects(t *testing.T) {
 		s.Write(appendFrame(nil, []byte{entryCatalog, 1, 2, 3}))
 	})
 	runPeers(t, peers...)
-	for _, p := range peers {
-		if err := h.Connect(ctx, peer.AddrInfo{ID: p.ID(), Addrs: p.Host().Addrs()}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	waitGossipReady(t, peers...)
+	// Both sides' gossipsub runs before they connect, so each opens its
+	// stream to the other at once.
 	psCtx, psCancel := context.WithCancel(ctx)
 	defer psCancel()
 	ps, err := pubsub.NewGossipSub(psCtx, h, pubsub.WithMaxMessageSize(4<<20))
@@ -411,6 +414,11 @@ func TestCatalogRejects(t *testing.T) {
 	profs, err := ps.Join(TopicProfiles)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, p := range peers {
+		if err := h.Connect(ctx, peer.AddrInfo{ID: p.ID(), Addrs: p.Host().Addrs()}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	waitUntil(t, 15*time.Second, "the rogue found no topic peers", func() bool {
 		return len(cat.ListPeers()) == 3 && len(profs.ListPeers()) == 3
@@ -549,9 +557,18 @@ func TestCatalogReportBad(t *testing.T) {
 	if peers[0].claimSync(peers[1].ID()) {
 		t.Error("a sync with a bad peer was allowed")
 	}
+	if err := peers[1].PublishCatalog(t.Context(), testEntry("y", "", 1, "y")); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "peer 0 did not ignore the bad peer's announcement", func() bool {
+		return testutil.ToFloat64(peers[0].metrics.catalogMsgs.WithLabelValues("catalog", "ignored")) >= 1
+	})
 	time.Sleep(3 * syncDebounce)
 	if _, ok := bs[0].entry(chunkstore.Sum([]byte("x"))); ok {
 		t.Error("peer 0 learned an entry by sync from a peer it reported bad")
+	}
+	if _, ok := bs[0].entry(chunkstore.Sum([]byte("y"))); ok {
+		t.Error("peer 0 learned an announcement of a peer it reported bad")
 	}
 	if n := testutil.ToFloat64(peers[1].metrics.catalogSyncs.WithLabelValues("error")); n < 1 {
 		t.Errorf("the bad peer's sync with peer 0 was not refused (%v errors)", n)
@@ -712,5 +729,58 @@ func FuzzDecodeCatalog(f *testing.F) {
 				t.Fatal("profile over the bound")
 			}
 		}
+	})
+}
+
+// TestRealCatalog: two real hosts on a swarm key (TCP, Noise) gossip and sync.
+func TestRealCatalog(t *testing.T) {
+	t.Parallel()
+	key, _ := DecodeSwarmKey(GenerateSwarmKey())
+	ba, bb := newCatBackend(), newCatBackend()
+	a := realPeer(t, WithSwarmKey(key), WithBackend(ba))
+	old := testEntry("old", a.ID(), 1, "old")
+	ba.put(old)
+	b := realPeer(t, WithSwarmKey(key), WithBackend(bb), WithBootstrap([]string{a.Addrs()[0].String()}))
+	runPeers(t, a, b)
+	waitUntil(t, 15*time.Second, "b did not sync a's entry", func() bool { _, ok := bb.entry(old.Manifest); return ok })
+	waitGossipReady(t, a, b)
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	e := testEntry("new", "", 2, "new")
+	if err := a.PublishCatalog(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "b did not learn a's announcement", func() bool { _, ok := bb.entry(e.Manifest); return ok })
+}
+
+// TestCatalogQueueFull: a backend that stops in Learn holds up neither
+// pubsub (messages are still validated) nor its peers; what does not fit the
+// queue is dropped and counted.
+func TestCatalogQueueFull(t *testing.T) {
+	t.Parallel()
+	peers, bs, _ := catCluster(t, 2, WithCatalogSyncInterval(time.Hour))
+	peers[1].learnQueue = 2
+	bs[1].block = make(chan struct{})
+	runPeers(t, peers...)
+	waitGossipReady(t, peers...)
+	waitInitialSyncs(t, peers...)
+	const n = 12
+	for i := range n {
+		if err := peers[0].PublishCatalog(t.Context(), testEntry(fmt.Sprint(i), "", 1, fmt.Sprint("img-", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	accepted := func() float64 {
+		return testutil.ToFloat64(peers[1].metrics.catalogMsgs.WithLabelValues("catalog", "accepted"))
+	}
+	dropped := func() float64 { return testutil.ToFloat64(peers[1].metrics.catalogDropped) }
+	waitUntil(t, 10*time.Second, "the blocked node did not validate every message", func() bool { return accepted() == n })
+	// One entry in Learn, two in the queue, the rest dropped.
+	waitUntil(t, 5*time.Second, "no message was dropped", func() bool { return dropped() == n-3 })
+	close(bs[1].block)
+	waitUntil(t, 5*time.Second, "the queued entries did not reach Learn", func() bool {
+		bs[1].mu.Lock()
+		defer bs[1].mu.Unlock()
+		return bs[1].learned == 3
 	})
 }

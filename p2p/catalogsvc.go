@@ -39,8 +39,10 @@ const (
 	maxSyncEntries = 1 << 20
 	// syncTimeout bounds one whole sync, either side.
 	syncTimeout = 5 * time.Minute
-	// syncConcurrency bounds the syncs a node runs at once, as a client.
+	// syncConcurrency bounds the syncs a node runs at once, as a client;
+	// maxServedSyncs as a server (a request over it is reset).
 	syncConcurrency = 4
+	maxServedSyncs  = 16
 	// syncFanout is how many random connected peers the periodic sync asks.
 	syncFanout = 3
 	// syncDebounce gathers connection events before syncing with the new peers.
@@ -64,16 +66,21 @@ type learnItem struct {
 	profile *ProfileEntry
 }
 
-// catalogState is the catalog's part of a Peer, guarded by Peer.mu.
+// catalogState is the catalog's part of a Peer. gossip is set by New and
+// read-only after; the maps are guarded by Peer.mu.
 type catalogState struct {
-	ready    chan struct{} // closed while the catalog runs (see runCatalog)
-	topics   *catalogTopics
+	gossip   *gossip
 	lastSync map[peer.ID]time.Time // when each peer was last asked (rate limit)
 	syncing  map[peer.ID]bool
+	serving  int // syncs being served
 }
 
-type catalogTopics struct {
+// gossip is the node's GossipSub and its two topics.
+type gossip struct {
+	ps                *pubsub.PubSub
 	catalog, profiles *pubsub.Topic
+	subs              []*pubsub.Subscription
+	protocols         []protocol.ID // what pubsub registered on the host
 }
 
 func (p *Peer) catalogBackend() CatalogBackend {
@@ -81,11 +88,85 @@ func (p *Peer) catalogBackend() CatalogBackend {
 	return cb
 }
 
-// runCatalog runs gossip and anti-entropy until ctx is cancelled or the Peer
-// closes; Run calls it. Without a CatalogBackend it returns at once.
+// startGossip starts GossipSub on the host and subscribes to the catalog
+// topics, when the backend is a CatalogBackend; New calls it before the node
+// connects anywhere. Started later, on a host already connected, gossipsub
+// can miss a peer for good: a stream it opens to a peer that does not yet
+// speak gossipsub fails, and the peer's later identify push may arrive while
+// that attempt is still under way. pubsub ends with p.ctx (Close).
+func (p *Peer) startGossip() error {
+	if p.catalogBackend() == nil {
+		return nil
+	}
+	before := map[protocol.ID]bool{}
+	for _, id := range p.host.Mux().Protocols() {
+		before[id] = true
+	}
+	ps, err := pubsub.NewGossipSub(p.ctx, p.host,
+		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
+		pubsub.WithMaxMessageSize(maxPubsubMessage),
+		// An announcement goes to every connected peer on the topic, not only
+		// to the mesh: the mesh forms at heartbeats (the first 100 ms after a
+		// peer joins), and a message published before would reach nobody.
+		pubsub.WithFloodPublish(true),
+		// Room for a burst of announcements (a node publishing its whole
+		// catalog after an import); what overflows comes back by sync.
+		pubsub.WithPeerOutboundQueueSize(256),
+		pubsub.WithLogger(p.log.With("component", "pubsub")),
+	)
+	g := &gossip{ps: ps}
+	// pubsub registers its protocols on the host and never removes them; the
+	// host may outlive the Peer (WithHost), so stopGossip removes them.
+	for _, id := range p.host.Mux().Protocols() {
+		if !before[id] {
+			g.protocols = append(g.protocols, id)
+		}
+	}
+	p.cat.gossip = g
+	if err != nil {
+		return fmt.Errorf("start catalog gossip: %w", err)
+	}
+	for _, t := range []struct {
+		name string
+		dst  **pubsub.Topic
+	}{{TopicCatalog, &g.catalog}, {TopicProfiles, &g.profiles}} {
+		if err := ps.RegisterTopicValidator(t.name, p.validateEntry, pubsub.WithValidatorTimeout(5*time.Second)); err != nil {
+			return fmt.Errorf("catalog topic %s: %w", t.name, err)
+		}
+		topic, err := ps.Join(t.name)
+		if err != nil {
+			return fmt.Errorf("join catalog topic %s: %w", t.name, err)
+		}
+		sub, err := topic.Subscribe(pubsub.WithBufferSize(256))
+		if err != nil {
+			return fmt.Errorf("subscribe to catalog topic %s: %w", t.name, err)
+		}
+		*t.dst = topic
+		g.subs = append(g.subs, sub)
+	}
+	p.host.SetStreamHandler(ProtocolCatalogSync, p.handleCatalogSync)
+	return nil
+}
+
+// stopGossip removes the catalog's protocol handlers; pubsub itself ends
+// with p.ctx, which the caller has cancelled.
+func (p *Peer) stopGossip() {
+	g := p.cat.gossip
+	if g == nil {
+		return
+	}
+	p.host.RemoveStreamHandler(ProtocolCatalogSync)
+	for _, id := range g.protocols {
+		p.host.RemoveStreamHandler(id)
+	}
+}
+
+// runCatalog feeds received entries to the backend and runs anti-entropy
+// until ctx is cancelled or the Peer closes; Run calls it. Without a
+// CatalogBackend it returns at once.
 func (p *Peer) runCatalog(ctx context.Context) error {
-	cb := p.catalogBackend()
-	if cb == nil {
+	cb, g := p.catalogBackend(), p.cat.gossip
+	if cb == nil || g == nil {
 		return nil
 	}
 	p.mu.Lock()
@@ -100,48 +181,11 @@ func (p *Peer) runCatalog(ctx context.Context) error {
 	defer cancel()
 	defer context.AfterFunc(p.ctx, cancel)()
 
-	// pubsub registers its protocols on the host and never removes them; the
-	// host may outlive this run (WithHost), so remove what it added.
-	before := map[protocol.ID]bool{}
-	for _, id := range p.host.Mux().Protocols() {
-		before[id] = true
-	}
-	ps, err := pubsub.NewGossipSub(ctx, p.host,
-		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
-		pubsub.WithMaxMessageSize(maxPubsubMessage),
-		pubsub.WithLogger(p.log.With("component", "pubsub")),
-	)
-	if err != nil {
-		return fmt.Errorf("start catalog gossip: %w", err)
-	}
-	defer func() {
-		for _, id := range p.host.Mux().Protocols() {
-			if !before[id] {
-				p.host.RemoveStreamHandler(id)
-			}
-		}
-	}()
-	queue := make(chan learnItem, learnQueueSize)
+	queue := make(chan learnItem, p.learnQueue)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel() // before wg.Wait: every goroutine below ends with ctx
-	topics := &catalogTopics{}
-	for _, t := range []struct {
-		name string
-		dst  **pubsub.Topic
-	}{{TopicCatalog, &topics.catalog}, {TopicProfiles, &topics.profiles}} {
-		if err := ps.RegisterTopicValidator(t.name, p.validateEntry, pubsub.WithValidatorTimeout(5*time.Second)); err != nil {
-			return fmt.Errorf("catalog topic %s: %w", t.name, err)
-		}
-		topic, err := ps.Join(t.name)
-		if err != nil {
-			return fmt.Errorf("join catalog topic %s: %w", t.name, err)
-		}
-		sub, err := topic.Subscribe(pubsub.WithBufferSize(256))
-		if err != nil {
-			return fmt.Errorf("subscribe to catalog topic %s: %w", t.name, err)
-		}
-		*t.dst = topic
+	for _, sub := range g.subs {
 		wg.Go(func() { p.readTopic(ctx, sub, queue) })
 	}
 	wg.Go(func() { p.learnLoop(ctx, cb, queue) })
@@ -155,19 +199,6 @@ func (p *Peer) runCatalog(ctx context.Context) error {
 	}}
 	p.host.Network().Notify(notifee)
 	defer p.host.Network().StopNotify(notifee)
-	p.host.SetStreamHandler(ProtocolCatalogSync, p.handleCatalogSync)
-	defer p.host.RemoveStreamHandler(ProtocolCatalogSync)
-
-	p.mu.Lock()
-	p.cat.topics = topics
-	close(p.cat.ready)
-	p.mu.Unlock()
-	defer func() {
-		p.mu.Lock()
-		p.cat.topics = nil
-		p.cat.ready = make(chan struct{})
-		p.mu.Unlock()
-	}()
 	p.syncLoop(ctx, &wg, conns, queue)
 	return nil
 }
@@ -187,6 +218,12 @@ func (p *Peer) validateEntry(_ context.Context, from peer.ID, m *pubsub.Message)
 	kind := "catalog"
 	if m.GetTopic() == TopicProfiles {
 		kind = "profile"
+	}
+	if !local && p.Bad(m.GetFrom()) {
+		// Reported bad (ReportBad): its announcements wait out the TTL. The
+		// relay is not at fault, so ignore rather than reject.
+		p.metrics.catalogMsgs.WithLabelValues(kind, "ignored").Inc()
+		return pubsub.ValidationIgnore
 	}
 	if len(m.Data) > MaxCatalogEntrySize {
 		return reject(kind, badEntry("%d bytes (max %d)", len(m.Data), MaxCatalogEntrySize))
@@ -218,9 +255,9 @@ func (p *Peer) validateEntry(_ context.Context, from peer.ID, m *pubsub.Message)
 }
 
 // readTopic hands every validated message of sub from another peer to the
-// learn queue, dropping it (with a count) when the queue is full.
+// learn queue, dropping it (with a count) when the queue is full. The
+// subscription outlives it: Run may run again.
 func (p *Peer) readTopic(ctx context.Context, sub *pubsub.Subscription, queue chan<- learnItem) {
-	defer sub.Cancel()
 	for {
 		m, err := sub.Next(ctx)
 		if err != nil {
@@ -262,36 +299,23 @@ func (p *Peer) learnLoop(ctx context.Context, cb CatalogBackend, queue <-chan le
 	}
 }
 
-// catalogTopics waits until Run has started the catalog and returns its topics.
-func (p *Peer) catalogTopics(ctx context.Context) (*catalogTopics, error) {
-	if p.catalogBackend() == nil {
+// catalogGossip returns the node's gossip, or an error saying why there is none.
+func (p *Peer) catalogGossip() (*gossip, error) {
+	if p.cat.gossip == nil {
 		return nil, ErrCatalogOff
 	}
-	for {
-		p.mu.Lock()
-		t, ready, closed := p.cat.topics, p.cat.ready, p.closed
-		p.mu.Unlock()
-		if closed {
-			return nil, errors.New("p2p node closed")
-		}
-		if t != nil {
-			return t, nil
-		}
-		select {
-		case <-ready:
-		case <-ctx.Done():
-			return nil, fmt.Errorf("catalog not running (is p2p Run started?): %w", ctx.Err())
-		case <-p.ctx.Done():
-			return nil, errors.New("p2p node closed")
-		}
+	if p.ctx.Err() != nil {
+		return nil, errors.New("p2p node closed")
 	}
+	return p.cat.gossip, nil
 }
 
 // PublishCatalog announces e to every peer on the catalog topic. e.Publisher
 // must be this node or empty (then filled in): a node announces only its own
 // changes, and peers reject a message whose signer is not the Publisher. It
-// waits (within ctx) for Run to have started the catalog. Peers that miss the
-// announcement learn e at their next sync, from any node that has it.
+// works from New on, Run or not; with no peer connected it succeeds and sends
+// nothing. Peers that miss the announcement learn e at their next sync, from
+// any node that has it (so the node should record e before publishing it).
 func (p *Peer) PublishCatalog(ctx context.Context, e CatalogEntry) error {
 	if e.Publisher == "" {
 		e.Publisher = p.host.ID()
@@ -303,7 +327,7 @@ func (p *Peer) PublishCatalog(ctx context.Context, e CatalogEntry) error {
 	if err != nil {
 		return fmt.Errorf("publish catalog entry of %s: %w", e.Manifest, err)
 	}
-	t, err := p.catalogTopics(ctx)
+	t, err := p.catalogGossip()
 	if err != nil {
 		return fmt.Errorf("publish catalog entry of %s: %w", e.Manifest, err)
 	}
@@ -326,7 +350,7 @@ func (p *Peer) PublishProfile(ctx context.Context, e ProfileEntry) error {
 	if err != nil {
 		return fmt.Errorf("publish profile of %s: %w", e.Manifest, err)
 	}
-	t, err := p.catalogTopics(ctx)
+	t, err := p.catalogGossip()
 	if err != nil {
 		return fmt.Errorf("publish profile of %s: %w", e.Manifest, err)
 	}
@@ -449,7 +473,12 @@ func (p *Peer) syncCatalog(ctx context.Context, id peer.ID, queue chan<- learnIt
 	if err != nil {
 		return 0, fmt.Errorf("catalog sync with %s: %w", id, err)
 	}
-	defer s.Reset() // after a clean END, Close below has already run
+	clean := false
+	defer func() {
+		if !clean {
+			s.Reset()
+		}
+	}()
 	stop := context.AfterFunc(ctx, func() { s.Reset() })
 	defer stop()
 	s.SetWriteDeadline(time.Now().Add(p.writeTimeout(16)))
@@ -483,6 +512,7 @@ func (p *Peer) syncCatalog(ctx context.Context, id peer.ID, queue chan<- learnIt
 			if frame[1]&1 != 0 {
 				p.log.Warn("peer's catalog was truncated in sync", "peer_id", id.String(), "entries", n)
 			}
+			clean = true
 			s.Close()
 			return n, nil
 		case entryCatalog:
@@ -520,17 +550,23 @@ func appendFrame(b, body []byte) []byte {
 func (p *Peer) handleCatalogSync(s network.Stream) {
 	remote := s.Conn().RemotePeer()
 	p.mu.Lock()
-	closed := p.closed
-	if !closed {
+	closed, busy := p.closed, p.cat.serving >= maxServedSyncs
+	if !closed && !busy {
 		p.served[s] = struct{}{}
 		p.wg.Add(1)
+		p.cat.serving++
 	}
 	p.mu.Unlock()
-	if closed {
+	if closed || busy {
 		s.Reset()
 		return
 	}
-	defer p.unserve(s)
+	defer func() {
+		p.mu.Lock()
+		p.cat.serving--
+		p.mu.Unlock()
+		p.unserve(s)
+	}()
 	if p.Bad(remote) {
 		s.Reset()
 		return

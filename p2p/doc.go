@@ -79,4 +79,74 @@
 // timeout) is asked last for 30 s, so a stopped peer, whose connection stays up
 // until keep-alives fail, costs one hedge delay rather than one per read.
 // Close resets every stream, client or served, and waits for their goroutines.
+//
+// # Catalog
+//
+// Every node learns every image of the cluster (CatalogEntry: a manifest, its
+// names, or a tombstone left by image rm --cluster) and every node's boot
+// profile of it (ProfileEntry), when its backend implements CatalogBackend.
+// New then starts GossipSub on the host (before the node connects anywhere,
+// so no peer's first gossipsub stream can miss it), Run feeds the backend and
+// syncs, and Close stops both. Two ways carry entries, and both end in the
+// backend's LearnCatalog and LearnProfile, called one at a time from a queue
+// of 4096 entries:
+//
+//   - Announcements: GossipSub topics /hoard/catalog/1 and /hoard/profiles/1,
+//     one entry per message, strictly signed (the pubsub default) and
+//     flood-published (to every connected peer on the topic). A topic
+//     validator decodes every message and rejects it when it is malformed,
+//     over MaxCatalogEntrySize (1 MiB), or signed by another peer than the
+//     entry's Publisher (Node for a profile): a node announces only its own
+//     changes (PublishCatalog, PublishProfile). Accepted messages that find
+//     the learn queue full are dropped and counted; sync brings them back.
+//   - Anti-entropy: /hoard/catalog-sync/1.0.0. A node asks a peer for its
+//     whole catalog and profiles when it connects to it (gathered for 0.5 s)
+//     and, every sync interval (WithCatalogSyncInterval, default 1 min), asks
+//     3 random connected peers; never one peer more than once per interval,
+//     nor a peer marked bad, at most 4 syncs at a time (and at most 16
+//     served at a time; more are reset). So a node that was
+//     offline learns every image and tombstone it missed, from any node that
+//     has them. Sync entries carry no signature: their Publisher is what the
+//     serving peer says, and LearnCatalog's from names that peer; a node that
+//     finds an entry false (its manifest does not match its CID) calls
+//     ReportBad, which leaves the peer out of selection and of syncs, both
+//     ways, and ignores its announcements, for the bad-peer TTL.
+//
+// The sync stream uses the chunk protocol's frames (uvarint(length) body,
+// length <= MaxMessageSize). The client sends one request and closes its side:
+//
+//	0x10 SYNC    flags(1) = 0
+//
+// and the server answers with one frame per entry, catalog entries first, then
+//
+//	0x11 END     flags(1): bit 0 = truncated (the reply reached 64 MiB or 2^20 entries)
+//
+// Every write has the chunk protocol's write deadline, every read waits at
+// most as long, and one sync lasts at most 5 min; any malformed frame fails
+// the sync (entries before it are kept). Entries, as pubsub messages and sync
+// frames (uvarint, the unsigned LEB128 varint of encoding/binary):
+//
+//	catalog: 0x01 digest(32) flags(1: bit 0 removed) uvarint(version)
+//	         uvarint(len) publisher peer ID
+//	         uvarint(n) n × (uvarint(len) name)
+//	profile: 0x02 digest(32) uvarint(version) uvarint(len) node peer ID
+//	         chunkstore profile ("HOARDPF" 1 uvarint(boots) uvarint(n) n × uvarint(index))
+//
+// Bounds: at most MaxCatalogNames (64) names of 1 to MaxCatalogNameLen (1024)
+// bytes of UTF-8, distinct; peer IDs of at most 128 bytes that parse;
+// profiles of at most MaxProfileChunks (2^17) distinct indices below 2^32;
+// an entry of at most 1 MiB. Decoding is strict: an encoding that is not the
+// one Append* would produce (non-minimal varints, unknown flags, trailing
+// bytes) is an error.
+//
+// Semantics: per manifest the entry that Supersedes wins: the greater
+// Version (a hybrid logical clock, NextVersion: milliseconds << 16, or one
+// more than the greatest version seen), then at equal versions a tombstone
+// over a live entry, then the greater Publisher, then the greater encoding,
+// so every node converges on one winner whatever the order of arrival. A
+// tombstone is an entry like any other: nodes keep it and sync it, so an
+// image removed while a node was down stays removed when it returns; an
+// import after the removal, with a greater version, brings it back. Per
+// (manifest, node) the greater profile Version wins; merging the profiles
+// of different nodes is the node's business.
 package p2p

@@ -36,7 +36,7 @@ func newMetrics(reg prometheus.Registerer, p *Peer) *metrics {
 			Help:    "Chunk-protocol request latency, from send to the last reply, by request type.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"type"}),
 		catalogMsgs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hoard_p2p_catalog_messages_total",
-			Help: "Catalog and profile pubsub messages from peers, by kind (catalog, profile) and result (accepted, rejected)."},
+			Help: "Catalog and profile pubsub messages from peers, by kind (catalog, profile) and result (accepted, rejected, ignored: the author was reported bad)."},
 			[]string{"kind", "result"}),
 		catalogDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "hoard_p2p_catalog_dropped_total",
 			Help: "Accepted catalog and profile messages dropped because the backend's learn queue was full."}),

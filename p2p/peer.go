@@ -106,11 +106,14 @@ type Peer struct {
 	closed   bool
 	kick     chan struct{} // wakes the reprovide loop (after bootstrap)
 	cat      catalogState
+	// learnQueue is the size of the catalog's learn queue (tests shrink it).
+	learnQueue int
 }
 
-// New builds a node: its host (unless WithHost), DHT and protocol handler. It
-// starts no goroutine of its own; call Run to join the cluster and reprovide,
-// and Close when done.
+// New builds a node: its host (unless WithHost), DHT, protocol handlers and,
+// with a CatalogBackend, the catalog's GossipSub (whose goroutines, like the
+// DHT's, end with Close). It starts no goroutine of its own; call Run to join
+// the cluster, reprovide and learn the catalog, and Close when done.
 func New(ctx context.Context, opts ...Option) (*Peer, error) {
 	o := defaults()
 	for _, f := range opts {
@@ -124,7 +127,8 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 		bad: make(map[peer.ID]time.Time), slow: make(map[peer.ID]time.Time), pools: make(map[peer.ID]*pool),
 		conns: make(map[*conn]struct{}), served: make(map[network.Stream]struct{}),
 		load: make(map[peer.ID]int64), kick: make(chan struct{}, 1),
-		cat: catalogState{ready: make(chan struct{}), lastSync: map[peer.ID]time.Time{}, syncing: map[peer.ID]bool{}}}
+		cat:        catalogState{lastSync: map[peer.ID]time.Time{}, syncing: map[peer.ID]bool{}},
+		learnQueue: learnQueueSize}
 	if o.catalogSyncInterval <= 0 {
 		p.o.catalogSyncInterval = time.Minute
 	}
@@ -170,6 +174,14 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 		return nil, fmt.Errorf("start dht: %w", err)
 	}
 	p.ctx, p.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	if err := p.startGossip(); err != nil {
+		p.cancel()
+		p.stopGossip()
+		p.dht.Close()
+		p.dstore.Close()
+		p.closeHost()
+		return nil, err
+	}
 	p.host.SetStreamHandler(ProtocolChunks, p.handleStream)
 	return p, nil
 }
@@ -322,6 +334,7 @@ func (p *Peer) Close() error {
 	p.mu.Unlock()
 	p.host.RemoveStreamHandler(ProtocolChunks)
 	p.cancel()
+	p.stopGossip()
 	for _, pl := range pools {
 		pl.closeAll()
 	}
