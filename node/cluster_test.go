@@ -5,14 +5,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/nbd"
 	"github.com/hoardvm/hoard/node"
 	"github.com/hoardvm/hoard/node/api"
+	"github.com/hoardvm/hoard/node/importer"
+	"github.com/hoardvm/hoard/node/local"
+	"github.com/hoardvm/hoard/node/origin"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
@@ -192,9 +197,26 @@ func TestClusterNameConflict(t *testing.T) {
 	dataA, _ := mockImage(1<<20, 51)
 	dataB, _ := mockImage(1<<20, 52)
 	srvA, srvB := newRangeServer(t, dataA), newRangeServer(t, dataB)
-	cl := startMockCluster(t, 3, nil)
-	a := addImage(t, cl[0], api.ImportRequest{Source: srvA.URL + "/a.raw", Name: "deb", Lazy: true})
-	b := addImage(t, cl[1], api.ImportRequest{Source: srvB.URL + "/b.raw", Name: "deb", Lazy: true})
+	// The two nodes add their images before they join (with the cluster
+	// catalog, a node that has joined learns the name and refuses to add
+	// another image under it).
+	res := make([]*importer.Result, 2)
+	cl := startMockCluster(t, 3, func(i int, c *node.Config) {
+		if i > 1 {
+			return
+		}
+		c.DataDir = t.TempDir()
+		st, err := chunkstore.Open(filepath.Join(c.DataDir, "store"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
+		src := []string{srvA.URL + "/a.raw", srvB.URL + "/b.raw"}[i]
+		if res[i], err = local.Add(t.Context(), st, origin.Config{}, api.ImportRequest{Source: src, Name: "deb", Lazy: true}, nil); err != nil {
+			t.Fatal(err)
+		}
+	})
+	a, b := res[0], res[1]
 	if a.Manifest == b.Manifest {
 		t.Fatal("two different images have one manifest")
 	}
@@ -215,6 +237,10 @@ func TestClusterNameConflict(t *testing.T) {
 	}
 	if _, err := cl[2].Open(t.Context(), "deb"); err == nil || !strings.Contains(err.Error(), b.Manifest.String()) {
 		t.Errorf("NBD open of a conflicting name: %v", err)
+	}
+	// The catalog gives the name to neither, whatever it learned first.
+	if id, err := cl[2].Store().Resolve(t.Context(), "deb"); err == nil {
+		t.Errorf("the catalog gave a name two images claim to %s", id)
 	}
 	info, err := cl[2].PullImage(t.Context(), b.Manifest.String())
 	if err != nil || info.Manifest != b.Manifest {
