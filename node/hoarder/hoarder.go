@@ -39,6 +39,8 @@ type Source interface {
 	// else peers, else the origin through the designated fetcher), stores
 	// it, and reports its raw bytes and where they came from: SourceLocal,
 	// SourcePeer or SourceOrigin. It must return promptly when ctx is done.
+	// The node tells its eviction policy of a chunk it stores this way
+	// (planner.Eviction.Touch, once), as for a chunk a VM read stores.
 	Fetch(ctx context.Context, manifest chunkstore.ID, index int) (n int64, from string, err error)
 	// Busy reports whether VM reads are waiting on fetches right now: the
 	// hoarder does not start a fetch while it is true. It is called often
@@ -303,7 +305,14 @@ func (h *Hoarder) pass(ctx context.Context) passResult {
 		h.setError("")
 		return passResult{}
 	}
+	start := time.Now()
 	r, firstErr := h.fetchAll(ctx, tasks)
+	if r.fetched > 0 {
+		st := h.Status()
+		h.log.Info("hoarded working-set chunks", "fetched", r.fetched, "failed", r.failed,
+			"planned", len(tasks), "done_bytes", st.DoneBytes, "raw_bytes", st.RawBytes,
+			"took", time.Since(start).Round(time.Millisecond))
+	}
 	if r.failed > 0 && ctx.Err() == nil {
 		h.log.Warn("hoarder fetches failed; the next pass tries them again",
 			"failed", r.failed, "fetched", r.fetched, "planned", len(tasks), "err", firstErr)

@@ -2,6 +2,7 @@ package hoarder
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
@@ -681,5 +682,31 @@ func TestMetrics(t *testing.T) {
 	// a second hoarder on the same registry logs and goes on without metrics
 	if h2 := New(f, Config{Registerer: reg}); h2.m != nil {
 		t.Error("second registration succeeded")
+	}
+}
+
+func TestStatusJSON(t *testing.T) {
+	t.Parallel()
+	img := newImage("x", 4, chunks("x", 3, 100), seq(3))
+	f := newFake(img)
+	f.setLocal("x0")
+	h := New(f, Config{})
+	h.pass(t.Context())
+	b, err := json.Marshal(h.Status())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Images []map[string]any `json:"images"`
+	}
+	if err := json.Unmarshal(b, &got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Images) != 1 {
+		t.Fatalf("images in %s: want 1", b)
+	}
+	is := got.Images[0]
+	if is["manifest"] != img.ID.String() || is["working_set_bytes"] != 300.0 || is["working_set_local_bytes"] != 100.0 || is["boots"] != 4.0 {
+		t.Errorf("image status JSON %v: want manifest %s, working_set_bytes 300, working_set_local_bytes 100, boots 4", is, img.ID)
 	}
 }
