@@ -42,6 +42,10 @@ func (n *Node) Status(ctx context.Context) (api.Status, error) {
 		s.NBDListen = n.nbdAddr.String()
 	}
 	s.Cluster = n.clusterStatus()
+	if n.hoarder != nil {
+		hs := n.hoarder.Status()
+		s.Hoard = &hs
+	}
 	names, err := n.store.Names(ctx)
 	if err != nil {
 		return s, err

@@ -49,6 +49,3 @@ func (n *Node) announceAll(ctx context.Context) {
 		}
 	}
 }
-
-// catalogChanged is called when the cluster catalog or a profile changed.
-func (n *Node) catalogChanged() {}

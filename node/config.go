@@ -64,6 +64,21 @@ type Config struct {
 	OriginTimeout time.Duration
 	// OriginConcurrency bounds concurrent origin requests. Default 8.
 	OriginConcurrency int
+	// OriginRate bounds the bytes per second this node pulls from origins,
+	// for every reason together (VM reads, peers' designated fetches,
+	// hoarding): the transfer control that keeps the image service up.
+	// 0: DefaultOriginRate; negative: unlimited.
+	OriginRate int64
+	// HoardBudget is the stored bytes kept for hoarded working sets (see
+	// package hoarder). 0: half of StoreQuota (or DefaultHoardBudget with no
+	// quota); negative: hoarding off.
+	HoardBudget int64
+	// HoardRate bounds the bytes per second the hoarder fetches. 0:
+	// DefaultHoardRate; negative: unlimited.
+	HoardRate int64
+	// HoardInterval is how often the hoarder plans again without being
+	// asked (catalog and profile changes ask at once). 0: 30 s.
+	HoardInterval time.Duration
 	// Fetcher, when set, is asked for missing chunks before the origin. When
 	// nil and the cluster is enabled (P2P), the node's peers are.
 	Fetcher Fetcher
@@ -103,6 +118,16 @@ type Config struct {
 // receive) record them redacted. Mode 0600, never sent anywhere.
 const OriginCredentialsFile = "origin-credentials.json"
 
+// Defaults of the hoarding and origin transfer controls.
+const (
+	// DefaultOriginRate: 100 MB/s (~0.8 Gbit/s) per node from origins.
+	DefaultOriginRate = 100_000_000
+	// DefaultHoardRate: 50 MB/s per node for hoarding.
+	DefaultHoardRate = 50_000_000
+	// DefaultHoardBudget is the hoard budget of a store without a quota.
+	DefaultHoardBudget = 5 << 30
+)
+
 // DefaultHotCache is the default size of the hot tier (Config.HotCache).
 const DefaultHotCache = hot.DefaultSize
 
@@ -136,6 +161,26 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.OriginConcurrency <= 0 {
 		c.OriginConcurrency = 8
+	}
+	switch {
+	case c.OriginRate == 0:
+		c.OriginRate = DefaultOriginRate
+	case c.OriginRate < 0:
+		c.OriginRate = 0 // unlimited
+	}
+	switch {
+	case c.HoardBudget == 0 && c.StoreQuota > 0:
+		c.HoardBudget = c.StoreQuota / 2
+	case c.HoardBudget == 0:
+		c.HoardBudget = DefaultHoardBudget
+	case c.HoardBudget < 0:
+		c.HoardBudget = 0 // off
+	}
+	switch {
+	case c.HoardRate == 0:
+		c.HoardRate = DefaultHoardRate
+	case c.HoardRate < 0:
+		c.HoardRate = 0 // unlimited
 	}
 	if c.MemCache == 0 {
 		c.MemCache = 64 << 20

@@ -11,6 +11,7 @@
 //
 //	node ──> cluster   views of peers, designated fetcher, advertising, remote resolve  ──> p2p
 //	     ──> catalog   the cluster catalog and every node's profiles, merged            ──> p2p, planner
+//	     ──> hoarder   keeps every known image's working set local, planned by planner  ──> planner
 //	     ──> api       wire types, the HTTP handler over api.Service (*Node), the Go client
 //	     ──> local     add / describe / remove / profile on a store this process holds ──> api, importer
 //	     ──> importer  the import pipeline (split, hash, compress, commit)             ──> origin

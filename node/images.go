@@ -26,6 +26,11 @@ func (n *Node) Images(ctx context.Context) ([]api.ImageInfo, error) {
 			return nil, err
 		}
 		r.OpenExports = n.openExports(nm.Manifest)
+		if n.hoarder != nil {
+			if hs, ok := n.hoarder.Image(nm.Manifest); ok {
+				r.WorkingSetBytes, r.WorkingSetLocalBytes = hs.WorkingSetBytes, hs.LocalBytes
+			}
+		}
 		out = append(out, r)
 	}
 	return out, nil

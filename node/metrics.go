@@ -15,6 +15,7 @@ type stats struct {
 	originErrors atomic.Int64
 	readahead    atomic.Int64
 	profile      atomic.Int64
+	hoard        atomic.Int64
 	exportsOpen  atomic.Int64
 
 	designatedFallbacks atomic.Int64
@@ -46,6 +47,7 @@ func (s *stats) snapshot() api.Counters {
 	c.OriginErrors = s.originErrors.Load()
 	c.PrefetchChunks["readahead"] = s.readahead.Load()
 	c.PrefetchChunks["profile"] = s.profile.Load()
+	c.PrefetchChunks["hoard"] = s.hoard.Load()
 	c.ExportsOpen = s.exportsOpen.Load()
 	c.DesignatedFallbacks = s.designatedFallbacks.Load()
 	return c

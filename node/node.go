@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -19,12 +20,14 @@ import (
 	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/catalog"
 	"github.com/hoardvm/hoard/node/cluster"
+	"github.com/hoardvm/hoard/node/hoarder"
 	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
+	"golang.org/x/time/rate"
 )
 
 // Fetcher gets chunks from somewhere other than the local store and the
@@ -63,14 +66,19 @@ type Node struct {
 	hotAuto   bool      // Config.HotCache was not set: size it by the free space (autoHotSize)
 	flights   singleflight.Group
 	origSlots originSlots
-	bgSem     chan struct{}
-	bg        sync.WaitGroup
+	// originRate is Config.OriginRate; nil: unlimited.
+	originRate *rate.Limiter
+	bgSem      chan struct{}
+	bg         sync.WaitGroup
 
 	mu     sync.Mutex
 	images map[chunkstore.ID]*image
 	// imageIdle: images without an open export unused this long are
 	// dropped from images (DefaultImageIdle; tests shorten it).
 	imageIdle time.Duration
+
+	hoarder   *hoarder.Hoarder // set by Run before ready
+	vmWaiting atomic.Int64     // VM reads waiting on a fetch (the hoarder yields)
 
 	live     liveSet
 	stats    stats
@@ -165,18 +173,19 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	n := &Node{
-		cfg:       cfg,
-		log:       log.With("component", "node"),
-		baseLog:   log,
-		ready:     make(chan struct{}),
-		cache:     newMemCache(cfg.MemCache),
-		origSlots: originSlots{per: cfg.OriginConcurrency},
-		bgSem:     make(chan struct{}, cfg.PrefetchConcurrency),
-		images:    make(map[chunkstore.ID]*image),
-		imageIdle: DefaultImageIdle,
-		hotAuto:   hotAuto,
-		handlers:  inflight{what: "admin API requests"},
-		fetches:   inflight{what: "chunk fetches"},
+		cfg:        cfg,
+		log:        log.With("component", "node"),
+		baseLog:    log,
+		ready:      make(chan struct{}),
+		cache:      newMemCache(cfg.MemCache),
+		origSlots:  originSlots{per: cfg.OriginConcurrency},
+		originRate: newRate(cfg.OriginRate),
+		bgSem:      make(chan struct{}, cfg.PrefetchConcurrency),
+		images:     make(map[chunkstore.ID]*image),
+		imageIdle:  DefaultImageIdle,
+		hotAuto:    hotAuto,
+		handlers:   inflight{what: "admin API requests"},
+		fetches:    inflight{what: "chunk fetches"},
 	}
 	n.reg, n.gatherer = cfg.Registerer, cfg.Gatherer
 	if n.reg == nil {
@@ -325,6 +334,9 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		defer n.hot.Close()
 	}
 
+	n.hoarder = hoarder.New(hoardSource{n}, hoarder.Config{Budget: cfg.HoardBudget, Rate: cfg.HoardRate,
+		Interval: cfg.HoardInterval, Log: n.log.With("component", "hoarder"), Registerer: n.reg})
+
 	// The cluster after the sockets and the store: p2p.New only builds the
 	// host (no network I/O; a client connecting meanwhile waits in the
 	// backlog), and everything slow (DHT bootstrap, advertising) runs in
@@ -358,6 +370,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	g, gctx := errgroup.WithContext(ctx)
 	n.runCtx = gctx
 	g.Go(func() error { n.sweepImages(gctx); return nil })
+	g.Go(func() error { return n.hoarder.Run(gctx) })
 	if peer != nil {
 		g.Go(func() error { return peer.Run(gctx) })
 		g.Go(func() error { n.cl.Run(gctx); return nil })

@@ -240,13 +240,14 @@ const (
 	forProfile
 	forCache // NBD_CMD_CACHE
 	forPeer  // a peer asked this node, its designated fetcher
+	forHoard // the hoarder, ahead of any boot
 )
 
 // chunk returns the verified bytes of entry idx of img. The returned slice is
 // shared (cached): callers must not modify it.
 func (n *Node) chunk(ctx context.Context, img *image, idx int, why int) ([]byte, int, error) {
 	b, from, err := n.chunk1(ctx, img, idx, why)
-	if err == nil && n.hot != nil && why != forPeer {
+	if err == nil && n.hot != nil && why != forPeer && why != forHoard {
 		// A peer's request is no sign that this node will read the image.
 		n.hot.Put(img.id, img.m, idx, b)
 	}
@@ -265,6 +266,11 @@ func (n *Node) chunk1(ctx context.Context, img *image, idx int, why int) ([]byte
 	}
 	if !errors.Is(err, chunkstore.ErrNotFound) && !errors.Is(err, chunkstore.ErrCorrupt) {
 		return nil, 0, err
+	}
+	if why == forRead || why == forCache {
+		// A VM waits: the hoarder yields until it is served (Busy).
+		n.vmWaiting.Add(1)
+		defer n.vmWaiting.Add(-1)
 	}
 	// One fetch per chunk, whoever asks; it runs on the node's context so that
 	// a reader that goes away does not cancel it for the others.
@@ -331,6 +337,8 @@ func (n *Node) fetch(img *image, idx int, why int) (f fetched, err error) {
 				n.stats.readahead.Add(1)
 			case forProfile:
 				n.stats.profile.Add(1)
+			case forHoard:
+				n.stats.hoard.Add(1)
 			}
 		}
 	}()
@@ -417,6 +425,12 @@ func (n *Node) fromOrigin(ctx context.Context, img *image, e chunkstore.Entry) (
 		return nil, fmt.Errorf("%w: chunk at offset %d: waited too long for an origin slot: %w", ErrOrigin, e.Offset, err)
 	}
 	defer release()
+	if n.originRate != nil {
+		// origin.rate: the bytes are paid for before they are asked for.
+		if err := n.originRate.WaitN(ctx, int(min(e.Length, int64(n.originRate.Burst())))); err != nil {
+			return nil, fmt.Errorf("%w: chunk at offset %d: waited too long under origin.rate (%d bytes/s): %w", ErrOrigin, e.Offset, int64(n.originRate.Limit()), err)
+		}
+	}
 	src, done, err := n.source(ctx, img)
 	if err != nil {
 		return nil, err

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/spf13/cobra"
@@ -180,6 +181,49 @@ func newImagePullCommand(g *globalOptions) *cobra.Command {
 		},
 	}
 	c.Flags().BoolVar(&jsonOut, "json", false, "print as JSON")
+	return c
+}
+
+func newImagePrefetchCommand(g *globalOptions) *cobra.Command {
+	var jsonOut, full bool
+	c := &cobra.Command{
+		Use:   "prefetch NAME",
+		Short: "Fetch an image's boot working set (or, with --full, all of it) now, and pin it",
+		Long: "Fetch an image's boot working set as the cluster knows it (or, with --full, every chunk) into this node's store\n" +
+			"now, from peers first and from the origin only through the cluster's designated fetcher, and pin it so\n" +
+			"that it is never evicted (hoard image rm unpins it). The daemon's hoarder does this for every image on\n" +
+			"its own within hoard.budget; prefetch is for an image that must be here before it is booted.",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			cl, err := g.daemon(ctx)
+			if err != nil {
+				return err
+			}
+			p := newProgress("prefetch "+args[0], "bytes")
+			res, err := cl.Prefetch(ctx, args[0], full, p.Report)
+			p.Done()
+			if err != nil {
+				return err
+			}
+			if jsonOut {
+				return printJSON(res)
+			}
+			what := "working set"
+			if full {
+				what = "image"
+			}
+			fmt.Printf("%s: %s of %d chunks (%s) here and pinned: %d were here, %d fetched (%s from peers, %s from the origin) in %s\n",
+				args[0], what, res.Chunks, formatSize(res.Bytes), res.Local, res.Fetched,
+				formatSize(res.BySource["peer"]), formatSize(res.BySource["origin"]), res.Duration.Round(time.Millisecond))
+			if res.Chunks == 0 && !full {
+				fmt.Printf("the image has no boot profile yet: boot it once anywhere in the cluster, or use --full\n")
+			}
+			return nil
+		},
+	}
+	c.Flags().BoolVar(&jsonOut, "json", false, "print as JSON")
+	c.Flags().BoolVar(&full, "full", false, "fetch every chunk of the image, not only its boot working set")
 	return c
 }
 

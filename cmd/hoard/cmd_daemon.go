@@ -89,6 +89,29 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 	if err != nil {
 		return node.Config{}, fmt.Errorf("p2p.upload_limit: %w", err)
 	}
+	unlimitedIfZero := func(r int64) int64 {
+		if r == 0 {
+			return -1
+		}
+		return r
+	}
+	originRate, err := parseRate(v.GetString("origin.rate"))
+	if err != nil {
+		return node.Config{}, fmt.Errorf("origin.rate: %w", err)
+	}
+	hoardRate, err := parseRate(v.GetString("hoard.rate"))
+	if err != nil {
+		return node.Config{}, fmt.Errorf("hoard.rate: %w", err)
+	}
+	var budget int64 // not set: half of the quota
+	if s := v.GetString("hoard.budget"); s != "" {
+		if budget, err = parseSize(s); err != nil {
+			return node.Config{}, fmt.Errorf("hoard.budget: %w", err)
+		}
+		if budget == 0 {
+			budget = -1 // off
+		}
+	}
 	keyFile := v.GetString("p2p.swarm_key_file")
 	if keyFile != "" {
 		if keyFile, err = filepath.Abs(keyFile); err != nil {
@@ -116,6 +139,9 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		APIToken:            v.GetString("api.token"),
 		Origin:              oc,
 		OriginTimeout:       v.GetDuration("origin.timeout"),
+		OriginRate:          unlimitedIfZero(originRate),
+		HoardBudget:         budget,
+		HoardRate:           unlimitedIfZero(hoardRate),
 		MemCache:            mem,
 		HotCache:            hot,
 		P2P: node.P2PConfig{

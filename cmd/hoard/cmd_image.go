@@ -23,7 +23,7 @@ func newImageCommand(g *globalOptions) *cobra.Command {
 		Use:   "image",
 		Short: "Add, list, inspect and remove images",
 	}
-	c.AddCommand(newImageAddCommand(g), newImageLsCommand(g), newImageInspectCommand(g), newImageRmCommand(g), newImageProfileCommand(g), newImagePullCommand(g))
+	c.AddCommand(newImageAddCommand(g), newImageLsCommand(g), newImageInspectCommand(g), newImageRmCommand(g), newImageProfileCommand(g), newImagePullCommand(g), newImagePrefetchCommand(g))
 	return c
 }
 

@@ -128,6 +128,9 @@ var configKeys = []*configKey{
 	{name: "origin.allow_loopback", flag: "origin-allow-loopback", scope: scopeDaemon, def: "false", kind: kindBool,
 		help:   "allow http(s) origins at loopback and link-local addresses (off: a token holder cannot make the daemon fetch from the node's own services)",
 		accept: acceptBool},
+	{name: "origin.rate", flag: "origin-rate", scope: scopeDaemon, def: "100MB",
+		help:   "bytes per second this node pulls from origins, for every reason together (VM reads, peers' designated fetches, hoarding): keeps the image service up in a boot storm",
+		accept: acceptRate, check: checkRate, example: "50MB"},
 	{name: "origin.glance.url", scope: scopeNoFlag,
 		help:   "Glance v2 endpoint images are added from (glance://ID)",
 		accept: "an http:// or https:// URL", check: checkURL, example: "http://glance.example:9292"},
@@ -137,6 +140,13 @@ var configKeys = []*configKey{
 	{name: "origin.glance.headers", scope: scopeNoFlag,
 		help:   "extra headers sent to Glance, Name=value,...; a keystone-less Glance wants X-Roles=admin,X-Tenant-Id=...",
 		accept: "Name=value pairs separated by commas", check: checkHeaders, example: "X-Roles=admin,X-Tenant-Id=demo"},
+
+	{name: "hoard.budget", flag: "hoard-budget", scope: scopeDaemon, defDoc: "half of store.quota",
+		help:   "store bytes (stored, compressed) kept for every known image's boot working set, fetched ahead of any boot; 0 turns hoarding off",
+		accept: acceptSize, check: checkSize, example: "5GiB"},
+	{name: "hoard.rate", flag: "hoard-rate", scope: scopeDaemon, def: "50MB",
+		help:   "bytes per second the hoarder fetches (VM reads always go first)",
+		accept: acceptRate, check: checkRate, example: "20MB"},
 
 	{name: "p2p.listen", flag: "p2p-listen", scope: scopeDaemon, kind: kindList,
 		defDoc: "/ip4/0.0.0.0/tcp/4001 (QUIC is off on a private network)",

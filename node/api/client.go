@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/hoarder"
 	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/p2p"
 )
@@ -85,6 +86,17 @@ func (c *Client) RemoveImage(ctx context.Context, name string, cluster bool) (Re
 		p += "?cluster=1"
 	}
 	return res, c.do(ctx, http.MethodDelete, p, nil, &res)
+}
+
+// Prefetch asks the daemon to fetch an image's working set (with full, all of
+// it) now and pin it; progress, if not nil, is called as it goes.
+func (c *Client) Prefetch(ctx context.Context, name string, full bool, progress func(Progress)) (hoarder.PrefetchResult, error) {
+	var out hoarder.PrefetchResult
+	p := "/v1/images/" + url.PathEscape(name) + "/prefetch"
+	if full {
+		p += "?full=1"
+	}
+	return out, c.stream(ctx, http.MethodPost, p, nil, &out, progress)
 }
 
 // Profile returns an image's boot profile.

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/hoarder"
 	"github.com/hoardvm/hoard/node/importer"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/hoardvm/hoard/p2p"
@@ -41,6 +42,9 @@ type Service interface {
 	Peers(ctx context.Context) ([]p2p.PeerInfo, error)
 	// Pull registers an image another node has.
 	Pull(ctx context.Context, name string) (ImageInfo, error)
+	// Prefetch fetches an image's working set (with full, all of it) now
+	// and pins it; progress gets the bytes done and to do.
+	Prefetch(ctx context.Context, name string, full bool, progress func(done, total int64)) (hoarder.PrefetchResult, error)
 	StoreStats(ctx context.Context) (chunkstore.Stats, error)
 	StoreVerify(ctx context.Context, progress func(done, total int64)) (chunkstore.VerifyResult, error)
 	StoreGC(ctx context.Context) (chunkstore.GCResult, error)
@@ -155,6 +159,12 @@ func routes(svc Service, o Options) []route {
 		{"POST /v1/images/{name}/pull", long(func(w http.ResponseWriter, r *http.Request) {
 			answer(w, r, every, "pull", "", func(ctx context.Context, _ func(done, total int64)) (any, error) {
 				return svc.Pull(ctx, r.PathValue("name"))
+			})
+		})},
+		{"POST /v1/images/{name}/prefetch", long(func(w http.ResponseWriter, r *http.Request) {
+			full := r.URL.Query().Get("full") != ""
+			answer(w, r, every, "prefetch", "bytes", func(ctx context.Context, report func(done, total int64)) (any, error) {
+				return svc.Prefetch(ctx, r.PathValue("name"), full, report)
 			})
 		})},
 		// The chunk store's endpoints, so that hoard store ... works while

@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/hoardvm/hoard/node/hoarder"
 	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/node/importer"
 )
@@ -35,6 +36,10 @@ type ImageInfo struct {
 	Pinned       bool          `json:"pinned"`
 	Source       string        `json:"source"`
 	OpenExports  int           `json:"open_exports"`
+	// WorkingSetBytes is the raw bytes of the image's boot working set as
+	// the cluster knows it; WorkingSetLocalBytes, how much of it is here.
+	WorkingSetBytes      int64 `json:"working_set_bytes"`
+	WorkingSetLocalBytes int64 `json:"working_set_local_bytes"`
 }
 
 // ImportRequest asks the daemon to add an image.
@@ -88,6 +93,8 @@ type Status struct {
 	Exports   []ExportStatus   `json:"exports"`
 	// Cluster is this node's p2p identity; nil when the cluster is off.
 	Cluster *ClusterStatus `json:"cluster,omitempty"`
+	// Hoard is the hoarder's progress: the working sets it keeps local.
+	Hoard *hoarder.Status `json:"hoard,omitempty"`
 }
 
 // ClusterStatus is a node's p2p identity and neighbourhood.

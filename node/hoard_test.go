@@ -1,0 +1,78 @@
+package node_test
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
+	"github.com/hoardvm/hoard/p2p"
+)
+
+// TestHoardingSpreadsWorkingSets (scatter hoarding, part 3): an image is
+// added lazily on node 0 of 4 and booted there once (a read of part of it);
+// its working set then reaches every node before any of them reads it, the
+// origin sends it about once for the whole cluster, and later "boots" on the
+// other nodes read nothing from peers or the origin.
+func TestHoardingSpreadsWorkingSets(t *testing.T) {
+	t.Parallel()
+	data, _ := mockImage(4<<20, 31)
+	srv := newRangeServer(t, data)
+	cl := startMockCluster(t, 4, func(_ int, c *node.Config) {
+		c.P2P.Options = append(c.P2P.Options, p2p.WithCatalogSyncInterval(2*time.Second))
+		c.HoardInterval = time.Second
+		c.P2P.DesignatedTimeout = 15 * time.Second
+	})
+	addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/ws.raw", Name: "ws", Lazy: true, Chunking: "fixed"})
+	imported := srv.bytes.Load() // a lazy add reads the image once, to cut and hash it
+	for _, tn := range cl {
+		waitFor(t, "every node to learn the image", func() bool { _, err := tn.Store().Resolve(t.Context(), "ws"); return err == nil })
+	}
+	// The boot: 16 chunks of 64 KiB, a quarter of the image, non-zero ones.
+	var bootOffs []int64
+	for blk := int64(0); len(bootOffs) < 16; blk += 3 {
+		if blk%4 != 3 { // mockImage zeroes every fourth block
+			bootOffs = append(bootOffs, blk<<16)
+		}
+	}
+	boot := func(tn *testNode) {
+		t.Helper()
+		x, err := tn.Open(t.Context(), "ws")
+		if err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 64<<10)
+		for _, off := range bootOffs {
+			if err := x.ReadAt(t.Context(), buf, off); err != nil {
+				t.Fatal(err)
+			}
+		}
+		x.Close()
+	}
+	boot(cl[0])
+	wsBytes := int64(len(bootOffs)) << 16
+	start := time.Now()
+	for i, tn := range cl {
+		waitFor(t, fmt.Sprintf("node %d to hoard the working set", i), func() bool {
+			l, err := tn.client.Images(t.Context())
+			if err != nil || len(l) != 1 {
+				return false
+			}
+			return l[0].WorkingSetBytes == wsBytes && l[0].WorkingSetLocalBytes == wsBytes
+		})
+	}
+	t.Logf("working set of %d KiB on 4 nodes in %v; origin sent %d KiB (%.2fx)", wsBytes>>10, time.Since(start).Round(time.Millisecond),
+		(srv.bytes.Load()-imported)>>10, float64(srv.bytes.Load()-imported)/float64(wsBytes))
+	if got := srv.bytes.Load() - imported; got > wsBytes*11/10 {
+		t.Errorf("origin sent %d bytes for a working set of %d on 4 nodes: more than 1.1x", got, wsBytes)
+	}
+	for i, tn := range cl[1:] {
+		before := tn.counters(t)
+		boot(tn)
+		after := tn.counters(t)
+		if p, o := after.ReadBytes["peer"]-before.ReadBytes["peer"], after.ReadBytes["origin"]-before.ReadBytes["origin"]; p != 0 || o != 0 {
+			t.Errorf("boot on node %d read %d bytes from peers and %d from the origin, want 0: the working set was not hoarded", i+1, p, o)
+		}
+	}
+}
