@@ -80,10 +80,10 @@ func TestEvictorWorkingSets(t *testing.T) {
 	}
 }
 
-// TestReadTouchesPolicy: every chunk read reaches the policy once (a miss of
+// TestEvictionTouchedByReads: every chunk read reaches the policy once (a miss of
 // the memory cache and a hit alike), and liveFilter passes the store's Forget
 // on, so ARC drops a deleted chunk.
-func TestReadTouchesPolicy(t *testing.T) {
+func TestEvictionTouchedByReads(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
 	n, err := New(Config{DataDir: t.TempDir()}, nil)
