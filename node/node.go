@@ -310,14 +310,14 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		return err
 	}
 	n.store = st
-	if err := n.evict.load(ctx, st, n.log); err != nil {
-		n.log.Warn("cannot give the eviction policy the images' working sets; it evicts without them until a profile is saved", "policy", policy.Name(), "err", err)
-	}
 	defer func() {
 		if cerr := st.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("close chunk store: %w", cerr)
 		}
 	}()
+	if err := n.evict.load(ctx, st, n.log); err != nil {
+		n.log.Warn("cannot give the eviction policy the images' working sets; it evicts without them until a profile is saved", "policy", policy.Name(), "err", err)
+	}
 	hotSize := cfg.HotCache
 	hotDir := filepath.Join(cfg.DataDir, "hot")
 	if n.hotAuto {
