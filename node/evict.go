@@ -87,7 +87,7 @@ func (e *evictor) load(ctx context.Context, st *chunkstore.Store, log *slog.Logg
 	defer e.mu.Unlock()
 	e.ws = ws
 	e.policy.SetWorkingSets(e.ws)
-	log.Debug("eviction policy given the working sets", "policy", e.policy.Name(), "images", len(ws), "duration", time.Since(start).Round(time.Millisecond))
+	log.Info("eviction policy given the working sets", "policy", e.policy.Name(), "images", len(ws), "duration", time.Since(start).Round(time.Millisecond))
 	return nil
 }
 
