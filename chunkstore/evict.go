@@ -95,6 +95,18 @@ type EvictionPolicy interface {
 	Victims(need int64, candidates iter.Seq[Candidate]) []ID
 }
 
+// Forgetter is implemented by an EvictionPolicy that keeps state per chunk.
+// The store calls Forget, once per chunk, after it removes chunks outside
+// eviction: Delete, the garbage RemoveName and GC free, and corrupt chunks
+// dropped on read. It does not call it for the chunks the policy itself
+// chose in Victims. Forget is called after the removal is committed, without
+// the store's own locks held except the one that serializes eviction, so it
+// must not call back into the store; it must be safe for concurrent use with
+// the policy's other methods.
+type Forgetter interface {
+	Forget(id ID)
+}
+
 // LRU evicts least recently used chunks first.
 type LRU struct{}
 
@@ -204,7 +216,11 @@ func (s *Store) Delete(ctx context.Context, ids ...ID) error {
 	return err
 }
 
-func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (int64, error) {
+// deleteLocked removes ids and returns the stored bytes freed. evicting says
+// the ids are eviction's victims: pinned and held chunks are skipped and the
+// policy is not told (it chose them); otherwise every chunk is removed and a
+// Forgetter policy is told of each. The caller holds evictLock.
+func (s *Store) deleteLocked(ctx context.Context, ids []ID, evicting bool) (int64, error) {
 	if len(ids) == 0 {
 		return 0, nil
 	}
@@ -218,6 +234,7 @@ func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (in
 	defer pb.Close()
 	var delta Usage
 	var gone []record
+	var goneIDs []ID
 	seen := make(map[[32]byte]struct{}, len(ids))
 	for _, id := range ids {
 		if _, dup := seen[id.digest]; dup {
@@ -231,7 +248,7 @@ func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (in
 		if !ok {
 			continue
 		}
-		if skipPinned {
+		if evicting {
 			if pinned, err := s.hasPrefix(append([]byte{pfxPin}, id.digest[:]...)); err != nil || pinned || s.held(id.digest) {
 				continue
 			}
@@ -243,6 +260,7 @@ func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (in
 		delta.StoredBytes += r.stored
 		delta.RawBytes += r.raw
 		gone = append(gone, r)
+		goneIDs = append(goneIDs, id)
 	}
 	if err := s.commit(pb); err != nil {
 		return 0, err
@@ -257,6 +275,11 @@ func (s *Store) deleteLocked(ctx context.Context, ids []ID, skipPinned bool) (in
 	s.mu.Unlock()
 	for _, r := range gone {
 		s.packs.moveLiveToDead(r.pack, r.stored)
+	}
+	if f, ok := s.opts.policy.(Forgetter); ok && !evicting {
+		for _, id := range goneIDs {
+			f.Forget(id)
+		}
 	}
 	return delta.StoredBytes, nil
 }

@@ -163,7 +163,8 @@ func WithCodec(name string) Option {
 // torn ones.
 func WithSync(sync bool) Option { return func(o *options) { o.sync = sync } }
 
-// WithEvictionPolicy replaces the least-recently-used policy.
+// WithEvictionPolicy replaces the least-recently-used policy. A policy that
+// also implements Forgetter is told of chunks removed outside eviction.
 func WithEvictionPolicy(p EvictionPolicy) Option { return func(o *options) { o.policy = p } }
 
 // WithLogger sets the logger.

@@ -2,6 +2,7 @@ package node
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/hoardvm/hoard/p2p"
+	"github.com/hoardvm/hoard/planner"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -23,6 +25,10 @@ type Config struct {
 	StoreQuota int64
 	// StoreCompression is the codec for new chunks: zstd (default), s2, none.
 	StoreCompression string
+	// Eviction names the store's eviction policy, one of
+	// planner.EvictionNames(); default planner.DefaultEviction. Chunks of
+	// images with an open export are never evicted, whatever the policy.
+	Eviction string
 
 	// NBDSocket is the NBD unix socket; default DataDir/nbd.sock. "-" disables it.
 	NBDSocket string
@@ -138,6 +144,14 @@ func (c Config) withDefaults() (Config, error) {
 	if c.DataDir == "" {
 		return c, errors.New("node: no data dir; set data_dir (--data-dir, HOARD_DATA_DIR)")
 	}
+	if c.Eviction == "" {
+		c.Eviction = planner.DefaultEviction
+	}
+	p, err := planner.NewEviction(c.Eviction)
+	if err != nil {
+		return c, fmt.Errorf("node: %w", err)
+	}
+	c.Eviction = p.Name()
 	if c.NBDSocket == "" {
 		c.NBDSocket = filepath.Join(c.DataDir, "nbd.sock")
 	}

@@ -364,7 +364,7 @@ func (l *liveSet) has(id chunkstore.ID) bool {
 }
 
 // liveFilter is the store's eviction policy: next, minus the chunks of images
-// with an open export.
+// with an open export. It passes the store's Forget on to next.
 type liveFilter struct {
 	live *liveSet
 	next chunkstore.EvictionPolicy
@@ -378,4 +378,12 @@ func (f liveFilter) Victims(need int64, candidates iter.Seq[chunkstore.Candidate
 			}
 		}
 	})
+}
+
+// Forget implements chunkstore.Forgetter for next, when next keeps state
+// per chunk.
+func (f liveFilter) Forget(id chunkstore.ID) {
+	if g, ok := f.next.(chunkstore.Forgetter); ok {
+		g.Forget(id)
+	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/hoardvm/hoard/node/hoarder"
 	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/p2p"
+	"github.com/hoardvm/hoard/planner"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
@@ -81,6 +82,7 @@ type Node struct {
 	vmWaiting atomic.Int64     // VM reads waiting on a fetch (the hoarder yields)
 
 	live     liveSet
+	evict    *evictor // the store's eviction policy (Config.Eviction); set by Run
 	stats    stats
 	handlers inflight // admin API requests being served
 	fetches  inflight // chunk fetches (peers, origin) under way
@@ -305,11 +307,16 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		n.apiAddr = apiLn.Addr()
 	}
 
+	policy, err := planner.NewEviction(cfg.Eviction) // checked by New
+	if err != nil {
+		return err
+	}
+	n.evict = newEvictor(policy)
 	st, err := chunkstore.OpenContext(ctx, filepath.Join(cfg.DataDir, "store"),
 		chunkstore.WithQuota(cfg.StoreQuota),
 		chunkstore.WithCodec(cfg.StoreCompression),
 		chunkstore.WithLogger(n.log.With("component", "chunkstore")),
-		chunkstore.WithEvictionPolicy(liveFilter{live: &n.live, next: chunkstore.LRU{}}))
+		chunkstore.WithEvictionPolicy(liveFilter{live: &n.live, next: policy}))
 	if err != nil {
 		return err
 	}
@@ -319,6 +326,9 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			err = fmt.Errorf("close chunk store: %w", cerr)
 		}
 	}()
+	if err := n.evict.load(ctx, st, n.log); err != nil {
+		n.log.Warn("cannot give the eviction policy the images' working sets; it evicts without them until a profile is saved", "policy", policy.Name(), "err", err)
+	}
 	hotSize := cfg.HotCache
 	hotDir := filepath.Join(cfg.DataDir, "hot")
 	if n.hotAuto {

@@ -92,6 +92,7 @@ func (n *Node) saveProfile(img *image, rec *recorder) {
 		n.log.Warn("cannot save boot profile", "image", img.id.String(), "err", err)
 		return
 	}
+	n.evict.profileSaved(ctx, n.store, img.id, img.m, p)
 	n.log.Info("boot profile saved", "image", img.id.String(), "boots", p.Boots, "chunks", len(p.Chunks), "new_chunks", len(p.Chunks)-before)
 	if n.cat != nil {
 		n.cat.ProfileSaved(ctx, img.id, *p)

@@ -256,6 +256,10 @@ func (n *Node) chunk(ctx context.Context, img *image, idx int, why int) ([]byte,
 
 func (n *Node) chunk1(ctx context.Context, img *image, idx int, why int) ([]byte, int, error) {
 	e := img.m.Entries[idx]
+	// Once per chunk read, hit or miss (a fetch does not touch again). Reads
+	// the hot tier serves do not come here: with it on, a chunk read in many
+	// small NBD reads counts once per image it was read through.
+	n.evict.touch(e.ID)
 	if b, ok := n.cache.get(e.ID); ok {
 		return b, fromMemory, nil
 	}
@@ -310,6 +314,7 @@ func (n *Node) warm(ctx context.Context, img *image, idx int) {
 				return
 			}
 		}
+		n.evict.touch(id) // read ahead for the guest, which reads it from the hot tier
 		n.hot.Put(img.id, img.m, idx, b)
 		return
 	}

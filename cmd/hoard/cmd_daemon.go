@@ -130,6 +130,7 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		DataDir:             abs,
 		StoreQuota:          quota,
 		StoreCompression:    v.GetString("store.compression"),
+		Eviction:            v.GetString("store.eviction"),
 		NBDSocket:           v.GetString("nbd.socket"),
 		NBDListen:           v.GetString("nbd.listen"),
 		NBDSocketGroup:      v.GetString("nbd.socket_group"),

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/planner"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 )
@@ -78,11 +79,15 @@ var configKeys = []*configKey{
 		help:   "log level: debug, info, warn, error",
 		accept: "debug, info, warn or error", check: oneOf("debug", "info", "warn", "error")},
 	{name: "store.quota", flag: "store-quota", scope: scopeGlobal, def: "10GiB",
-		help:   "chunk store size limit (disk bytes of pack files); least recently used unpinned chunks are evicted from 95% down to 85%; 0 for none",
+		help:   "chunk store size limit (disk bytes of pack files); unpinned chunks are evicted (store.eviction chooses which) from 95% down to 85%; 0 for none",
 		accept: acceptSize, check: checkSize},
 	{name: "store.compression", flag: "store-compression", scope: scopeGlobal, def: "zstd",
 		help:   "codec for new chunks: zstd (best ratio), s2 (~3x less CPU, ~15% larger) or none",
 		accept: "zstd, s2 or none", check: oneOf("zstd", "s2", "none")},
+	{name: "store.eviction", flag: "store-eviction", scope: scopeDaemon, def: planner.DefaultEviction,
+		help: "the daemon's eviction policy: sharing (evicts chunks of no boot working set first, and keeps longest those most images' working sets share), " +
+			"arc (adaptive replacement: chunks read twice outlast chunks read once) or lru; chunks of open exports are never evicted",
+		accept: strings.Join(planner.EvictionNames(), ", "), check: oneOf(planner.EvictionNames()...)},
 
 	{name: "api", scope: scopeEnvOnly,
 		help:   "the CLI talks to the daemon at this API address instead of the one on the data dir (HOST:PORT)",

@@ -79,6 +79,12 @@ func TestConfigErrors(t *testing.T) {
 			want: []string{"api.listen (from flag --api-listen)", "HOST:PORT"}},
 		{name: "bad compression", file: "store:\n  compression: lz4\n", args: []string{"image", "ls"},
 			want: []string{"store.compression (from file ", "zstd, s2 or none"}},
+		{name: "unknown eviction in file", file: "store:\n  eviction: fifo\n", args: []string{"daemon"},
+			want: []string{"store.eviction (from file ", `"fifo"`, "lru, arc, sharing"}},
+		{name: "unknown eviction in env", env: []string{"HOARD_STORE_EVICTION=mru"}, args: []string{"daemon"},
+			want: []string{"store.eviction (from env HOARD_STORE_EVICTION)", `"mru"`, "lru, arc, sharing"}},
+		{name: "unknown eviction flag", args: []string{"daemon", "--store-eviction", "random"},
+			want: []string{"store.eviction (from flag --store-eviction)", `"random"`, "lru, arc, sharing"}},
 		{name: "unquoted socket mode", file: "nbd:\n  socket_mode: 0660\n", args: []string{"daemon"},
 			want: []string{"nbd.socket_mode (from file ", `"0660"`}},
 		{name: "bad bool", env: []string{"HOARD_ORIGIN_ALLOW_LOOPBACK=maybe"}, args: []string{"daemon"},
@@ -156,6 +162,7 @@ func TestConfigShowSources(t *testing.T) {
 		"cache.hot":         `"2GiB" from env HOARD_CACHE_HOT`,
 		"p2p.bootstrap":     `["dns:seed:4001"] from file ` + file,
 		"store.compression": `"zstd" from default`,
+		"store.eviction":    `"sharing" from default`,
 	} {
 		if got[key] != want {
 			t.Errorf("%s: %s, want %s", key, got[key], want)
