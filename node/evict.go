@@ -115,6 +115,17 @@ func (e *evictor) profileSaved(ctx context.Context, st *chunkstore.Store, id chu
 	e.policy.SetWorkingSets(e.ws)
 }
 
+// setAll replaces every image's working set (the cluster-wide ones).
+func (e *evictor) setAll(ws map[chunkstore.ID][]chunkstore.ID) {
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.ws = ws
+	e.policy.SetWorkingSets(e.ws)
+}
+
 // workingSets returns a copy of the working sets the policy was given (tests).
 func (e *evictor) workingSets() map[chunkstore.ID][]chunkstore.ID {
 	e.mu.Lock()

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node/api"
@@ -76,10 +77,43 @@ func (s hoardSource) StoredRatio() float64 {
 }
 
 // catalogChanged is called when the cluster catalog or a profile changed:
-// the hoarder plans again.
+// the hoarder plans again, and the eviction policy gets the new working
+// sets (refreshWorkingSets).
 func (n *Node) catalogChanged() {
 	if h := n.hoarder; h != nil {
 		h.Kick()
+	}
+	select {
+	case n.wsChanged <- struct{}{}:
+	default:
+	}
+}
+
+// refreshWorkingSets gives the eviction policy every image's cluster-wide
+// working set each time the catalog changed, at most every two seconds,
+// until ctx is done.
+func (n *Node) refreshWorkingSets(ctx context.Context) {
+	src := hoardSource{n}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.wsChanged:
+		}
+		if imgs, err := src.Images(ctx); err == nil {
+			ws := make(map[chunkstore.ID][]chunkstore.ID, len(imgs))
+			for _, img := range imgs {
+				if s := workingSet(img.Manifest, &chunkstore.Profile{Chunks: img.WorkingSet}); len(s) > 0 {
+					ws[img.ID] = s
+				}
+			}
+			n.evict.setAll(ws)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
 	}
 }
 

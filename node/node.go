@@ -80,6 +80,7 @@ type Node struct {
 
 	hoarder   *hoarder.Hoarder // set by Run before ready
 	vmWaiting atomic.Int64     // VM reads waiting on a fetch (the hoarder yields)
+	wsChanged chan struct{}    // the catalog changed: refreshWorkingSets runs
 
 	live     liveSet
 	evict    *evictor // the store's eviction policy (Config.Eviction); set by Run
@@ -182,6 +183,7 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		cache:      newMemCache(cfg.MemCache),
 		origSlots:  originSlots{per: cfg.OriginConcurrency},
 		originRate: newRate(cfg.OriginRate),
+		wsChanged:  make(chan struct{}, 1),
 		bgSem:      make(chan struct{}, cfg.PrefetchConcurrency),
 		images:     make(map[chunkstore.ID]*image),
 		imageIdle:  DefaultImageIdle,
@@ -381,6 +383,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	n.runCtx = gctx
 	g.Go(func() error { n.sweepImages(gctx); return nil })
 	g.Go(func() error { return n.hoarder.Run(gctx) })
+	g.Go(func() error { n.refreshWorkingSets(gctx); return nil })
 	if peer != nil {
 		g.Go(func() error { return peer.Run(gctx) })
 		g.Go(func() error { n.cl.Run(gctx); return nil })
