@@ -209,13 +209,17 @@ func newImageLsCommand(g *globalOptions) *cobra.Command {
 				return nil
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tFORMAT\tSIZE\tNON-ZERO\tCACHED\tMANIFEST")
+			fmt.Fprintln(tw, "NAME\tFORMAT\tSIZE\tNON-ZERO\tCACHED\tWORKING SET\tMANIFEST")
 			for _, r := range rows {
 				cached := "100%"
 				if r.Chunks > 0 {
 					cached = fmt.Sprintf("%.0f%%", 100*float64(r.Present)/float64(r.Chunks))
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Format, formatSize(r.Size), formatSize(r.NonZeroBytes), cached, r.Manifest)
+				ws := "-" // no boot profile yet
+				if r.WorkingSetBytes > 0 {
+					ws = fmt.Sprintf("%s, %.0f%% here", formatSize(r.WorkingSetBytes), 100*float64(min(r.WorkingSetLocalBytes, r.WorkingSetBytes))/float64(r.WorkingSetBytes))
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Format, formatSize(r.Size), formatSize(r.NonZeroBytes), cached, ws, r.Manifest)
 			}
 			return tw.Flush()
 		},

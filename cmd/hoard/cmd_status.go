@@ -62,12 +62,37 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 			} else {
 				fmt.Fprintf(tw, "cluster\toff (no swarm key; see hoard cluster keygen)\n")
 			}
+			if h := s.Hoard; h != nil {
+				if h.Budget == 0 {
+					fmt.Fprintf(tw, "hoarding	off (hoard.budget 0)\n")
+				} else {
+					var ws, here int64
+					whole := 0
+					for _, im := range h.Images {
+						ws += im.WorkingSetBytes
+						here += min(im.LocalBytes, im.WorkingSetBytes)
+						if im.WorkingSetBytes > 0 && im.LocalBytes >= im.WorkingSetBytes {
+							whole++
+						}
+					}
+					state := "idle"
+					switch {
+					case h.Yielding:
+						state = "yielding to VM reads"
+					case h.Running:
+						state = "fetching"
+					}
+					fmt.Fprintf(tw, "hoarding	%s: working sets %s of %s here (%d of %d images whole), budget %s; hoarded %s from peers, %s from origins\n",
+						state, formatSize(here), formatSize(ws), whole, len(h.Images), formatSize(h.Budget),
+						formatSize(h.BySource["peer"]), formatSize(h.BySource["origin"]))
+				}
+			}
 			k := s.Counters
 			fmt.Fprintf(tw, "read from store\t%s (%d chunks)\n", formatSize(k.ReadBytes["local"]), k.ReadChunks["local"])
 			fmt.Fprintf(tw, "read from peers\t%s (%d chunks)\n", formatSize(k.ReadBytes["peer"]), k.ReadChunks["peer"])
 			fmt.Fprintf(tw, "read from origin\t%s (%d chunks)\n", formatSize(k.ReadBytes["origin"]), k.ReadChunks["origin"])
 			fmt.Fprintf(tw, "origin bytes\t%s fetched, %d errors\n", formatSize(k.OriginBytes), k.OriginErrors)
-			fmt.Fprintf(tw, "prefetched\t%d chunks readahead, %d from profiles\n", k.PrefetchChunks["readahead"], k.PrefetchChunks["profile"])
+			fmt.Fprintf(tw, "prefetched\t%d chunks readahead, %d from profiles, %d hoarded\n", k.PrefetchChunks["readahead"], k.PrefetchChunks["profile"], k.PrefetchChunks["hoard"])
 			fmt.Fprintf(tw, "exports open\t%d\n", k.ExportsOpen)
 			for _, e := range s.Exports {
 				fmt.Fprintf(tw, "  %s\t%d open (%s)\n", strings.Join(e.Names, ", "), e.Open, e.Manifest)
