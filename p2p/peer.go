@@ -334,16 +334,17 @@ func (p *Peer) Close() error {
 	p.mu.Unlock()
 	p.host.RemoveStreamHandler(ProtocolChunks)
 	p.cancel()
-	p.stopGossip()
 	for _, pl := range pools {
 		pl.closeAll()
 	}
 	// Every stream, pooled or not, client or server: a reader or a writer
 	// blocked on a peer that stopped answering returns only when its stream
-	// is reset, and Close waits for them all.
+	// is reset, and Close waits for them all. At once: a server whose
+	// context ends meanwhile would close its stream cleanly mid-answer.
 	for _, s := range streams {
 		s.Reset()
 	}
+	p.stopGossip()
 	err := p.dht.Close()
 	if p.ownHost {
 		err = errors.Join(err, p.host.Close())
