@@ -95,9 +95,16 @@ func (p *Peer) handleStream(s network.Stream) {
 	var mu sync.Mutex
 	cancels := map[uint64]context.CancelFunc{}
 	defer func() {
+		// A node that is closing ends what it serves with a reset: a clean
+		// close would tell the reader an answer cut short was whole.
+		aborted := p.ctx.Err() != nil
 		cancel()
 		wg.Wait()
-		s.Close()
+		if aborted || p.ctx.Err() != nil {
+			s.Reset()
+		} else {
+			s.Close()
+		}
 	}()
 	for {
 		frame, err := readFrame(r, nil)
