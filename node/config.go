@@ -96,7 +96,7 @@ type Config struct {
 	MemCache int64
 	// HotCache is the disk, in bytes, of the hot tier: the decoded chunks of
 	// the images being read, in one sparse raw file per image under
-	// DataDir/hot, served like a raw file from the page cache (see hot.go).
+	// DataDir/hot, served like a raw file from the page cache (see package hot).
 	// It is a cache of the running daemon, emptied at start. Default 4 GiB;
 	// negative disables it.
 	HotCache int64

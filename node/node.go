@@ -32,7 +32,7 @@ import (
 )
 
 // Fetcher gets chunks from somewhere other than the local store and the
-// origin: in practice the cluster's peers (see cluster.go). The node verifies what it returns against the
+// origin: in practice the cluster's peers (package cluster). The node verifies what it returns against the
 // ID; a Fetcher need not.
 type Fetcher interface {
 	// Fetch returns the chunk's uncompressed bytes, or an error wrapping
