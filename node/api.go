@@ -83,7 +83,7 @@ func (n *Node) apiServer() *http.Server {
 		WriteTimeout:      time.Minute,
 		IdleTimeout:       n.cfg.APIIdleTimeout,
 		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(n.log.With("component", "api").Handler(), slog.LevelDebug),
+		ErrorLog:          slog.NewLogLogger(n.baseLog.With("component", "api").Handler(), slog.LevelDebug),
 	}
 }
 

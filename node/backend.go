@@ -86,7 +86,7 @@ func (n *Node) startP2P(ctx context.Context) (*p2p.Peer, error) {
 		ViewTTL:           cfg.P2P.ViewTTL,
 		DesignatedTimeout: cfg.P2P.DesignatedTimeout,
 		OnFallback:        func() { n.stats.designatedFallbacks.Add(1) },
-		Log:               n.log.With("component", "cluster"),
+		Log:               n.baseLog.With("component", "cluster"),
 	})
 	return p, nil
 }

@@ -317,7 +317,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	st, err := chunkstore.OpenContext(ctx, filepath.Join(cfg.DataDir, "store"),
 		chunkstore.WithQuota(cfg.StoreQuota),
 		chunkstore.WithCodec(cfg.StoreCompression),
-		chunkstore.WithLogger(n.log.With("component", "chunkstore")),
+		chunkstore.WithLogger(n.baseLog.With("component", "chunkstore")),
 		chunkstore.WithEvictionPolicy(liveFilter{live: &n.live, next: policy}))
 	if err != nil {
 		return err
@@ -334,9 +334,9 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	hotSize := cfg.HotCache
 	hotDir := filepath.Join(cfg.DataDir, "hot")
 	if n.hotAuto {
-		hotSize = hot.AutoSize(cfg.DataDir, n.log.With("component", "hot"))
+		hotSize = hot.AutoSize(cfg.DataDir, n.baseLog.With("component", "hot"))
 	}
-	if n.hot, err = hot.New(hotDir, hotSize, n.log.With("component", "hot")); err != nil {
+	if n.hot, err = hot.New(hotDir, hotSize, n.baseLog.With("component", "hot")); err != nil {
 		return err
 	}
 	if n.hot != nil {
@@ -347,7 +347,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	}
 
 	n.hoarder = hoarder.New(hoardSource{n}, hoarder.Config{Budget: cfg.HoardBudget, Rate: cfg.HoardRate,
-		Interval: cfg.HoardInterval, Log: n.log.With("component", "hoarder"), Registerer: n.reg})
+		Interval: cfg.HoardInterval, Log: n.baseLog, Registerer: n.reg})
 
 	// The cluster after the sockets and the store: p2p.New only builds the
 	// host (no network I/O; a client connecting meanwhile waits in the
@@ -360,7 +360,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 	} else if on {
 		if n.cat, err = catalog.Open(st, catalog.Options{
 			Path:       filepath.Join(cfg.DataDir, "catalog.json"),
-			Log:        n.log.With("component", "catalog"),
+			Log:        n.baseLog.With("component", "catalog"),
 			InUse:      func(id chunkstore.ID) bool { return n.openExports(id) > 0 },
 			Registered: n.advertiseLater,
 			Removed:    n.removed,
@@ -396,7 +396,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		n.log.Info("cluster on", "peer_id", peer.ID().String(), "addrs", strings.Join(addrs, " "),
 			"bootstrap", strings.Join(cfg.P2P.Bootstrap, " "))
 	}
-	srv := &nbd.Server{Exporter: n, Log: n.log.With("component", "nbd"), MaxConns: cfg.NBDMaxConns, MaxBufferedBytes: cfg.NBDMaxBufferedBytes}
+	srv := &nbd.Server{Exporter: n, Log: n.baseLog.With("component", "nbd"), MaxConns: cfg.NBDMaxConns, MaxBufferedBytes: cfg.NBDMaxBufferedBytes}
 	if unixLn != nil {
 		g.Go(func() error { return srv.Serve(gctx, unixLn) })
 		n.log.Info("serving NBD", "socket", sockPath, "uri", "nbd+unix:///IMAGE?socket="+sockPath, "systemd", sd[systemdNBDSocket] != nil)
