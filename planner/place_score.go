@@ -86,10 +86,10 @@ func PlaceScores(img PlaceImage, hosts []HostLoad) []HostScore {
 		imgBytes += s
 	}
 	ws := img.WorkingSet
-	inWS := make([]bool, len(img.Sizes))
+	wsSizes := make([]int64, len(img.Sizes)) // an entry's size if in the working set, else 0
 	for _, i := range ws {
-		if i >= 0 && i < len(img.Sizes) && !inWS[i] {
-			inWS[i] = true
+		if i >= 0 && i < len(img.Sizes) && wsSizes[i] == 0 {
+			wsSizes[i] = img.Sizes[i]
 			wsBytes += img.Sizes[i]
 		}
 	}
@@ -114,26 +114,23 @@ func PlaceScores(img PlaceImage, hosts []HostLoad) []HostScore {
 			out = append(out, s)
 			continue
 		}
-		held := func(i int) {
-			if i < len(img.Sizes) {
-				s.ImageHeld += img.Sizes[i]
-				if inWS[i] {
-					s.WorkingSetHeld += img.Sizes[i]
-				}
-			}
-		}
 		if h.Has != nil {
 			for i, sz := range img.Sizes {
 				if sz != 0 && h.Has(i) {
-					held(i)
+					s.ImageHeld += sz
+					s.WorkingSetHeld += wsSizes[i]
 				}
 			}
 		} else {
-			for j, by := range h.Bits {
+			bm := h.Bits[:min(len(h.Bits), (len(img.Sizes)+7)/8)]
+			for j, by := range bm {
 				for by != 0 {
-					k := bits.TrailingZeros8(by)
-					held(j*8 + k)
+					i := j*8 + bits.TrailingZeros8(by)
 					by &= by - 1
+					if i < len(img.Sizes) {
+						s.ImageHeld += img.Sizes[i]
+						s.WorkingSetHeld += wsSizes[i]
+					}
 				}
 			}
 		}
