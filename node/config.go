@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hoardvm/hoard/node/hot"
 	"github.com/hoardvm/hoard/node/origin"
@@ -90,6 +91,10 @@ type Config struct {
 	Fetcher Fetcher
 	// P2P configures the node's cluster membership (peers).
 	P2P P2PConfig
+	// NodeName is this node's name in placement (hoard place, the Nova
+	// weigher): what the scheduler calls the host. Default: the OS host
+	// name, which is what Nova calls a compute host.
+	NodeName string
 
 	// MemCache is the size in bytes of the in-memory cache of verified,
 	// uncompressed chunks. Default 64 MiB; negative disables it.
@@ -154,6 +159,12 @@ func (c Config) withDefaults() (Config, error) {
 	c.Eviction = p.Name()
 	if c.NBDSocket == "" {
 		c.NBDSocket = filepath.Join(c.DataDir, "nbd.sock")
+	}
+	if c.NodeName == "" {
+		c.NodeName = defaultNodeName()
+	}
+	if len(c.NodeName) > p2p.MaxNodeNameLen || !utf8.ValidString(c.NodeName) {
+		return c, fmt.Errorf("node: node.name %q: want at most %d bytes of UTF-8", c.NodeName, p2p.MaxNodeNameLen)
 	}
 	if c.NBDSocketMode == 0 {
 		c.NBDSocketMode = 0o660

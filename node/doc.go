@@ -12,6 +12,7 @@
 //	node ──> cluster   views of peers, designated fetcher, advertising, remote resolve  ──> p2p
 //	     ──> catalog   the cluster catalog and every node's profiles, merged            ──> p2p, planner
 //	     ──> hoarder   keeps every known image's working set local, planned by planner  ──> planner
+//	     ──> placement the live nodes' names and load; ranks hosts for an image         ──> p2p, planner
 //	     ──> api       wire types, the HTTP handler over api.Service (*Node), the Go client
 //	     ──> local     add / describe / remove / profile on a store this process holds ──> api, importer
 //	     ──> importer  the import pipeline (split, hash, compress, commit)             ──> origin
@@ -106,6 +107,7 @@
 //	GET    /v1/images/{name}/profile    its boot profile
 //	POST   /v1/images/{name}/pull       register an image a peer has, lazily
 //	GET    /v1/peers                    the p2p peers (409 when the cluster is off)
+//	GET    /v1/place?image=I[&hosts=..] hosts ranked for booting image I (package placement)
 //
 // api.Client is the Go client the CLI uses.
 package node

@@ -22,6 +22,7 @@ import (
 	"github.com/hoardvm/hoard/node/cluster"
 	"github.com/hoardvm/hoard/node/hoarder"
 	"github.com/hoardvm/hoard/node/hot"
+	"github.com/hoardvm/hoard/node/placement"
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/hoardvm/hoard/planner"
 	"github.com/prometheus/client_golang/prometheus"
@@ -78,6 +79,8 @@ type Node struct {
 	// dropped from images (DefaultImageIdle; tests shorten it).
 	imageIdle time.Duration
 
+	nodes     *placement.Nodes // the live nodes of the cluster, for placement
+	glanceIDs glanceIndex      // Glance image ID -> manifest, for placement
 	hoarder   *hoarder.Hoarder // set by Run before ready
 	vmWaiting atomic.Int64     // VM reads waiting on a fetch (the hoarder yields)
 	wsChanged chan struct{}    // the catalog changed: refreshWorkingSets runs
@@ -186,6 +189,7 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		wsChanged:  make(chan struct{}, 1),
 		bgSem:      make(chan struct{}, cfg.PrefetchConcurrency),
 		images:     make(map[chunkstore.ID]*image),
+		nodes:      placement.NewNodes(nil),
 		imageIdle:  DefaultImageIdle,
 		hotAuto:    hotAuto,
 		handlers:   inflight{what: "admin API requests"},

@@ -64,6 +64,7 @@ type learnItem struct {
 	from    peer.ID
 	cat     *CatalogEntry
 	profile *ProfileEntry
+	node    *NodeInfo
 }
 
 // catalogState is the catalog's part of a Peer. gossip is set by New and
@@ -79,6 +80,7 @@ type catalogState struct {
 type gossip struct {
 	ps                *pubsub.PubSub
 	catalog, profiles *pubsub.Topic
+	nodes             *pubsub.Topic // nil without a NodeBackend
 	subs              []*pubsub.Subscription
 	protocols         []protocol.ID // what pubsub registered on the host
 }
@@ -126,10 +128,17 @@ func (p *Peer) startGossip() error {
 	if err != nil {
 		return fmt.Errorf("start catalog gossip: %w", err)
 	}
-	for _, t := range []struct {
+	topics := []struct {
 		name string
 		dst  **pubsub.Topic
-	}{{TopicCatalog, &g.catalog}, {TopicProfiles, &g.profiles}} {
+	}{{TopicCatalog, &g.catalog}, {TopicProfiles, &g.profiles}}
+	if p.nodeBackend() != nil {
+		topics = append(topics, struct {
+			name string
+			dst  **pubsub.Topic
+		}{TopicNodes, &g.nodes})
+	}
+	for _, t := range topics {
 		if err := ps.RegisterTopicValidator(t.name, p.validateEntry, pubsub.WithValidatorTimeout(5*time.Second)); err != nil {
 			return fmt.Errorf("catalog topic %s: %w", t.name, err)
 		}
@@ -145,6 +154,9 @@ func (p *Peer) startGossip() error {
 		g.subs = append(g.subs, sub)
 	}
 	p.host.SetStreamHandler(ProtocolCatalogSync, p.handleCatalogSync)
+	if g.nodes != nil {
+		p.host.SetStreamHandler(ProtocolNodeInfo, p.handleNodeInfo)
+	}
 	return nil
 }
 
@@ -156,6 +168,9 @@ func (p *Peer) stopGossip() {
 		return
 	}
 	p.host.RemoveStreamHandler(ProtocolCatalogSync)
+	if g.nodes != nil {
+		p.host.RemoveStreamHandler(ProtocolNodeInfo)
+	}
 	for _, id := range g.protocols {
 		p.host.RemoveStreamHandler(id)
 	}
@@ -189,6 +204,7 @@ func (p *Peer) runCatalog(ctx context.Context) error {
 		wg.Go(func() { p.readTopic(ctx, sub, queue) })
 	}
 	wg.Go(func() { p.learnLoop(ctx, cb, queue) })
+	wg.Go(func() { p.announceNodes(ctx) })
 
 	conns := make(chan peer.ID, 256)
 	notifee := &network.NotifyBundle{ConnectedF: func(_ network.Network, c network.Conn) {
@@ -216,8 +232,11 @@ func (p *Peer) validateEntry(_ context.Context, from peer.ID, m *pubsub.Message)
 		return pubsub.ValidationReject
 	}
 	kind := "catalog"
-	if m.GetTopic() == TopicProfiles {
+	switch m.GetTopic() {
+	case TopicProfiles:
 		kind = "profile"
+	case TopicNodes:
+		kind = "node"
 	}
 	if !local && p.Bad(m.GetFrom()) {
 		// Reported bad (ReportBad): its announcements wait out the TTL. The
@@ -236,6 +255,15 @@ func (p *Peer) validateEntry(_ context.Context, from peer.ID, m *pubsub.Message)
 		}
 		if e.Publisher != m.GetFrom() {
 			return reject(kind, fmt.Errorf("entry published by %s signed by %s", e.Publisher, m.GetFrom()))
+		}
+		m.ValidatorData = &e
+	case "node":
+		e, err := DecodeNodeInfo(m.Data)
+		if err != nil {
+			return reject(kind, err)
+		}
+		if e.Node != m.GetFrom() {
+			return reject(kind, fmt.Errorf("node info of %s signed by %s", e.Node, m.GetFrom()))
 		}
 		m.ValidatorData = &e
 	default:
@@ -272,6 +300,8 @@ func (p *Peer) readTopic(ctx context.Context, sub *pubsub.Subscription, queue ch
 			it.cat = v
 		case *ProfileEntry:
 			it.profile = v
+		case *NodeInfo:
+			it.node = v
 		default:
 			continue
 		}
@@ -290,10 +320,15 @@ func (p *Peer) learnLoop(ctx context.Context, cb CatalogBackend, queue <-chan le
 		case <-ctx.Done():
 			return
 		case it := <-queue:
-			if it.cat != nil {
+			switch {
+			case it.cat != nil:
 				cb.LearnCatalog(it.from, *it.cat)
-			} else {
+			case it.profile != nil:
 				cb.LearnProfile(it.from, *it.profile)
+			case it.node != nil:
+				if nb := p.nodeBackend(); nb != nil {
+					nb.LearnNode(it.from, *it.node)
+				}
 			}
 		}
 	}
@@ -396,6 +431,11 @@ func (p *Peer) syncLoop(ctx context.Context, wg *sync.WaitGroup, conns <-chan pe
 				return
 			}
 			defer func() { <-sem }()
+			if p.cat.gossip.nodes != nil {
+				if err := p.askNodeInfo(ctx, id, queue); err != nil && ctx.Err() == nil {
+					p.log.Debug("node info not learned", "peer_id", id.String(), "err", err)
+				}
+			}
 			n, err := p.syncCatalog(ctx, id, queue)
 			if err != nil && ctx.Err() == nil {
 				p.log.Debug("catalog sync failed", "peer_id", id.String(), "err", err)

@@ -80,6 +80,25 @@
 // until keep-alives fail, costs one hedge delay rather than one per read.
 // Close resets every stream, client or served, and waits for their goroutines.
 //
+// # Nodes
+//
+// For placement every node learns every other's name and load (NodeInfo:
+// node.name, open exports, free quota, announcement interval), when its
+// backend implements NodeBackend as well as CatalogBackend. A node announces
+// its own info on the GossipSub topic /hoard/nodes/1 every node-info interval
+// (WithNodeInfoInterval, default 10 s) and within a second of a change of
+// its name or open exports, signed and checked like catalog entries (the
+// signer must be the info's Node); and a node asks each peer it syncs the
+// catalog with for its info over /hoard/node-info/1.0.0 (the server writes
+// one frame and closes), so a new node learns its neighbours at once. The
+// info is encoded (see AppendNodeInfo)
+//
+//	node: 0x03 uvarint(version) uvarint(len) node peer ID uvarint(len) name
+//	      uvarint(open exports) uvarint(free quota+1) uvarint(interval ms)
+//
+// Infos are not relayed by sync: each is heard from its node (directly or
+// by pubsub), so a receiver can forget a node that went quiet.
+//
 // # Catalog
 //
 // Every node learns every image of the cluster (CatalogEntry: a manifest, its

@@ -39,6 +39,7 @@ type options struct {
 	maxProviders      int
 
 	catalogSyncInterval time.Duration
+	nodeInfoInterval    time.Duration
 }
 
 // Option configures New.
@@ -145,6 +146,13 @@ func WithWriteTimeout(d time.Duration) Option { return func(o *options) { o.writ
 // is asked (see doc.go, Catalog).
 func WithCatalogSyncInterval(d time.Duration) Option {
 	return func(o *options) { o.catalogSyncInterval = d }
+}
+
+// WithNodeInfoInterval sets how often the node announces its NodeInfo
+// (default DefaultNodeInfoInterval); receivers forget a node after a few
+// intervals without news.
+func WithNodeInfoInterval(d time.Duration) Option {
+	return func(o *options) { o.nodeInfoInterval = d }
 }
 
 func defaults() options {

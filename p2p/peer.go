@@ -108,6 +108,8 @@ type Peer struct {
 	cat      catalogState
 	// learnQueue is the size of the catalog's learn queue (tests shrink it).
 	learnQueue int
+	// nodeVersion is the Version of this node's last NodeInfo.
+	nodeVersion uint64
 }
 
 // New builds a node: its host (unless WithHost), DHT, protocol handlers and,
@@ -131,6 +133,9 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 		learnQueue: learnQueueSize}
 	if o.catalogSyncInterval <= 0 {
 		p.o.catalogSyncInterval = time.Minute
+	}
+	if o.nodeInfoInterval <= 0 {
+		p.o.nodeInfoInterval = DefaultNodeInfoInterval
 	}
 	p.verify = o.verify
 	if p.verify == nil {

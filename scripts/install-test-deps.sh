@@ -16,6 +16,8 @@ have cpio                || need+=(cpio)
 have zstd                || need+=(zstd)
 have mkfs.ext4           || need+=(e2fsprogs)
 pkg_installed busybox-static || need+=(busybox-static)
+# The Nova weigher's test (contrib/nova) runs Nova's own weigher handler (Zed), with /usr/bin/python3.
+pkg_installed python3-nova   || need+=(python3-nova)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "install-test-deps: all test tools present"
@@ -34,4 +36,6 @@ apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || true
 for b in qemu-img nbdinfo qemu-system-x86_64 glance-api cpio zstd; do
   have "$b" || { echo "install-test-deps: $b still missing after apt-get; check apt sources" >&2; exit 1; }
 done
+/usr/bin/python3 -c 'import nova.scheduler.weights' 2>/dev/null ||
+  { echo "install-test-deps: python3-nova installed but nova does not import with /usr/bin/python3; check apt sources" >&2; exit 1; }
 echo "install-test-deps: done"

@@ -143,6 +143,7 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		OriginRate:          unlimitedIfZero(originRate),
 		HoardBudget:         budget,
 		HoardRate:           unlimitedIfZero(hoardRate),
+		NodeName:            v.GetString("node.name"),
 		MemCache:            mem,
 		HotCache:            hot,
 		P2P: node.P2PConfig{

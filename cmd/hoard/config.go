@@ -146,6 +146,9 @@ var configKeys = []*configKey{
 		help:   "extra headers sent to Glance, Name=value,...; a keystone-less Glance wants X-Roles=admin,X-Tenant-Id=...",
 		accept: "Name=value pairs separated by commas", check: checkHeaders, example: "X-Roles=admin,X-Tenant-Id=demo"},
 
+	{name: "node.name", flag: "node-name", scope: scopeDaemon, defDoc: "the OS host name",
+		help:   "this node's name in placement (hoard place, the Nova weigher): what the scheduler calls the host",
+		accept: "1 to 255 bytes without white space", check: checkNodeName, example: "compute-7"},
 	{name: "hoard.budget", flag: "hoard-budget", scope: scopeDaemon, defDoc: "half of store.quota",
 		help:   "store bytes (stored, compressed) kept for every known image's boot working set, fetched ahead of any boot; 0 turns hoarding off",
 		accept: acceptSize, check: checkSize, example: "5GiB"},
@@ -259,6 +262,13 @@ func nonEmpty(s string) error {
 		return errors.New("empty")
 	}
 	return nil
+}
+
+func checkNodeName(s string) error {
+	if s == "" || len(s) > 255 {
+		return errors.New("want 1 to 255 bytes")
+	}
+	return noSpace(s)
 }
 
 func noSpace(s string) error {

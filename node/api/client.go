@@ -105,6 +105,16 @@ func (c *Client) Profile(ctx context.Context, name string) (ProfileInfo, error) 
 	return p, c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(name)+"/profile", nil, &p)
 }
 
+// Place ranks hosts for booting image (every live node, or hosts).
+func (c *Client) Place(ctx context.Context, image string, hosts []string) (Placement, error) {
+	q := url.Values{"image": {image}}
+	if len(hosts) > 0 {
+		q.Set("hosts", strings.Join(hosts, ","))
+	}
+	var p Placement
+	return p, c.do(ctx, http.MethodGet, "/v1/place?"+q.Encode(), nil, &p)
+}
+
 // Peers lists the daemon's peers.
 func (c *Client) Peers(ctx context.Context) ([]p2p.PeerInfo, error) {
 	var out []p2p.PeerInfo

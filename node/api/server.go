@@ -48,6 +48,10 @@ type Service interface {
 	StoreStats(ctx context.Context) (chunkstore.Stats, error)
 	StoreVerify(ctx context.Context, progress func(done, total int64)) (chunkstore.VerifyResult, error)
 	StoreGC(ctx context.Context) (chunkstore.GCResult, error)
+	// Place ranks hosts (every live node of the cluster, or the named ones)
+	// for booting image (a name, manifest CID or Glance image ID), from
+	// what the node already knows: it never waits for a peer.
+	Place(ctx context.Context, image string, hosts []string) (Placement, error)
 }
 
 // Options configure Handler.
@@ -150,6 +154,24 @@ func routes(svc Service, o Options) []route {
 		}},
 		{"GET /v1/images/{name}/profile", func(w http.ResponseWriter, r *http.Request) {
 			p, err := svc.Profile(r.Context(), r.PathValue("name"))
+			reply(w, p, err)
+		}},
+		{"GET /v1/place", func(w http.ResponseWriter, r *http.Request) {
+			q := r.URL.Query()
+			img := q.Get("image")
+			if img == "" {
+				ReplyError(w, http.StatusBadRequest, fmt.Errorf("%w: GET /v1/place needs ?image=NAME (a name, manifest CID or Glance image ID)", ErrInvalid))
+				return
+			}
+			var hosts []string
+			for _, v := range q["hosts"] {
+				for _, h := range strings.Split(v, ",") {
+					if h = strings.TrimSpace(h); h != "" {
+						hosts = append(hosts, h)
+					}
+				}
+			}
+			p, err := svc.Place(r.Context(), img, hosts)
 			reply(w, p, err)
 		}},
 		{"GET /v1/peers", func(w http.ResponseWriter, r *http.Request) {

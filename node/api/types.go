@@ -159,3 +159,42 @@ type StreamEvent struct {
 	Error    string          `json:"error,omitempty"`
 	Status   int             `json:"status,omitempty"` // with Error: the HTTP status of a plain answer
 }
+
+// Placement is GET /v1/place's answer: hosts ranked for booting an image.
+type Placement struct {
+	// Image is the name asked for; Manifest the image it resolved to.
+	Image    string `json:"image"`
+	Manifest string `json:"manifest"`
+	// WorkingSetBytes and ImageBytes are the raw bytes of the image's boot
+	// working set (merged profile; the whole image when none is known yet)
+	// and of the whole image.
+	WorkingSetBytes int64 `json:"working_set_bytes"`
+	ImageBytes      int64 `json:"image_bytes"`
+	// Partial reports that this node's view of the peers' have-bitmaps was
+	// missing or stale (a refresh now runs in the background): ask again in
+	// a moment for a fuller answer.
+	Partial bool `json:"partial,omitempty"`
+	// Hosts are ranked best first.
+	Hosts []PlaceHost `json:"hosts"`
+}
+
+// PlaceHost is one host of a Placement.
+type PlaceHost struct {
+	// Host is the node's node.name (what Nova calls the compute host).
+	Host string `json:"host"`
+	// Score is in [0, 1], higher is better; see planner.PlaceScores.
+	Score float64 `json:"score"`
+	// PeerID is the host's node, empty for a host no live node answers for.
+	PeerID string `json:"peer_id,omitempty"`
+	// Self marks the node that answered.
+	Self                 bool    `json:"self,omitempty"`
+	WorkingSetShare      float64 `json:"working_set_share"`
+	ImageShare           float64 `json:"image_share"`
+	LoadScore            float64 `json:"load_score"`
+	WorkingSetLocalBytes int64   `json:"working_set_local_bytes"`
+	ImageLocalBytes      int64   `json:"image_local_bytes"`
+	OpenExports          int     `json:"open_exports"`
+	// FreeQuota is the bytes the host's store can still take; -1: no quota.
+	FreeQuota int64  `json:"free_quota"`
+	Reason    string `json:"reason"`
+}
