@@ -64,10 +64,12 @@ func TestScatterHoarding(t *testing.T) {
 	}
 	const allowLoopback = "HOARD_ORIGIN_ALLOW_LOOPBACK=true" // origin.allow_loopback
 	nodes[1] = startPeerDaemon(t, datas[1], []string{allowLoopback})
+	keepLogs(t, nodes[1], 1)
 	boot := nodes[1].status(t).Cluster.Addrs[0]
 	startNode := func(i int) {
 		t.Helper()
 		nodes[i] = startPeerDaemon(t, datas[i], []string{allowLoopback, "HOARD_P2P_BOOTSTRAP=" + boot})
+		keepLogs(t, nodes[i], i)
 	}
 	for i := 2; i <= 5; i++ {
 		startNode(i)
@@ -359,4 +361,25 @@ func stopPeerDaemon(t *testing.T, d *peerDaemon) {
 	if _, err := os.Stat(filepath.Join(d.data, "api.addr")); err == nil {
 		t.Fatalf("daemon %s left api.addr behind after a clean stop", d.data)
 	}
+}
+
+// keepLogs writes d's log to $HOARD_TEST_LOGDIR/node<i>.<n>.log at the end
+// of the test when that variable is set (n counts the starts of node i).
+func keepLogs(t *testing.T, d *peerDaemon, i int) {
+	dir := os.Getenv("HOARD_TEST_LOGDIR")
+	if dir == "" {
+		return
+	}
+	t.Cleanup(func() {
+		for n := 1; ; n++ {
+			p := filepath.Join(dir, fmt.Sprintf("node%d.%d.log", i, n))
+			if _, err := os.Stat(p); err == nil {
+				continue
+			}
+			if err := os.WriteFile(p, []byte(d.logs.String()), 0o644); err != nil {
+				t.Errorf("keep the log of node %d: %v", i, err)
+			}
+			return
+		}
+	})
 }
