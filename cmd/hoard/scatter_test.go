@@ -63,14 +63,22 @@ func TestScatterHoarding(t *testing.T) {
 		}
 	}
 	const allowLoopback = "HOARD_ORIGIN_ALLOW_LOOPBACK=true" // origin.allow_loopback
-	nodes[1] = startPeerDaemon(t, datas[1], []string{allowLoopback})
-	keepLogs(t, nodes[1], 1)
-	boot := nodes[1].status(t).Cluster.Addrs[0]
+	var boot string
+	starts := map[int]int{}
 	startNode := func(i int) {
 		t.Helper()
-		nodes[i] = startPeerDaemon(t, datas[i], []string{allowLoopback, "HOARD_P2P_BOOTSTRAP=" + boot})
-		keepLogs(t, nodes[i], i)
+		env := []string{allowLoopback}
+		if boot != "" {
+			env = append(env, "HOARD_P2P_BOOTSTRAP="+boot)
+		}
+		starts[i]++
+		var d *peerDaemon
+		keepLogs(t, fmt.Sprintf("node%d.%d", i, starts[i]), &d)
+		d = startPeerDaemon(t, datas[i], env)
+		nodes[i] = d
 	}
+	startNode(1)
+	boot = nodes[1].status(t).Cluster.Addrs[0]
 	for i := 2; i <= 5; i++ {
 		startNode(i)
 	}
@@ -196,7 +204,8 @@ func TestScatterHoarding(t *testing.T) {
 	startNode(5)
 	for _, i := range []int{6, 5} {
 		waitPeers(t, nodes[i], 1)
-		eventually(t, 60*time.Second, func() bool {
+		// Well within the hoarder's 30 s tick: learning the image kicks it.
+		eventually(t, 25*time.Second, func() bool {
 			row, ok := lsImage(t, nodes[i], name)
 			return ok && row.WorkingSetBytes > 0 && float64(row.WorkingSetLocalBytes) >= 0.99*float64(row.WorkingSetBytes)
 		}, "node %d did not hoard the working set from its peers", i)
@@ -363,23 +372,20 @@ func stopPeerDaemon(t *testing.T, d *peerDaemon) {
 	}
 }
 
-// keepLogs writes d's log to $HOARD_TEST_LOGDIR/node<i>.<n>.log at the end
-// of the test when that variable is set (n counts the starts of node i).
-func keepLogs(t *testing.T, d *peerDaemon, i int) {
+// keepLogs writes the log of the daemon *d to $HOARD_TEST_LOGDIR/name.log
+// at the end of the test when that variable is set. Called before the
+// daemon starts, so that it runs after the daemon has stopped.
+func keepLogs(t *testing.T, name string, d **peerDaemon) {
 	dir := os.Getenv("HOARD_TEST_LOGDIR")
 	if dir == "" {
 		return
 	}
 	t.Cleanup(func() {
-		for n := 1; ; n++ {
-			p := filepath.Join(dir, fmt.Sprintf("node%d.%d.log", i, n))
-			if _, err := os.Stat(p); err == nil {
-				continue
-			}
-			if err := os.WriteFile(p, []byte(d.logs.String()), 0o644); err != nil {
-				t.Errorf("keep the log of node %d: %v", i, err)
-			}
+		if *d == nil {
 			return
+		}
+		if err := os.WriteFile(filepath.Join(dir, name+".log"), []byte((*d).logs.String()), 0o644); err != nil {
+			t.Errorf("keep the log of %s: %v", name, err)
 		}
 	})
 }
