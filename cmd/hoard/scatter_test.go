@@ -94,6 +94,11 @@ func TestScatterHoarding(t *testing.T) {
 		eventually(t, 30*time.Second, func() bool { _, ok := lsImage(t, nodes[i], name); return ok },
 			"node %d did not learn image %q from the catalog", i, name)
 	}
+	for i := 1; i <= 5; i++ {
+		if row, _ := lsImage(t, nodes[i], name); row.WorkingSetBytes != 0 {
+			t.Fatalf("node %d: working set %d bytes before any boot; want 0 (no profile yet)", i, row.WorkingSetBytes)
+		}
+	}
 	// The returning node knows the image, then is down for the first boot
 	// and the profile it brings.
 	stopPeerDaemon(t, nodes[5])
@@ -224,6 +229,15 @@ func TestScatterHoarding(t *testing.T) {
 		t.Errorf("the origin served %d bytes while nodes 5 and 6 hoarded; want 0", d)
 	}
 
+	// Every node's boot profile reached the new node: four boots, four
+	// contributors.
+	var p api.ProfileInfo
+	eventually(t, 20*time.Second, func() bool {
+		p = profileOf(t, nodes[6], name)
+		return p.Boots == 4 && p.Contributors == 4
+	}, "the new node's merged profile of %q is not 4 boots from 4 nodes: %+v", name, &p)
+	t.Logf("merged profile on the new node: %d boots from %d nodes, %d chunks, %s", p.Boots, p.Contributors, p.Chunks, formatSize(p.Bytes))
+
 	// image rm --cluster on node 2 while node 4 is down.
 	stopPeerDaemon(t, nodes[4])
 	mustHoard(t, datas[2], nil, "image", "rm", name, "--cluster")
@@ -233,11 +247,15 @@ func TestScatterHoarding(t *testing.T) {
 			"node %d still lists %q after image rm --cluster on node 2", i, name)
 	}
 	t.Logf("image rm --cluster: gone from the 5 running nodes %v after", time.Since(rmAt).Round(time.Millisecond))
+	for _, i := range []int{1, 2, 3, 5, 6} {
+		checkRemoved(t, i, nodes[i])
+	}
 	startNode(4)
 	back := time.Now()
 	eventually(t, 60*time.Second, func() bool { _, ok := lsImage(t, nodes[4], name); return !ok },
 		"node 4, down during image rm --cluster, still lists %q after it came back", name)
 	t.Logf("image rm --cluster: gone from node 4 %v after it came back", time.Since(back).Round(time.Millisecond))
+	checkRemoved(t, 4, nodes[4])
 	t.Logf("TestScatterHoarding took %v", time.Since(start).Round(time.Second))
 }
 
@@ -341,6 +359,29 @@ func lsImage(t *testing.T, d *peerDaemon, name string) (api.ImageInfo, bool) {
 		}
 	}
 	return api.ImageInfo{}, false
+}
+
+// checkRemoved waits (10 s) until the hoarder of d (node i) plans for no
+// image and its store holds no chunk: the only image was removed, and its
+// chunks with it.
+func checkRemoved(t *testing.T, i int, d *peerDaemon) {
+	t.Helper()
+	var s api.Status
+	eventually(t, 10*time.Second, func() bool {
+		s = d.status(t)
+		return s.Hoard != nil && len(s.Hoard.Images) == 0 && s.Store.Chunks == 0
+	}, "node %d after image rm --cluster: want no image planned and no chunk stored: store %+v, hoard %+v", i, &s.Store, &s.Hoard)
+	t.Logf("node %d after image rm --cluster: store %d chunks, %s stored", i, s.Store.Chunks, formatSize(s.Store.StoredBytes))
+}
+
+// profileOf is d's hoard image profile NAME --json.
+func profileOf(t *testing.T, d *peerDaemon, name string) api.ProfileInfo {
+	t.Helper()
+	var p api.ProfileInfo
+	if err := json.Unmarshal([]byte(mustHoard(t, d.data, nil, "image", "profile", name, "--json")), &p); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // hoardSummary is the hoarder's bytes by source and progress from a status.
