@@ -21,9 +21,9 @@ import (
 
 // TestScatterHoarding is the acceptance test of scatter hoarding on real
 // daemons. Five daemons on loopback share a swarm key, all bootstrapping to
-// the first; an image is added --lazy on the first from a counting HTTP
-// origin over the test guest's raw disk; the fifth (the returning node) is
-// stopped once it knows the image. A real guest (qemu TCG) boots once on
+// the first (a sixth, the new node, joins near the end); an image is added
+// --lazy on the first from a counting HTTP origin over the test guest's raw
+// disk; the fifth (the returning node) is stopped once it knows the image. A real guest (qemu TCG) boots once on
 // node 1. Then:
 //   - within 60 s the running nodes hold >= 99% of the working set
 //     (hoard image ls --json);
@@ -106,7 +106,7 @@ func TestScatterHoarding(t *testing.T) {
 	// First boot, on node 1: from the origin.
 	ov1 := filepath.Join(t.TempDir(), "vm1.qcow2")
 	mustHoard(t, datas[1], nil, "vm", "overlay", name, ov1)
-	r := bootGuest(ctx, t, kdir, ov1, 3*time.Minute)
+	r := bootGuest(ctx, kdir, ov1, 3*time.Minute)
 	if r.err != nil {
 		t.Fatalf("first boot on node 1: %v\n%s", r.err, r.console)
 	}
@@ -165,7 +165,7 @@ func TestScatterHoarding(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r := bootGuest(ctx, t, kdir, ovs[i], 4*time.Minute)
+			r := bootGuest(ctx, kdir, ovs[i], 4*time.Minute)
 			mu.Lock()
 			results[i] = r
 			mu.Unlock()
@@ -310,7 +310,7 @@ type bootResult struct {
 
 // bootGuest boots the test guest on the overlay ov under qemu TCG and waits
 // for it to power off, at most timeout.
-func bootGuest(ctx context.Context, t *testing.T, kdir, ov string, timeout time.Duration) bootResult {
+func bootGuest(ctx context.Context, kdir, ov string, timeout time.Duration) bootResult {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	qemu := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-nographic", "-m", "512",
