@@ -76,3 +76,62 @@ func TestHoardingSpreadsWorkingSets(t *testing.T) {
 		}
 	}
 }
+
+// TestHoardingLateNodeStartsAtOnce: a node that joins after an image was
+// added and booted hoards its working set as soon as it has learned both,
+// not at its next hoarder tick (an hour here). The catalog learns the image
+// before it has fetched the manifest, so its first kick finds nothing to
+// plan; the registration must kick the hoarder again.
+func TestHoardingLateNodeStartsAtOnce(t *testing.T) {
+	t.Parallel()
+	data, _ := mockImage(2<<20, 33)
+	srv := newRangeServer(t, data)
+	rare := func(_ int, c *node.Config) {
+		c.HoardInterval = time.Hour
+		c.P2P.DesignatedTimeout = 15 * time.Second
+	}
+	cl, mn := startMockNet(t, 2, rare)
+	addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/late.raw", Name: "late", Lazy: true, Chunking: "fixed"})
+	x, err := cl[0].Open(t.Context(), "late")
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64<<10)
+	var wsBytes int64
+	for blk := int64(0); blk < 24; blk++ {
+		if blk%4 == 3 { // mockImage zeroes every fourth block
+			continue
+		}
+		if err := x.ReadAt(t.Context(), buf, blk<<16); err != nil {
+			t.Fatal(err)
+		}
+		wsBytes += 64 << 10
+	}
+	x.Close()
+	waitFor(t, "node 1 to merge node 0's profile", func() bool {
+		p, err := cl[1].Profile(t.Context(), "late")
+		return err == nil && p.Boots == 1
+	})
+
+	h, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	c := node.Config{MemCache: -1, Readahead: -1, NoProfilePrefetch: true}
+	c.P2P.Host = h
+	c.P2P.Bootstrap = []string{cl[0].P2P().Addrs()[0].String() + "/p2p/" + cl[0].P2P().ID().String()}
+	rare(2, &c)
+	late := startNode(t, c)
+	start := time.Now()
+	eventually(t, 20*time.Second, func() bool {
+		l, err := late.client.Images(t.Context())
+		return err == nil && len(l) == 1 && l[0].WorkingSetBytes == wsBytes && l[0].WorkingSetLocalBytes == wsBytes
+	}, "the late node did not hoard the working set (%d bytes) long before its next hoarder tick", wsBytes)
+	t.Logf("late node: working set of %d KiB local %v after it started", wsBytes>>10, time.Since(start).Round(time.Millisecond))
+	if c := late.counters(t); c.OriginBytes != 0 {
+		t.Errorf("the late node fetched %d bytes from the origin; want all from peers", c.OriginBytes)
+	}
+}

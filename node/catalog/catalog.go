@@ -393,7 +393,10 @@ func (c *Catalog) Entry(manifest chunkstore.ID) (p2p.CatalogEntry, bool) {
 	return e, ok
 }
 
-// work does the pending registrations and removals.
+// work does the pending registrations and removals. When one changed the
+// images here (a name set or taken back, an image removed), Changed is
+// called once at the end: LearnCatalog's own call came before the manifest
+// was fetched, when the hoarder could not yet see the image.
 func (c *Catalog) work(ctx context.Context) {
 	c.mu.Lock()
 	type job struct {
@@ -406,16 +409,23 @@ func (c *Catalog) work(ctx context.Context) {
 	}
 	p := c.p
 	c.mu.Unlock()
+	changed := false
+	defer func() {
+		if changed {
+			c.changed()
+		}
+	}()
 	for _, j := range jobs {
 		if ctx.Err() != nil {
 			return
 		}
-		var done bool
+		var done, ch bool
 		if j.e.Removed {
-			done = c.remove(ctx, j.e)
+			done, ch = c.remove(ctx, j.e)
 		} else {
-			done = c.register(ctx, p, j.e, j.asks)
+			done, ch = c.register(ctx, p, j.e, j.asks)
 		}
+		changed = changed || ch
 		if done {
 			c.mu.Lock()
 			if cur := c.entries[j.e.Manifest]; cur.Version == j.e.Version && cur.Publisher == j.e.Publisher {
@@ -427,26 +437,28 @@ func (c *Catalog) work(ctx context.Context) {
 }
 
 // register makes a live entry's image known here. It reports whether the
-// work is done (registered, or nothing to do).
-func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks []peer.ID) bool {
+// work is done (registered, or nothing to do) and whether it changed the
+// images here.
+func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks []peer.ID) (done, changed bool) {
 	c.mu.Lock()
 	if v, ok := c.dropped[e.Manifest]; ok && e.Version <= v {
 		c.mu.Unlock()
-		return true
+		return true, false
 	}
 	delete(c.dropped, e.Manifest)
 	c.mu.Unlock()
 	if _, err := c.st.GetManifestBytes(ctx, e.Manifest); err != nil {
 		if !errors.Is(err, chunkstore.ErrNotFound) {
 			c.o.Log.Warn("catalog: cannot read the store", "manifest", e.Manifest.String(), "err", err)
-			return false
+			return false, false
 		}
 		if p == nil || len(asks) == 0 {
-			return false
+			return false, false
 		}
 		if !c.fetchManifest(ctx, p, e, asks) {
-			return false
+			return false, false
 		}
+		changed = true // the image is known by its CID now
 	}
 	for _, name := range e.Names {
 		id, err := c.st.Resolve(ctx, name)
@@ -462,8 +474,11 @@ func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks
 			}
 			c.mu.Unlock()
 			if mine {
-				if err := c.st.DeleteName(ctx, name); err == nil && c.o.Removed != nil {
-					c.o.Removed(name, id, false)
+				if err := c.st.DeleteName(ctx, name); err == nil {
+					changed = true
+					if c.o.Removed != nil {
+						c.o.Removed(name, id, false)
+					}
 				}
 			}
 			c.o.Log.Warn("catalog: two images claim one name; registered by CID only (pull the one meant by its CID, or rename one)",
@@ -479,15 +494,16 @@ func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks
 			continue
 		case !errors.Is(err, chunkstore.ErrNotFound):
 			c.o.Log.Warn("catalog: cannot read the store", "image", name, "err", err)
-			return false
+			return false, changed
 		}
 		if err := c.st.SetName(ctx, name, e.Manifest); err != nil {
 			if errors.Is(err, chunkstore.ErrInvalid) {
 				continue
 			}
 			c.o.Log.Warn("catalog: cannot name the image", "image", name, "err", err)
-			return false
+			return false, changed
 		}
+		changed = true
 		c.mu.Lock()
 		c.learned[name] = e.Manifest
 		c.dirty = true
@@ -500,7 +516,7 @@ func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks
 	if len(e.Names) == 0 && c.o.Registered != nil {
 		c.o.Registered(e.Manifest.String(), e.Manifest)
 	}
-	return true
+	return true, changed
 }
 
 // claimedElsewhere reports another live entry that claims name.
@@ -556,14 +572,15 @@ func (c *Catalog) fetchManifest(ctx context.Context, p Peer, e p2p.CatalogEntry,
 }
 
 // remove applies a tombstone: every name of the manifest goes, once no
-// export of it is open. It reports whether that is done.
-func (c *Catalog) remove(ctx context.Context, e p2p.CatalogEntry) bool {
+// export of it is open. It reports whether that is done and whether it
+// removed a name.
+func (c *Catalog) remove(ctx context.Context, e p2p.CatalogEntry) (done, changed bool) {
 	if c.o.InUse != nil && c.o.InUse(e.Manifest) {
-		return false
+		return false, false
 	}
 	names, err := c.st.Names(ctx)
 	if err != nil {
-		return false
+		return false, false
 	}
 	for _, nm := range names {
 		if nm.Manifest != e.Manifest {
@@ -571,15 +588,16 @@ func (c *Catalog) remove(ctx context.Context, e p2p.CatalogEntry) bool {
 		}
 		if _, err := c.st.RemoveName(ctx, nm.Name); err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
 			c.o.Log.Warn("catalog: cannot remove an image the cluster removed; retrying", "image", nm.Name, "err", err)
-			return false
+			return false, changed
 		}
+		changed = true
 		_, gerr := c.st.GetManifestBytes(ctx, e.Manifest)
 		c.o.Log.Info("image removed from the cluster", "image", nm.Name, "manifest", e.Manifest.String(), "publisher", e.Publisher.String())
 		if c.o.Removed != nil {
 			c.o.Removed(nm.Name, e.Manifest, gerr != nil)
 		}
 	}
-	return true
+	return true, changed
 }
 
 // save writes the file when something changed.

@@ -28,11 +28,16 @@ type fakePeer struct {
 	pubs []p2p.CatalogEntry
 	prof []p2p.ProfileEntry
 	asks atomic.Int64
+	// gate, when set, holds every Manifest call until it is closed.
+	gate chan struct{}
 }
 
 func (f *fakePeer) ID() peer.ID { return f.id }
 func (f *fakePeer) Manifest(_ context.Context, _ peer.ID, id chunkstore.ID) ([]byte, error) {
 	f.asks.Add(1)
+	if f.gate != nil {
+		<-f.gate
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	b, ok := f.mfs[id]
@@ -260,4 +265,44 @@ func TestWorkingSetMerges(t *testing.T) {
 	if len(fp.prof) != 1 || fp.prof[0].Node != pid(t, "self") {
 		t.Fatalf("own profile not published: %+v", fp.prof)
 	}
+}
+
+// Changed is called once the image a live entry names is registered (the
+// manifest fetched, the name set), not only when the entry is learned: the
+// hoarder lists the store's images, so a call before the registration alone
+// would leave a new node idle until its next tick. Likewise once a
+// tombstone deferred by an open export is applied.
+func TestChangedAfterRegistrationAndRemoval(t *testing.T) {
+	t.Parallel()
+	_, enc, id := testManifest(t, 4)
+	fp := &fakePeer{id: pid(t, "self"), mfs: map[chunkstore.ID][]byte{id: enc}, gate: make(chan struct{})}
+	var st *chunkstore.Store
+	var inUse, sawKnown, sawGone atomic.Bool
+	var calls atomic.Int64
+	c, st := newCatalog(t, "", Options{InUse: func(chunkstore.ID) bool { return inUse.Load() },
+		Changed: func() {
+			calls.Add(1)
+			_, err := st.Resolve(context.Background(), "debian")
+			if err == nil {
+				sawKnown.Store(true)
+			} else if sawKnown.Load() {
+				sawGone.Store(true)
+			}
+		}})
+	c.Attach(fp)
+	run(t, c)
+	c.LearnCatalog(pid(t, "p1"), p2p.CatalogEntry{Manifest: id, Names: []string{"debian"}, Version: 1, Publisher: pid(t, "p1")})
+	eventually(t, "Changed called on learning the entry", func() bool { return calls.Load() > 0 })
+	if sawKnown.Load() {
+		t.Fatal("the image was registered before its manifest was fetched")
+	}
+	close(fp.gate)
+	eventually(t, "Changed called once the image is registered", sawKnown.Load)
+
+	inUse.Store(true)
+	c.LearnCatalog(pid(t, "p1"), p2p.CatalogEntry{Manifest: id, Removed: true, Version: 2, Publisher: pid(t, "p1")})
+	time.Sleep(50 * time.Millisecond)
+	inUse.Store(false)
+	c.poke()
+	eventually(t, "Changed called once the tombstone is applied", sawGone.Load)
 }
