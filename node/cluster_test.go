@@ -229,9 +229,14 @@ func TestClusterNameConflict(t *testing.T) {
 	// The catalog may have given the name to the first claim it learned;
 	// once it knows both, it takes it back: it gives it to neither.
 	eventually(t, 30*time.Second, func() bool {
+		for _, id := range []chunkstore.ID{a.Manifest, b.Manifest} {
+			if _, err := cl[2].Store().GetManifestBytes(t.Context(), id); err != nil {
+				return false // the catalog has not registered both claims yet
+			}
+		}
 		_, err := cl[2].Store().Resolve(t.Context(), "deb")
 		return errors.Is(err, chunkstore.ErrNotFound)
-	}, "the catalog to give the name to neither claim")
+	}, "the catalog to know both claims and give the name to neither")
 	_, err := cl[2].PullImage(t.Context(), "deb")
 	if err == nil {
 		t.Fatal("pulled a name two images claim")
