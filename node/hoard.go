@@ -118,12 +118,66 @@ func (n *Node) refreshWorkingSets(ctx context.Context) {
 }
 
 // Prefetch fetches an image's working set (with full, all of it) now, here,
-// and pins it, so that it is never evicted (image rm unpins it).
-func (n *Node) Prefetch(ctx context.Context, name string, full bool, progress func(done, total int64)) (hoarder.PrefetchResult, error) {
+// and pins it, so that it is never evicted (image rm unpins it). With
+// cluster, it also asks every node of the cluster to do the same (a pinned
+// catalog entry, which nodes that join later also act on).
+func (n *Node) Prefetch(ctx context.Context, name string, full, cluster bool, progress func(done, total int64)) (hoarder.PrefetchResult, error) {
 	id, err := n.store.Resolve(ctx, name)
 	if err != nil {
 		return hoarder.PrefetchResult{}, err
 	}
+	if cluster {
+		if n.cat == nil {
+			return hoarder.PrefetchResult{}, fmt.Errorf("image prefetch --cluster: %w", api.ErrClusterOff)
+		}
+		names, err := n.namesOf(ctx, id)
+		if err != nil {
+			return hoarder.PrefetchResult{}, err
+		}
+		n.cat.PinCluster(context.WithoutCancel(ctx), id, names, full)
+	}
+	return n.prefetchPin(ctx, id, name, full, progress)
+}
+
+// prefetchPinned runs a prefetch a pinned catalog entry asked for, in the
+// background (owned by the node's bg group).
+func (n *Node) prefetchPinned(id chunkstore.ID, full bool) {
+	ctx := n.runCtx
+	if ctx == nil || ctx.Err() != nil {
+		return
+	}
+	n.bg.Add(1)
+	go func() {
+		defer n.bg.Done()
+		if _, err := n.store.GetManifestBytes(ctx, id); err != nil {
+			return // not registered here (removed locally)
+		}
+		res, err := n.prefetchPin(ctx, id, id.String(), full, nil)
+		if err != nil {
+			n.log.Warn("prefetch the cluster asked for failed; the hoarder keeps trying within its budget", "manifest", id.String(), "err", err)
+			return
+		}
+		n.log.Info("prefetched and pinned as the cluster asked", "manifest", id.String(), "full", full, "chunks", res.Chunks, "fetched", res.Fetched)
+	}()
+}
+
+// namesOf is every name of manifest id here.
+func (n *Node) namesOf(ctx context.Context, id chunkstore.ID) ([]string, error) {
+	all, err := n.store.Names(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, nm := range all {
+		if nm.Manifest == id {
+			out = append(out, nm.Name)
+		}
+	}
+	return out, nil
+}
+
+// prefetchPin fetches and pins image id (called name in messages).
+func (n *Node) prefetchPin(ctx context.Context, id chunkstore.ID, name string, full bool, progress func(done, total int64)) (hoarder.PrefetchResult, error) {
 	if n.hoarder == nil {
 		return hoarder.PrefetchResult{}, fmt.Errorf("image prefetch: the daemon is starting; retry in a moment")
 	}
@@ -145,7 +199,7 @@ func (n *Node) Prefetch(ctx context.Context, name string, full bool, progress fu
 			}
 		}
 	}
-	if err := n.store.Pin(ctx, "prefetch:"+id.String(), ids); err != nil {
+	if err := n.store.Pin(ctx, chunkstore.PinOwnerImage(id), ids); err != nil {
 		return res, fmt.Errorf("image %q fetched, but pinning it failed: %w", name, err)
 	}
 	return res, nil

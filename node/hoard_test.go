@@ -135,3 +135,61 @@ func TestHoardingLateNodeStartsAtOnce(t *testing.T) {
 		t.Errorf("the late node fetched %d bytes from the origin; want all from peers", c.OriginBytes)
 	}
 }
+
+// TestPrefetchCluster: hoard image prefetch --cluster fetches and pins the
+// image's working set on every node, also on one that joins afterwards;
+// removing the image unpins it.
+func TestPrefetchCluster(t *testing.T) {
+	t.Parallel()
+	data, _ := mockImage(2<<20, 41)
+	srv := newRangeServer(t, data)
+	cl, mn := startMockNet(t, 3, func(_ int, c *node.Config) {
+		c.P2P.Options = append(c.P2P.Options, p2p.WithCatalogSyncInterval(2*time.Second))
+		c.HoardBudget = -1 // hoarding off: only the prefetch fetches
+	})
+	res := addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/pf.raw", Name: "pf", Lazy: true, Chunking: "fixed"})
+	for _, tn := range cl {
+		waitFor(t, "every node to learn the image", func() bool { _, err := tn.Store().Resolve(t.Context(), "pf"); return err == nil })
+	}
+	m, err := cl[0].Store().GetManifest(t.Context(), res.Manifest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := func(tn *testNode) (have, pinned int) {
+		for _, id := range m.ChunkIDs() {
+			if ok, _ := tn.Store().Has(t.Context(), id); ok {
+				have++
+			}
+			if ok, _ := tn.Store().Pinned(t.Context(), id); ok {
+				pinned++
+			}
+		}
+		return
+	}
+	if _, err := cl[1].Prefetch(t.Context(), "pf", true, true, nil); err != nil {
+		t.Fatal(err)
+	}
+	want := len(m.ChunkIDs())
+	for i, tn := range cl {
+		waitFor(t, fmt.Sprintf("node %d to fetch and pin the whole image", i), func() bool { h, p := held(tn); return h == want && p == want })
+	}
+	// A node that joins afterwards does it too.
+	h, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	c := node.Config{MemCache: -1, Readahead: -1, NoProfilePrefetch: true, HoardBudget: -1}
+	c.P2P.Host, c.P2P.Bootstrap = h, []string{cl[0].P2P().Addrs()[0].String() + "/p2p/" + cl[0].P2P().ID().String()}
+	late := startNode(t, c)
+	waitFor(t, "the late node to fetch and pin the whole image", func() bool { h, p := held(late); return h == want && p == want })
+	// Removing the image unpins its chunks.
+	if _, err := cl[2].RemoveImage(t.Context(), "pf", false); err != nil {
+		t.Fatal(err)
+	}
+	if _, p := held(cl[2]); p != 0 {
+		t.Fatalf("%d chunks still pinned after image rm", p)
+	}
+}

@@ -369,6 +369,7 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			Registered: n.advertiseLater,
 			Removed:    n.removed,
 			Changed:    n.catalogChanged,
+			Pinned:     n.prefetchPinned,
 		}); err != nil {
 			closeAll()
 			return err

@@ -28,6 +28,9 @@ type CatalogEntry struct {
 	Names []string
 	// Removed marks a tombstone: the image was removed from the cluster.
 	Removed bool
+	// Pin asks every node to fetch the image's boot working set (with Full,
+	// all of it) and pin it (hoard image prefetch --cluster).
+	Pin, Full bool
 	// Version orders changes to one manifest: a hybrid logical clock (see
 	// NextVersion); greater wins.
 	Version uint64
@@ -158,6 +161,12 @@ func AppendCatalogEntry(b []byte, e CatalogEntry) ([]byte, error) {
 	if e.Removed {
 		flags |= 1
 	}
+	if e.Pin {
+		flags |= 2
+	}
+	if e.Full {
+		flags |= 4
+	}
 	b = append(b, flags)
 	b = binary.AppendUvarint(b, e.Version)
 	b = binary.AppendUvarint(b, uint64(len(e.Publisher)))
@@ -176,6 +185,9 @@ func checkCatalogEntry(e CatalogEntry) error {
 	}
 	if err := checkPeerID(e.Publisher, "publisher"); err != nil {
 		return err
+	}
+	if e.Full && !e.Pin || e.Removed && e.Pin {
+		return badEntry("flags: full without pin, or a pinned tombstone")
 	}
 	if len(e.Names) > MaxCatalogNames {
 		return badEntry("%d names (max %d)", len(e.Names), MaxCatalogNames)
@@ -308,10 +320,10 @@ func DecodeCatalogEntry(b []byte) (CatalogEntry, error) {
 	if err != nil {
 		return e, err
 	}
-	if flags[0]&^1 != 0 {
+	if flags[0]&^7 != 0 {
 		return e, badEntry("unknown flags %#x", flags[0])
 	}
-	e.Removed = flags[0]&1 != 0
+	e.Removed, e.Pin, e.Full = flags[0]&1 != 0, flags[0]&2 != 0, flags[0]&4 != 0
 	if e.Version, err = d.uvarint("version", 1<<64-1); err != nil {
 		return e, err
 	}

@@ -587,6 +587,15 @@ func TestCatalogEntryCodec(t *testing.T) {
 	if err != nil || got.Manifest != e.Manifest || !slices.Equal(got.Names, e.Names) || got.Removed != e.Removed || got.Version != e.Version || got.Publisher != e.Publisher {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
+	pin := CatalogEntry{Manifest: e.Manifest, Names: []string{"a"}, Pin: true, Full: true, Version: 2, Publisher: pid}
+	if pb, err := AppendCatalogEntry(nil, pin); err != nil {
+		t.Fatal(err)
+	} else if got, err := DecodeCatalogEntry(pb); err != nil || !got.Pin || !got.Full || got.Removed {
+		t.Fatalf("pinned entry round trip: %+v, %v", got, err)
+	}
+	if _, err := AppendCatalogEntry(nil, CatalogEntry{Manifest: e.Manifest, Removed: true, Pin: true, Version: 3, Publisher: pid}); err == nil {
+		t.Fatal("a pinned tombstone encoded")
+	}
 	pe := ProfileEntry{Manifest: e.Manifest, Node: pid, Version: 9, Profile: chunkstore.Profile{Boots: 3, Chunks: []int{5, 1, 1 << 30}}}
 	pb, err := AppendProfileEntry(nil, pe)
 	if err != nil {
@@ -635,7 +644,8 @@ func TestCatalogEntryCodec(t *testing.T) {
 		"wrong type":  pb,
 		"short":       b[:20],
 		"trailing":    append(slices.Clone(b), 0),
-		"flags":       slices.Concat(b[:33], []byte{2}, b[34:]),
+		"flags":       slices.Concat(b[:33], []byte{8}, b[34:]),
+		"full no pin": slices.Concat(b[:33], []byte{4}, b[34:]),
 		"non-minimal": nonMinimal,
 		"huge":        make([]byte, MaxCatalogEntrySize+1),
 	} {

@@ -145,7 +145,7 @@
 // the sync (entries before it are kept). Entries, as pubsub messages and sync
 // frames (uvarint, the unsigned LEB128 varint of encoding/binary):
 //
-//	catalog: 0x01 digest(32) flags(1: bit 0 removed) uvarint(version)
+//	catalog: 0x01 digest(32) flags(1: bit 0 removed, bit 1 pin, bit 2 full) uvarint(version)
 //	         uvarint(len) publisher peer ID
 //	         uvarint(n) n × (uvarint(len) name)
 //	profile: 0x02 digest(32) uvarint(version) uvarint(len) node peer ID

@@ -185,7 +185,7 @@ func newImagePullCommand(g *globalOptions) *cobra.Command {
 }
 
 func newImagePrefetchCommand(g *globalOptions) *cobra.Command {
-	var jsonOut, full bool
+	var jsonOut, full, cluster bool
 	c := &cobra.Command{
 		Use:   "prefetch NAME",
 		Short: "Fetch an image's boot working set (or, with --full, all of it) now, and pin it",
@@ -201,7 +201,7 @@ func newImagePrefetchCommand(g *globalOptions) *cobra.Command {
 				return err
 			}
 			p := newProgress("prefetch "+args[0], "bytes")
-			res, err := cl.Prefetch(ctx, args[0], full, p.Report)
+			res, err := cl.Prefetch(ctx, args[0], full, cluster, p.Report)
 			p.Done()
 			if err != nil {
 				return err
@@ -216,6 +216,9 @@ func newImagePrefetchCommand(g *globalOptions) *cobra.Command {
 			fmt.Printf("%s: %s of %d chunks (%s) here and pinned: %d were here, %d fetched (%s from peers, %s from the origin) in %s\n",
 				args[0], what, res.Chunks, formatSize(res.Bytes), res.Local, res.Fetched,
 				formatSize(res.BySource["peer"]), formatSize(res.BySource["origin"]), res.Duration.Round(time.Millisecond))
+			if cluster {
+				fmt.Printf("asked every node of the cluster to do the same (hoard status on each shows it)\n")
+			}
 			if res.Chunks == 0 && !full {
 				fmt.Printf("the image has no boot profile yet: boot it once anywhere in the cluster, or use --full\n")
 			}
@@ -224,6 +227,7 @@ func newImagePrefetchCommand(g *globalOptions) *cobra.Command {
 	}
 	c.Flags().BoolVar(&jsonOut, "json", false, "print as JSON")
 	c.Flags().BoolVar(&full, "full", false, "fetch every chunk of the image, not only its boot working set")
+	c.Flags().BoolVar(&cluster, "cluster", false, "do it on every node of the cluster (a node that joins later does it when it learns the image)")
 	return c
 }
 

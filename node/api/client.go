@@ -89,12 +89,20 @@ func (c *Client) RemoveImage(ctx context.Context, name string, cluster bool) (Re
 }
 
 // Prefetch asks the daemon to fetch an image's working set (with full, all of
-// it) now and pin it; progress, if not nil, is called as it goes.
-func (c *Client) Prefetch(ctx context.Context, name string, full bool, progress func(Progress)) (hoarder.PrefetchResult, error) {
+// it) now and pin it, with cluster on every node; progress, if not nil, is
+// called as it goes here.
+func (c *Client) Prefetch(ctx context.Context, name string, full, cluster bool, progress func(Progress)) (hoarder.PrefetchResult, error) {
 	var out hoarder.PrefetchResult
-	p := "/v1/images/" + url.PathEscape(name) + "/prefetch"
+	q := url.Values{}
 	if full {
-		p += "?full=1"
+		q.Set("full", "1")
+	}
+	if cluster {
+		q.Set("cluster", "1")
+	}
+	p := "/v1/images/" + url.PathEscape(name) + "/prefetch"
+	if len(q) > 0 {
+		p += "?" + q.Encode()
 	}
 	return out, c.stream(ctx, http.MethodPost, p, nil, &out, progress)
 }

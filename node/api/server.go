@@ -43,8 +43,9 @@ type Service interface {
 	// Pull registers an image another node has.
 	Pull(ctx context.Context, name string) (ImageInfo, error)
 	// Prefetch fetches an image's working set (with full, all of it) now
-	// and pins it; progress gets the bytes done and to do.
-	Prefetch(ctx context.Context, name string, full bool, progress func(done, total int64)) (hoarder.PrefetchResult, error)
+	// and pins it, with cluster on every node; progress gets the bytes done
+	// and to do here.
+	Prefetch(ctx context.Context, name string, full, cluster bool, progress func(done, total int64)) (hoarder.PrefetchResult, error)
 	StoreStats(ctx context.Context) (chunkstore.Stats, error)
 	StoreVerify(ctx context.Context, progress func(done, total int64)) (chunkstore.VerifyResult, error)
 	StoreGC(ctx context.Context) (chunkstore.GCResult, error)
@@ -184,9 +185,9 @@ func routes(svc Service, o Options) []route {
 			})
 		})},
 		{"POST /v1/images/{name}/prefetch", long(func(w http.ResponseWriter, r *http.Request) {
-			full := r.URL.Query().Get("full") != ""
+			full, cluster := r.URL.Query().Get("full") != "", r.URL.Query().Get("cluster") != ""
 			answer(w, r, every, "prefetch", "bytes", func(ctx context.Context, report func(done, total int64)) (any, error) {
-				return svc.Prefetch(ctx, r.PathValue("name"), full, report)
+				return svc.Prefetch(ctx, r.PathValue("name"), full, cluster, report)
 			})
 		})},
 		// The chunk store's endpoints, so that hoard store ... works while

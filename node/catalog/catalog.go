@@ -86,6 +86,10 @@ type Options struct {
 	// Changed is called (not under any lock) after the catalog or the
 	// profiles changed: the hoarder plans again.
 	Changed func()
+	// Pinned is called (from Run's goroutine; it should hand the work off)
+	// when an entry asks every node to fetch and pin an image (hoard image
+	// prefetch --cluster): its working set, or all of it with full.
+	Pinned func(manifest chunkstore.ID, full bool)
 }
 
 // Catalog is a node's view of the cluster catalog. Create it with Open.
@@ -304,6 +308,13 @@ func (c *Catalog) RemovedCluster(ctx context.Context, manifest chunkstore.ID) {
 	c.publish(ctx, manifest, nil, true)
 }
 
+// PinCluster asks every node of the cluster to fetch image manifest's
+// working set (with full, all of it) and pin it; names are its names here.
+// A node that joins later does it when it learns the entry.
+func (c *Catalog) PinCluster(ctx context.Context, manifest chunkstore.ID, names []string, full bool) {
+	c.publishEntry(ctx, p2p.CatalogEntry{Manifest: manifest, Names: names, Pin: true, Full: full})
+}
+
 // RemovedLocal records that this node removed image manifest for itself
 // only: the entry known now is not registered again (a newer one is).
 func (c *Catalog) RemovedLocal(manifest chunkstore.ID) {
@@ -317,10 +328,22 @@ func (c *Catalog) RemovedLocal(manifest chunkstore.ID) {
 }
 
 func (c *Catalog) publish(ctx context.Context, manifest chunkstore.ID, names []string, removed bool) {
+	e := p2p.CatalogEntry{Manifest: manifest, Names: names, Removed: removed}
+	c.mu.Lock()
+	if old := c.entries[manifest]; !removed && !old.Removed {
+		// A new announcement of a pinned image keeps it pinned.
+		e.Pin, e.Full = old.Pin, old.Full
+	}
+	c.mu.Unlock()
+	c.publishEntry(ctx, e)
+}
+
+// publishEntry stamps e as this node's newest change and announces it.
+func (c *Catalog) publishEntry(ctx context.Context, e p2p.CatalogEntry) {
+	manifest := e.Manifest
 	c.mu.Lock()
 	old := c.entries[manifest]
-	e := p2p.CatalogEntry{Manifest: manifest, Names: names, Removed: removed,
-		Version: p2p.NextVersion(old.Version, time.Now()), Publisher: c.self}
+	e.Version, e.Publisher = p2p.NextVersion(old.Version, time.Now()), c.self
 	c.entries[manifest] = e
 	delete(c.dropped, manifest)
 	delete(c.pending, manifest)
@@ -424,6 +447,9 @@ func (c *Catalog) work(ctx context.Context) {
 			done, ch = c.remove(ctx, j.e)
 		} else {
 			done, ch = c.register(ctx, p, j.e, j.asks)
+			if done && j.e.Pin && c.o.Pinned != nil {
+				c.o.Pinned(j.e.Manifest, j.e.Full)
+			}
 		}
 		changed = changed || ch
 		if done {
