@@ -142,6 +142,7 @@ type ClusterSimResult struct {
 // simNode is one simulated node.
 type simNode struct {
 	name    string
+	index   int32
 	up      bool
 	cache   *SimCache
 	tracker *victimTracker
@@ -211,7 +212,9 @@ type clusterSim struct {
 	nodes   []*simNode
 	vms     []*simVM
 	stops   stopHeap
-	holders map[chunkstore.ID]int
+	// holders are the up nodes holding each chunk, for peer lookups and
+	// to find the nodes cache-aware placement should score.
+	holders map[chunkstore.ID][]int32
 	// ready is when a chunk's origin fetch completes.
 	ready      map[chunkstore.ID]float64
 	originFree float64
@@ -269,7 +272,7 @@ func SimulateCluster(tr ClusterTrace, cfg ClusterSimConfig) (ClusterSimResult, e
 	if err := tr.Header.check(); err != nil {
 		return ClusterSimResult{}, fmt.Errorf("trace header: %w", err)
 	}
-	s := &clusterSim{cfg: cfg, tr: tr, images: tr.Images(), holders: map[chunkstore.ID]int{}, ready: map[chunkstore.ID]float64{},
+	s := &clusterSim{cfg: cfg, tr: tr, images: tr.Images(), holders: map[chunkstore.ID][]int32{}, ready: map[chunkstore.ID]float64{},
 		rng: rand.New(rand.NewPCG(cfg.Seed, 0x706c616365)), slots: tr.Header.Slots} // "place"
 	if s.slots <= 0 {
 		s.slots = DefaultTraceSlots
@@ -346,7 +349,7 @@ func (s *clusterSim) caching() bool { return s.cfg.Policy != PolicyNone }
 // nodeUp brings node i up with an empty cache (a no-op if it is up).
 func (s *clusterSim) nodeUp(i int) {
 	for len(s.nodes) <= i {
-		s.nodes = append(s.nodes, &simNode{name: "node" + strconv.Itoa(len(s.nodes))})
+		s.nodes = append(s.nodes, &simNode{name: "node" + strconv.Itoa(len(s.nodes)), index: int32(len(s.nodes))})
 	}
 	n := s.nodes[i]
 	if n.up {
@@ -364,19 +367,39 @@ func (s *clusterSim) nodeUp(i int) {
 	n.cache = NewSimCache(s.cfg.Quota, n.tracker)
 }
 
+func (s *clusterSim) addHolder(id chunkstore.ID, node int32) {
+	s.holders[id] = append(s.holders[id], node)
+}
+
+func (s *clusterSim) dropHolder(id chunkstore.ID, node int32) {
+	h := s.holders[id]
+	for k, x := range h {
+		if x == node {
+			h[k] = h[len(h)-1]
+			h = h[:len(h)-1]
+			break
+		}
+	}
+	if len(h) == 0 {
+		delete(s.holders, id)
+		return
+	}
+	s.holders[id] = h
+}
+
 // access reads chunk c on node n, keeping the holder counts.
 func (s *clusterSim) access(n *simNode, c Chunk) {
 	was := n.cache.Has(c.ID)
 	n.cache.Access(c.ID, c.stored())
 	if !was && n.cache.Has(c.ID) {
 		n.held[c.ID] = struct{}{}
-		s.holders[c.ID]++
+		s.addHolder(c.ID, n.index)
 		n.ver++
 	}
 	for _, v := range n.tracker.victims {
 		if _, ok := n.held[v]; ok && !n.cache.Has(v) {
 			delete(n.held, v)
-			s.holders[v]--
+			s.dropHolder(v, n.index)
 			n.ver++
 		}
 	}
@@ -386,16 +409,33 @@ func (s *clusterSim) access(n *simNode, c Chunk) {
 // place picks a node for a start of image img, or -1.
 func (s *clusterSim) place(img int) int {
 	if s.cfg.Placement == PlacementCache {
-		states := make([]NodeState, 0, len(s.nodes))
+		// PlaceWeighted over the nodes holding any of the working set and
+		// the best of the others: those all score alike but for their
+		// load, and rank by free slots then name, so the first is the
+		// same as over every node. The holder index answers HeldBytes.
+		ws := s.images[img].WorkingSet
+		held := map[int32]int64{}
+		for _, c := range ws {
+			for _, h := range s.holders[c.ID] {
+				held[h] += c.Size
+			}
+		}
+		states := make([]NodeState, 0, len(held)+1)
+		var cold *simNode
 		for _, n := range s.nodes {
-			if !n.up {
-				continue
+			switch {
+			case !n.up || n.running >= s.slots:
+			case held[n.index] > 0:
+				b := held[n.index]
+				states = append(states, NodeState{Name: n.name, FreeSlots: s.slots - n.running, Slots: s.slots,
+					HeldBytes: func([]Chunk) int64 { return b }})
+			case cold == nil || n.running < cold.running || (n.running == cold.running && n.name < cold.name):
+				cold = n
 			}
-			st := NodeState{Name: n.name, FreeSlots: s.slots - n.running, Slots: s.slots}
-			if n.cache != nil {
-				st.Has = n.cache.Has
-			}
-			states = append(states, st)
+		}
+		if cold != nil {
+			states = append(states, NodeState{Name: cold.name, FreeSlots: s.slots - cold.running, Slots: s.slots,
+				HeldBytes: func([]Chunk) int64 { return 0 }})
 		}
 		ps := PlaceWeighted(s.images[img], states, s.cfg.Weights)
 		if len(ps) == 0 {
@@ -440,7 +480,7 @@ func (s *clusterSim) start(t float64, img int, end float64) {
 			switch {
 			case n.cache.Has(c.ID):
 				local += c.Size
-			case s.holders[c.ID] > 0:
+			case len(s.holders[c.ID]) > 0:
 				peer += c.Size
 				peerReady = max(peerReady, s.ready[c.ID])
 			default:
@@ -512,7 +552,7 @@ func (s *clusterSim) readAfterBoot(n *simNode, img int) {
 			s.res.OriginBytes += s.chunkSize
 			continue
 		case n.cache.Has(id):
-		case s.holders[id] > 0:
+		case len(s.holders[id]) > 0:
 			s.res.PeerBytes += s.chunkSize
 		default:
 			s.res.OriginBytes += s.chunkSize
@@ -545,7 +585,7 @@ func (s *clusterSim) fail(t float64, i int) {
 	n := s.nodes[i]
 	n.up, n.running, n.cache, n.tracker, n.linkFree = false, 0, nil, nil, 0
 	for id := range n.held {
-		s.holders[id]--
+		s.dropHolder(id, int32(i))
 	}
 	n.held = nil
 	var restart []*simVM
@@ -666,7 +706,7 @@ func (s *clusterSim) tick(t float64) {
 				break
 			}
 			moved += sz
-			if s.holders[id] > 0 {
+			if len(s.holders[id]) > 0 {
 				s.res.HoardPeerBytes += sz
 				s.res.PeerBytes += sz
 			} else {

@@ -217,6 +217,11 @@ type NodeState struct {
 	Name string
 	// Has reports whether the node holds a chunk locally.
 	Has func(chunkstore.ID) bool
+	// HeldBytes, if set, returns the raw bytes of chunks the node holds
+	// locally, each occurrence counted; Place then calls it once per list
+	// (the working set, Image.Chunks) instead of Has once per chunk, for
+	// callers that can answer in bulk.
+	HeldBytes func(chunks []Chunk) int64
 	// FreeSlots is how many more VMs the node can take; <= 0 excludes it.
 	FreeSlots int
 	// Slots is how many VMs the node can run in all; load is
@@ -239,8 +244,14 @@ type Placement struct {
 	Load float64
 	// MissBytes is what the boot would still have to fetch.
 	MissBytes int64
-	// Reason says in words why the node scored so, for logs and hoard place.
-	Reason string
+	// Used and Slots are the slots in use and in all that Load is made of.
+	Used, Slots int
+}
+
+// Reason says in words why the node scored so, for logs and hoard place.
+func (p Placement) Reason() string {
+	return fmt.Sprintf("working set %.0f%% local (%d bytes to fetch), image %.0f%% local, load %d/%d slots",
+		100*p.Cached, p.MissBytes, 100*p.ImageCached, p.Used, p.Slots)
 }
 
 // PlaceWeights weigh the three terms of a placement score. Place normalises
@@ -289,7 +300,7 @@ func Place(img Image, nodes []NodeState) []Placement {
 // of slots, over the sum of the weights. Ties go to fewer bytes to fetch,
 // then more free slots, then the name. Nodes without a free slot are left
 // out. It calls each node's Has once per chunk of the working set and of
-// Image.Chunks.
+// Image.Chunks, or its HeldBytes once per list.
 func PlaceWeighted(img Image, nodes []NodeState, w PlaceWeights) []Placement {
 	w.WorkingSet, w.Image, w.Load = max(w.WorkingSet, 0), max(w.Image, 0), max(w.Load, 0)
 	sum := w.WorkingSet + w.Image + w.Load
@@ -308,6 +319,13 @@ func PlaceWeighted(img Image, nodes []NodeState, w PlaceWeights) []Placement {
 		maxFree = max(maxFree, n.FreeSlots)
 	}
 	held := func(n NodeState, cs []Chunk) (miss int64) {
+		if n.HeldBytes != nil {
+			var total int64
+			for _, c := range cs {
+				total += c.Size
+			}
+			return total - n.HeldBytes(cs)
+		}
 		for _, c := range cs {
 			if n.Has == nil || !n.Has(c.ID) {
 				miss += c.Size
@@ -342,11 +360,10 @@ func PlaceWeighted(img Image, nodes []NodeState, w PlaceWeights) []Placement {
 		} else {
 			used, of = maxFree-n.FreeSlots, maxFree
 		}
+		p.Used, p.Slots = used, of
 		p.Load = float64(used) / float64(of)
 		p.Score = (w.WorkingSet*p.Cached + w.Image*p.ImageCached + w.Load*(1-p.Load)) / sum
 		p.Score = min(max(p.Score, 0), 1)
-		p.Reason = fmt.Sprintf("working set %.0f%% local (%d bytes to fetch), image %.0f%% local, load %d/%d slots",
-			100*p.Cached, p.MissBytes, 100*p.ImageCached, used, of)
 		rs = append(rs, ranked{p, n.FreeSlots})
 	}
 	sort.SliceStable(rs, func(i, j int) bool {

@@ -3,6 +3,7 @@ package planner
 import (
 	"fmt"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -288,7 +289,7 @@ func TestPlace(t *testing.T) {
 				if got[i].Node != w {
 					t.Fatalf("rank %d is %s, want %s (%+v)", i, got[i].Node, w, got)
 				}
-				if got[i].Score < 0 || got[i].Score > 1 || got[i].Reason == "" {
+				if got[i].Score < 0 || got[i].Score > 1 || got[i].Reason() == "" {
 					t.Fatalf("placement %+v: want a score in [0, 1] and a reason", got[i])
 				}
 				if i > 0 && got[i].Score > got[i-1].Score {
@@ -302,11 +303,29 @@ func TestPlace(t *testing.T) {
 	for _, p := range got {
 		byName[p.Node] = p
 	}
-	if w := byName["warm"]; w.Cached != 0.75 || w.MissBytes != 10 || w.Load != 15.0/16 || !strings.Contains(w.Reason, "75%") {
+	if w := byName["warm"]; w.Cached != 0.75 || w.MissBytes != 10 || w.Load != 15.0/16 || !strings.Contains(w.Reason(), "75%") {
 		t.Fatalf("warm %+v", w)
 	}
 	if c := byName["cold"]; c.MissBytes != 40 || c.Score != DefaultPlaceWeights.Load/(DefaultPlaceWeights.WorkingSet+DefaultPlaceWeights.Image+DefaultPlaceWeights.Load) {
 		t.Fatalf("cold %+v", c)
+	}
+	// HeldBytes answers in bulk what Has answers per chunk.
+	bulk := make([]NodeState, len(nodes))
+	for i, n := range nodes {
+		bulk[i] = n
+		has := n.Has
+		bulk[i].Has = nil
+		bulk[i].HeldBytes = func(cs []Chunk) (b int64) {
+			for _, c := range cs {
+				if has(c.ID) {
+					b += c.Size
+				}
+			}
+			return b
+		}
+	}
+	if b := Place(img, bulk); !reflect.DeepEqual(b, got) {
+		t.Fatalf("with HeldBytes %+v, with Has %+v", b, got)
 	}
 	// The whole image's share counts when its chunks are known.
 	whole := img

@@ -11,6 +11,7 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -133,6 +134,19 @@ p99_start_s, imbalance, ...); --plot draws them as bar charts into a PNG.`,
 }
 
 func runSim(out io.Writer, o *simOptions) error {
+	if o.plot != "" && !strings.HasSuffix(strings.ToLower(o.plot), ".png") {
+		return fmt.Errorf("--plot %s: give a file name ending in .png", o.plot)
+	}
+	for _, p := range o.policies {
+		if !slices.Contains(planner.ClusterPolicies(), strings.TrimSpace(p)) {
+			return fmt.Errorf("unknown policy %q: give --policies from %s", p, strings.Join(planner.ClusterPolicies(), ","))
+		}
+	}
+	for _, p := range o.placements {
+		if p = strings.TrimSpace(p); p != planner.PlacementRandom && p != planner.PlacementCache {
+			return fmt.Errorf("unknown placement %q: give --placements from %s,%s", p, planner.PlacementRandom, planner.PlacementCache)
+		}
+	}
 	var tr planner.ClusterTrace
 	var err error
 	if o.trace != "" {
@@ -286,9 +300,6 @@ func parseWeights(s string) (planner.PlaceWeights, error) {
 // placement, into a PNG, with the standard library only: text is drawn in a
 // built-in 3×5 bitmap font.
 func writeSimPlot(name string, rs []planner.ClusterSimResult) error {
-	if !strings.HasSuffix(strings.ToLower(name), ".png") {
-		return fmt.Errorf("--plot %s: give a file name ending in .png", name)
-	}
 	panels := []struct {
 		title string
 		value func(planner.ClusterSimResult) float64
