@@ -205,13 +205,13 @@ func (h *stopHeap) Pop() any {
 
 // clusterSim is one run's state.
 type clusterSim struct {
-	cfg     ClusterSimConfig
-	tr      ClusterTrace
-	images  []Image
-	boots   []int
-	nodes   []*simNode
-	vms     []*simVM
-	stops   stopHeap
+	cfg    ClusterSimConfig
+	tr     ClusterTrace
+	images []Image
+	boots  []int
+	nodes  []*simNode
+	vms    []*simVM
+	stops  stopHeap
 	// holders are the up nodes holding each chunk, for peer lookups and
 	// to find the nodes cache-aware placement should score.
 	holders map[chunkstore.ID][]int32

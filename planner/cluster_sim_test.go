@@ -141,7 +141,11 @@ func TestClusterSimInvariants(t *testing.T) {
 func TestClusterSimDeterministic(t *testing.T) {
 	t.Parallel()
 	run := func(seed uint64) []byte {
-		tr := smallTrace(seed)
+		cfg := DefaultTraceGen(seed)
+		cfg.Nodes, cfg.Slots, cfg.Images = 12, 8, 20
+		cfg.Duration, cfg.Starts, cfg.Storms, cfg.StormSize = 1800, 120, 2, 20
+		cfg.Failures, cfg.Joins, cfg.RejoinAfter, cfg.Lifetime, cfg.StormLifetime = 2, 1, 300, 900, 300
+		tr := GenerateTrace(cfg)
 		var out bytes.Buffer
 		for _, pl := range []string{PlacementRandom, PlacementCache} {
 			for _, p := range ClusterPolicies() {
