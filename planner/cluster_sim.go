@@ -126,6 +126,10 @@ type ClusterSimResult struct {
 	PeerBytes        int64 `json:"peer_bytes"`
 	HoardOriginBytes int64 `json:"hoard_origin_bytes"`
 	HoardPeerBytes   int64 `json:"hoard_peer_bytes"`
+	// ReadOriginBytes and ReadPeerBytes are the part of VMs' reads after
+	// boot.
+	ReadOriginBytes int64 `json:"read_origin_bytes"`
+	ReadPeerBytes   int64 `json:"read_peer_bytes"`
 	// BytesPerStart is (OriginBytes+PeerBytes)/Starts.
 	BytesPerStart float64 `json:"bytes_per_start"`
 	// MeanStart and P99Start are start delays in seconds.
@@ -550,12 +554,15 @@ func (s *clusterSim) readAfterBoot(n *simNode, img int) {
 		switch {
 		case !s.caching():
 			s.res.OriginBytes += s.chunkSize
+			s.res.ReadOriginBytes += s.chunkSize
 			continue
 		case n.cache.Has(id):
 		case len(s.holders[id]) > 0:
 			s.res.PeerBytes += s.chunkSize
+			s.res.ReadPeerBytes += s.chunkSize
 		default:
 			s.res.OriginBytes += s.chunkSize
+			s.res.ReadOriginBytes += s.chunkSize
 		}
 		s.access(n, Chunk{ID: id, Size: s.chunkSize})
 	}
