@@ -275,13 +275,14 @@ type PlaceWeights struct {
 //
 // Measured with hoard sim on its default trace (200 nodes of 16 slots, 300
 // images, 2 GiB stores, boot storms; the simulator knows no whole-image
-// chunks, so its image share is the working-set share): with sharing
-// eviction, working-set-dominated weights (0.55, 0.15, 0.3) serve 93% of
+// chunks, so its image share is the working-set share; reproduce with
+// hoard sim --placements cache-aware --weights WS,IMAGE,LOAD), with sharing
+// eviction: working-set-dominated weights (0.55, 0.15, 0.3) serve 93% of
 // boot bytes locally but pile VMs on the nodes that hold an image (the
-// busiest node runs 9 times the mean), while load-only placement spreads
-// them (1.5) and serves 74%, random placement 68% at 3.4. The defaults serve
-// 85% (91% with hoarding) at 3.1 (3.0): better than random on both counts;
-// 0.3 for the working set and image gains 3 points of hit ratio for an
+// busiest node runs 9.2 times the mean), load only spreads them (1.5) and
+// serves 74%, and random placement serves 69% at 3.7. The defaults serve 85%
+// (91% with hoarding) at 3.1 (3.0): better than random on both counts.
+// Weighing working set and image 0.3 gains 3.5 points of hit ratio for an
 // imbalance worse than random's (4.3). Start delays barely move with the
 // weights (peers serve what is not local), so the weights trade hit ratio
 // and network bytes against hot nodes only.
