@@ -92,9 +92,12 @@ the end); the simulator places starts itself. Per image: size (bytes), ws
 family's base working set, default 0.7), reads (bytes read after boot,
 default 5% of size, -1 none). Working sets derive from the header alone.
 
---json prints one object per policy and placement (policy, placement,
-hit_ratio, origin_bytes, peer_bytes, bytes_per_start, mean_start_s,
-p99_start_s, imbalance, ...); --plot draws them as bar charts into a PNG.`,
+--json prints one object per policy and placement: policy, placement,
+hit_ratio, origin_bytes, peer_bytes (all bytes moved, hoarding and reads
+after boot included), hoard_origin_bytes, hoard_peer_bytes,
+read_origin_bytes, read_peer_bytes (their parts), bytes_per_start,
+mean_start_s, p99_start_s, imbalance, starts, rejected (starts that found
+no free slot). --plot draws them as bar charts into a PNG.`,
 		Example: `  hoard sim
   hoard sim --json
   hoard sim --nodes 500 --images 600 --starts 8000 --storms 20 --storm-size 400 --plot sim.png
@@ -123,7 +126,7 @@ p99_start_s, imbalance, ...); --plot draws them as bar charts into a PNG.`,
 	f.IntVar(&o.gen.Failures, "failures", def.Failures, "generated trace: node failures")
 	f.IntVar(&o.gen.Joins, "joins", def.Joins, "generated trace: new nodes joining")
 	f.DurationVar(&o.duration, "duration", time.Duration(def.Duration)*time.Second, "generated trace: length")
-	f.StringVar(&o.quota, "quota", formatSize(model.Quota), "store quota per node")
+	f.StringVar(&o.quota, "quota", fmt.Sprintf("%dMiB", model.Quota>>20), "store quota per node")
 	f.StringVar(&o.hoardBudget, "hoard-budget", "", "hoard budget per node (default half of --quota)")
 	f.StringVar(&o.linkRate, "link-rate", "1.25GB", "node link bandwidth per second")
 	f.StringVar(&o.originRate, "origin-rate", "100MB", "origin bandwidth per second, shared by all nodes")
