@@ -1,6 +1,7 @@
 package planner
 
 import (
+	"fmt"
 	"iter"
 	"sort"
 
@@ -35,6 +36,10 @@ type Image struct {
 	Boots int
 	// WorkingSet is the image's boot profile, in first-read order.
 	WorkingSet []Chunk
+	// Chunks is every chunk of the image, when the caller knows them (the
+	// manifest's entries); placement counts the share held. Hoard ignores
+	// it. nil means unknown.
+	Chunks []Chunk
 }
 
 // HoardPlan is the chunks to prefetch, in order, what they cost, and how
@@ -212,26 +217,128 @@ type NodeState struct {
 	Name string
 	// Has reports whether the node holds a chunk locally.
 	Has func(chunkstore.ID) bool
+	// HeldBytes, if set, returns the raw bytes of chunks the node holds
+	// locally, each occurrence counted; Place then calls it once per list
+	// (the working set, Image.Chunks) instead of Has once per chunk, for
+	// callers that can answer in bulk.
+	HeldBytes func(chunks []Chunk) int64
 	// FreeSlots is how many more VMs the node can take; <= 0 excludes it.
 	FreeSlots int
+	// Slots is how many VMs the node can run in all; load is
+	// (Slots-FreeSlots)/Slots. 0 means unknown: load is then judged by
+	// FreeSlots against the candidate with the most free slots.
+	Slots int
 }
 
 // Placement ranks one node for booting an image.
 type Placement struct {
 	Node string
+	// Score is the node's weighted score in [0, 1]; nodes rank by it.
+	Score float64
 	// Cached is the fraction of the image's working-set bytes held locally.
 	Cached float64
+	// ImageCached is the fraction of the whole image's bytes held locally
+	// (Image.Chunks), or Cached when the image's chunks are not known.
+	ImageCached float64
+	// Load is the fraction of the node's slots in use, in [0, 1].
+	Load float64
 	// MissBytes is what the boot would still have to fetch.
 	MissBytes int64
+	// Used and Slots are the slots in use and in all that Load is made of.
+	Used, Slots int
 }
 
-// Place ranks nodes for booting img: the most working-set bytes already
-// cached first (the boot reads locally and spares the network), then the most
-// free slots, then by name. Nodes without a free slot are left out.
+// Reason says in words why the node scored so, for logs and hoard place.
+func (p Placement) Reason() string {
+	return fmt.Sprintf("working set %.0f%% local (%d bytes to fetch), image %.0f%% local, load %d/%d slots",
+		100*p.Cached, p.MissBytes, 100*p.ImageCached, p.Used, p.Slots)
+}
+
+// PlaceWeights weigh the three terms of a placement score. Place normalises
+// them by their sum, so only their ratios matter; negative weights count as
+// 0, and all zero means DefaultPlaceWeights.
+type PlaceWeights struct {
+	// WorkingSet weighs the share of the image's boot working set held on
+	// the node: what makes the boot fast and spares the network.
+	WorkingSet float64
+	// Image weighs the share of the whole image held (the reads after boot).
+	Image float64
+	// Load weighs how free the node is (1 - load).
+	Load float64
+}
+
+// DefaultPlaceWeights are the weights Place uses: working set 0.15, whole
+// image 0.05, load 0.8. A node holding the image's whole working set (and
+// image) thus beats an idle node holding none of it until it is a quarter
+// loaded (4 of 16 slots), and among nodes holding as much, the less loaded
+// wins.
+//
+// Measured with hoard sim on its default trace (200 nodes of 16 slots, 300
+// images, 2 GiB stores, boot storms; the simulator knows no whole-image
+// chunks, so its image share is the working-set share; reproduce with
+// hoard sim --placements cache-aware --weights WS,IMAGE,LOAD), with sharing
+// eviction: working-set-dominated weights (0.55, 0.15, 0.3) serve 93% of
+// boot bytes locally but pile VMs on the nodes that hold an image (the
+// busiest node runs 9.2 times the mean), load only spreads them (1.5) and
+// serves 74%, and random placement serves 69% at 3.7. The defaults serve 85%
+// (91% with hoarding) at 3.1 (3.0): better than random on both counts.
+// Weighing working set and image 0.3 gains 3.5 points of hit ratio for an
+// imbalance worse than random's (4.3). Start delays barely move with the
+// weights (peers serve what is not local), so the weights trade hit ratio
+// and network bytes against hot nodes only.
+var DefaultPlaceWeights = PlaceWeights{WorkingSet: 0.15, Image: 0.05, Load: 0.8}
+
+// Place ranks nodes for booting img with DefaultPlaceWeights; see
+// PlaceWeighted.
 func Place(img Image, nodes []NodeState) []Placement {
-	var total int64
+	return PlaceWeighted(img, nodes, DefaultPlaceWeights)
+}
+
+// PlaceWeighted ranks nodes for booting img, best first, by a score in [0,
+// 1]: w.WorkingSet times the share of the working-set bytes held locally,
+// plus w.Image times the share of the whole image's bytes held (Image.Chunks;
+// the working-set share when nil), plus w.Load times the node's free share
+// of slots, over the sum of the weights. Ties go to fewer bytes to fetch,
+// then more free slots, then the name. Nodes without a free slot are left
+// out. It calls each node's Has once per chunk of the working set and of
+// Image.Chunks, or its HeldBytes once per list.
+func PlaceWeighted(img Image, nodes []NodeState, w PlaceWeights) []Placement {
+	w.WorkingSet, w.Image, w.Load = max(w.WorkingSet, 0), max(w.Image, 0), max(w.Load, 0)
+	sum := w.WorkingSet + w.Image + w.Load
+	if sum == 0 {
+		w, sum = DefaultPlaceWeights, DefaultPlaceWeights.WorkingSet+DefaultPlaceWeights.Image+DefaultPlaceWeights.Load
+	}
+	var total, imgTotal int64
 	for _, c := range img.WorkingSet {
 		total += c.Size
+	}
+	for _, c := range img.Chunks {
+		imgTotal += c.Size
+	}
+	maxFree := 0
+	for _, n := range nodes {
+		maxFree = max(maxFree, n.FreeSlots)
+	}
+	held := func(n NodeState, cs []Chunk) (miss int64) {
+		if n.HeldBytes != nil {
+			var total int64
+			for _, c := range cs {
+				total += c.Size
+			}
+			return total - n.HeldBytes(cs)
+		}
+		for _, c := range cs {
+			if n.Has == nil || !n.Has(c.ID) {
+				miss += c.Size
+			}
+		}
+		return miss
+	}
+	share := func(total, miss int64) float64 {
+		if total <= 0 {
+			return 1
+		}
+		return float64(total-miss) / float64(total)
 	}
 	type ranked struct {
 		Placement
@@ -242,20 +349,29 @@ func Place(img Image, nodes []NodeState) []Placement {
 		if n.FreeSlots <= 0 {
 			continue
 		}
-		var miss int64
-		for _, c := range img.WorkingSet {
-			if n.Has == nil || !n.Has(c.ID) {
-				miss += c.Size
-			}
+		p := Placement{Node: n.Name, MissBytes: held(n, img.WorkingSet)}
+		p.Cached = share(total, p.MissBytes)
+		p.ImageCached = p.Cached
+		if img.Chunks != nil {
+			p.ImageCached = share(imgTotal, held(n, img.Chunks))
 		}
-		cached := 1.0
-		if total > 0 {
-			cached = float64(total-miss) / float64(total)
+		var used, of int
+		if n.Slots > 0 {
+			used, of = max(n.Slots-n.FreeSlots, 0), max(n.Slots, n.FreeSlots)
+		} else {
+			used, of = maxFree-n.FreeSlots, maxFree
 		}
-		rs = append(rs, ranked{Placement{Node: n.Name, Cached: cached, MissBytes: miss}, n.FreeSlots})
+		p.Used, p.Slots = used, of
+		p.Load = float64(used) / float64(of)
+		p.Score = (w.WorkingSet*p.Cached + w.Image*p.ImageCached + w.Load*(1-p.Load)) / sum
+		p.Score = min(max(p.Score, 0), 1)
+		rs = append(rs, ranked{p, n.FreeSlots})
 	}
 	sort.SliceStable(rs, func(i, j int) bool {
 		a, b := rs[i], rs[j]
+		if a.Score != b.Score {
+			return a.Score > b.Score
+		}
 		if a.MissBytes != b.MissBytes {
 			return a.MissBytes < b.MissBytes
 		}

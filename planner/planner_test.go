@@ -3,7 +3,9 @@ package planner
 import (
 	"fmt"
 	"math/rand/v2"
+	"reflect"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -257,22 +259,82 @@ func TestPlace(t *testing.T) {
 		}
 		return func(c chunkstore.ID) bool { return m[c] }
 	}
-	got := Place(img, []NodeState{
-		{Name: "cold", Has: holds(), FreeSlots: 10},
-		{Name: "warm", Has: holds("k", "l", "m"), FreeSlots: 1},
-		{Name: "full", Has: holds("k", "l", "m", "n"), FreeSlots: 0},
-		{Name: "warm2", Has: holds("k", "l", "n"), FreeSlots: 3},
-	})
-	want := []string{"warm2", "warm", "cold"}
-	if len(got) != len(want) {
-		t.Fatalf("placements %+v", got)
+	nodes := []NodeState{
+		{Name: "cold", Has: holds(), FreeSlots: 16, Slots: 16},
+		{Name: "warm", Has: holds("k", "l", "m"), FreeSlots: 1, Slots: 16},
+		{Name: "full", Has: holds("k", "l", "m", "n"), FreeSlots: 0, Slots: 16},
+		{Name: "warm2", Has: holds("k", "l", "n"), FreeSlots: 14, Slots: 16},
+		{Name: "hot", Has: holds("k", "l", "m", "n"), FreeSlots: 10, Slots: 16},
 	}
-	for i, w := range want {
-		if got[i].Node != w {
-			t.Fatalf("rank %d is %s, want %s (%+v)", i, got[i].Node, w, got)
+	for _, tc := range []struct {
+		name string
+		w    PlaceWeights
+		want []string
+	}{
+		// working set only: the most held first, then free slots
+		{"working set", PlaceWeights{WorkingSet: 1}, []string{"hot", "warm2", "warm", "cold"}},
+		// load only: the freest first
+		{"load", PlaceWeights{Load: 1}, []string{"cold", "warm2", "hot", "warm"}},
+		// defaults: a warm node lightly loaded beats an idle cold one; a
+		// node holding all but 6/16 loaded does not
+		{"defaults", DefaultPlaceWeights, []string{"warm2", "cold", "hot", "warm"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			got := PlaceWeighted(img, nodes, tc.w)
+			if len(got) != len(tc.want) {
+				t.Fatalf("placements %+v", got)
+			}
+			for i, w := range tc.want {
+				if got[i].Node != w {
+					t.Fatalf("rank %d is %s, want %s (%+v)", i, got[i].Node, w, got)
+				}
+				if got[i].Score < 0 || got[i].Score > 1 || got[i].Reason() == "" {
+					t.Fatalf("placement %+v: want a score in [0, 1] and a reason", got[i])
+				}
+				if i > 0 && got[i].Score > got[i-1].Score {
+					t.Fatalf("rank %d scores more than rank %d: %+v", i, i-1, got)
+				}
+			}
+		})
+	}
+	got := Place(img, nodes)
+	byName := map[string]Placement{}
+	for _, p := range got {
+		byName[p.Node] = p
+	}
+	if w := byName["warm"]; w.Cached != 0.75 || w.MissBytes != 10 || w.Load != 15.0/16 || !strings.Contains(w.Reason(), "75%") {
+		t.Fatalf("warm %+v", w)
+	}
+	if c := byName["cold"]; c.MissBytes != 40 || c.Score != DefaultPlaceWeights.Load/(DefaultPlaceWeights.WorkingSet+DefaultPlaceWeights.Image+DefaultPlaceWeights.Load) {
+		t.Fatalf("cold %+v", c)
+	}
+	// HeldBytes answers in bulk what Has answers per chunk.
+	bulk := make([]NodeState, len(nodes))
+	for i, n := range nodes {
+		bulk[i] = n
+		has := n.Has
+		bulk[i].Has = nil
+		bulk[i].HeldBytes = func(cs []Chunk) (b int64) {
+			for _, c := range cs {
+				if has(c.ID) {
+					b += c.Size
+				}
+			}
+			return b
 		}
 	}
-	if got[0].Cached != 0.75 || got[2].MissBytes != 40 {
-		t.Fatalf("scores %+v", got)
+	if b := Place(img, bulk); !reflect.DeepEqual(b, got) {
+		t.Fatalf("with HeldBytes %+v, with Has %+v", b, got)
+	}
+	// The whole image's share counts when its chunks are known.
+	whole := img
+	whole.Chunks = append(ws("k", "l", "m", "n"), ws("d1", "d2", "d3", "d4")...)
+	ps := PlaceWeighted(whole, []NodeState{
+		{Name: "a", Has: holds("k", "l"), FreeSlots: 4, Slots: 4},
+		{Name: "b", Has: holds("k", "l", "d1", "d2", "d3"), FreeSlots: 4, Slots: 4},
+	}, PlaceWeights{WorkingSet: 1, Image: 1})
+	if ps[0].Node != "b" || ps[0].ImageCached != 5.0/8 || ps[1].ImageCached != 2.0/8 {
+		t.Fatalf("placements %+v: want b first, holding 5/8 of the image", ps)
 	}
 }

@@ -61,7 +61,7 @@ a bare number is bytes. A lone K, M, G or T is refused as ambiguous.`,
 	pf.String("config", "", "config file (YAML, TOML or JSON; env HOARD_CONFIG); default hoard.yaml in the current directory or /etc/hoard, if there")
 	addConfigFlags(pf, scopeGlobal)
 	root.AddCommand(newImageCommand(g), newStoreCommand(g), newDaemonCommand(g), newStatusCommand(g), newVMCommand(g),
-		newClusterCommand(g), newPeersCommand(g), newPlaceCommand(g), newConfigCommand(g), newVersionCommand())
+		newClusterCommand(g), newPeersCommand(g), newPlaceCommand(g), newConfigCommand(g), newVersionCommand(), newSimCommand())
 	return root
 }
 
