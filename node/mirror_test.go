@@ -3,7 +3,10 @@ package node_test
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
 	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -244,3 +247,102 @@ func TestGlanceMirrorRealGlance(t *testing.T) {
 	}
 	t.Logf("project B refused by every node (glanceclient and plain GET); no identity: 401")
 }
+
+// fakeGlanceServer is a keystone-less Glance stand-in: the image record (with
+// the checksums given) to anyone with X-Project-Id "a", the file with Range
+// support; it counts the file bytes it sends.
+func fakeGlanceServer(t *testing.T, id string, data []byte, md5hex, sha512hex string) (*atomic.Int64, string) {
+	t.Helper()
+	var sent atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("X-Project-Id") != "a" {
+			http.Error(w, "No image found", http.StatusNotFound)
+			return
+		}
+		switch r.URL.Path {
+		case "/v2/images/" + id:
+			json.NewEncoder(w).Encode(map[string]any{"id": id, "status": "active", "size": len(data), "disk_format": "raw",
+				"checksum": md5hex, "os_hash_algo": "sha512", "os_hash_value": sha512hex})
+		case "/v2/images/" + id + "/file":
+			cw := &glanceCountingWriter{ResponseWriter: w, n: &sent}
+			http.ServeContent(cw, r, "", time.Time{}, bytes.NewReader(data))
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return &sent, srv.URL
+}
+
+type glanceCountingWriter struct {
+	http.ResponseWriter
+	n *atomic.Int64
+}
+
+func (w *glanceCountingWriter) Write(p []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(p)
+	w.n.Add(int64(n))
+	return n, err
+}
+
+// TestGlanceMirrorStandalone: on a node without a cluster, the first download
+// of an unknown image streams it from Glance once, to the client and into the
+// store (a second download and a range read cost Glance nothing); an image
+// whose bytes do not match Glance's checksum fails the download and
+// registers nothing.
+func TestGlanceMirrorStandalone(t *testing.T) {
+	t.Parallel()
+	data := writeImage(t, filepath.Join(t.TempDir(), "img.raw"), 9<<20+77, 5)
+	const good, bad = "11111111-0000-4000-8000-00000000000a", "11111111-0000-4000-8000-00000000000b"
+	md := md5Hex(data)
+	sh := sha512Hex(data)
+	sentGood, urlGood := fakeGlanceServer(t, good, data, md, sh)
+	wrong := strings.Repeat("0", len(sh))
+	sentBad, urlBad := fakeGlanceServer(t, bad, data, md, wrong)
+
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	hdr := map[string]string{"X-Project-Id": "a", "X-Auth-Token": "t"}
+	for _, tc := range []struct {
+		id, url string
+		sent    *atomic.Int64
+		ok      bool
+	}{{good, urlGood, sentGood, true}, {bad, urlBad, sentBad, false}} {
+		tn := startNode(t, node.Config{GlanceListen: "127.0.0.1:0", Origin: origin.Config{GlanceURL: tc.url, GlanceHeaders: map[string]string{"X-Project-Id": "a"}}})
+		path := "/v2/images/" + tc.id + "/file"
+		st, body, hdrs, err := mirrorGet(ctx, tn.GlanceAddr().String(), path, hdr)
+		if !tc.ok {
+			if err == nil && st == 200 && bytes.Equal(body, data) {
+				t.Errorf("%s: a download whose bytes do not match os_hash_value completed", tc.id)
+			}
+			if _, rerr := tn.Store().Resolve(ctx, tc.id); rerr == nil {
+				t.Errorf("%s: an image that failed its checksum was registered", tc.id)
+			}
+			t.Logf("checksum mismatch: HTTP %d, %d of %d bytes, err %v; nothing registered", st, len(body), len(data), err)
+			continue
+		}
+		if err != nil || st != 200 || !bytes.Equal(body, data) || hdrs.Get("Content-MD5") != md {
+			t.Fatalf("%s: first download: HTTP %d, %d bytes, Content-MD5 %q, %v", tc.id, st, len(body), hdrs.Get("Content-MD5"), err)
+		}
+		first := tc.sent.Load()
+		if first != int64(len(data)) {
+			t.Errorf("first download: Glance sent %d bytes, want the image once (%d)", first, len(data))
+		}
+		st, body, _, err = mirrorGet(ctx, tn.GlanceAddr().String(), path, hdr)
+		if err != nil || st != 200 || !bytes.Equal(body, data) {
+			t.Fatalf("second download: HTTP %d, %d bytes, %v", st, len(body), err)
+		}
+		rh := map[string]string{"X-Project-Id": "a", "Range": "bytes=1000000-1999999"}
+		st, body, hdrs, err = mirrorGet(ctx, tn.GlanceAddr().String(), path, rh)
+		if err != nil || st != 206 || !bytes.Equal(body, data[1000000:2000000]) || hdrs.Get("Content-Range") != fmt.Sprintf("bytes 1000000-1999999/%d", len(data)) {
+			t.Errorf("range: HTTP %d, %d bytes, Content-Range %q, %v", st, len(body), hdrs.Get("Content-Range"), err)
+		}
+		if more := tc.sent.Load() - first; more != 0 {
+			t.Errorf("the second download and a range made Glance send %d more bytes, want 0", more)
+		}
+		t.Logf("standalone: first download Glance bytes %d (image %d), then 0 for a full download and a range", first, len(data))
+	}
+}
+
+func md5Hex(b []byte) string    { s := md5.Sum(b); return hex.EncodeToString(s[:]) }
+func sha512Hex(b []byte) string { s := sha512.Sum512(b); return hex.EncodeToString(s[:]) }
