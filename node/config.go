@@ -64,6 +64,14 @@ type Config struct {
 
 	// Origin configures the origin sources opened for lazy images.
 	Origin origin.Config
+	// GlanceListen is the address of the Glance v2 download mirror (package
+	// glancemirror), e.g. 127.0.0.1:9293; empty: off. It needs
+	// Origin.GlanceURL: every download is authorized by that Glance.
+	GlanceListen string
+	// GlanceRegisterWait bounds how long a node waits for the cluster's
+	// registrar to register an image no node knew before registering it
+	// itself. Default DefaultGlanceRegisterWait.
+	GlanceRegisterWait time.Duration
 	// OriginTimeout bounds one chunk fetch from an origin, retries included; a
 	// read that needs the chunk fails (EIO) when it runs out. Asking the peers
 	// first has a budget of the same length, so a miss fails after at most
@@ -174,6 +182,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.APIListen == "" {
 		c.APIListen = DefaultAPIListen
+	}
+	if c.GlanceListen != "" && c.Origin.GlanceURL == "" {
+		return c, fmt.Errorf("node: glance.listen %s needs the real Glance to authorize downloads: set origin.glance.url (HOARD_ORIGIN_GLANCE_URL), e.g. http://controller:9292", c.GlanceListen)
+	}
+	if c.GlanceRegisterWait <= 0 {
+		c.GlanceRegisterWait = DefaultGlanceRegisterWait
 	}
 	if c.APIMaxConns <= 0 {
 		c.APIMaxConns = 256

@@ -62,6 +62,8 @@ type Node struct {
 	runCtx  context.Context
 	apiAddr net.Addr
 	nbdAddr net.Addr
+	// glanceAddr is the Glance mirror's address (Config.GlanceListen); nil: off.
+	glanceAddr net.Addr
 
 	cache     *memCache
 	hot       *hot.Tier // nil: off
@@ -227,6 +229,10 @@ func (n *Node) NBDSocket() string {
 	return n.cfg.NBDSocket
 }
 
+// GlanceAddr is the Glance mirror's listen address, nil when it is off;
+// valid once Ready is closed.
+func (n *Node) GlanceAddr() net.Addr { return n.glanceAddr }
+
 // NBDAddr is the NBD TCP address (after Ready), nil if disabled.
 func (n *Node) NBDAddr() net.Addr { return n.nbdAddr }
 
@@ -311,6 +317,18 @@ func (n *Node) Run(ctx context.Context) (err error) {
 		}
 		lns = append(lns, apiLn)
 		n.apiAddr = apiLn.Addr()
+	}
+	var glanceLn net.Listener
+	if cfg.GlanceListen != "" {
+		if glanceLn, err = net.Listen("tcp", cfg.GlanceListen); err != nil {
+			closeAll()
+			return fmt.Errorf("glance.listen %s: %w", cfg.GlanceListen, err)
+		}
+		lns = append(lns, glanceLn)
+		n.glanceAddr = glanceLn.Addr()
+		if ip, ok := glanceLn.Addr().(*net.TCPAddr); ok && !ip.IP.IsLoopback() {
+			n.log.Warn("the Glance mirror is not on loopback: Glance authorizes every download, but its traffic (tokens included) is plain HTTP", "addr", n.glanceAddr)
+		}
 	}
 
 	policy, err := planner.NewEviction(cfg.Eviction) // checked by New
@@ -430,6 +448,11 @@ func (n *Node) Run(ctx context.Context) (err error) {
 			return hs.Shutdown(sctx)
 		})
 		n.log.Info("serving admin API", "addr", n.apiAddr.String(), "token_file", n.cfg.apiTokenFile)
+	}
+	if glanceLn != nil {
+		if err := n.serveGlanceMirror(gctx, g, glanceLn); err != nil {
+			return err
+		}
 	}
 	if n.apiAddr != nil {
 		// Tell CLIs on this data dir where the API is (the store is locked).

@@ -133,6 +133,7 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		Eviction:            v.GetString("store.eviction"),
 		NBDSocket:           v.GetString("nbd.socket"),
 		NBDListen:           v.GetString("nbd.listen"),
+		GlanceListen:        v.GetString("glance.listen"),
 		NBDSocketGroup:      v.GetString("nbd.socket_group"),
 		NBDSocketMode:       fs.FileMode(sockMode),
 		NBDMaxBufferedBytes: nbdBuf,

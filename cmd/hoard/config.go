@@ -145,6 +145,10 @@ var configKeys = []*configKey{
 	{name: "origin.glance.headers", scope: scopeNoFlag,
 		help:   "extra headers sent to Glance, Name=value,...; a keystone-less Glance wants X-Roles=admin,X-Tenant-Id=...",
 		accept: "Name=value pairs separated by commas", check: checkHeaders, example: "X-Roles=admin,X-Tenant-Id=demo"},
+	{name: "glance.listen", flag: "glance-listen", scope: scopeDaemon, defDoc: "off",
+		help: "address of the Glance v2 download mirror (GET /v2/images/ID/file from the cluster, each download authorized by the real Glance " +
+			"with the caller's credentials; needs origin.glance.url). Point Nova at it: [glance] endpoint_override = http://ADDR",
+		accept: acceptHostPort, check: hostPortOr(), example: "127.0.0.1:9293"},
 
 	{name: "node.name", flag: "node-name", scope: scopeDaemon, defDoc: "the OS host name",
 		help:   "this node's name in placement (hoard place, the Nova weigher): what the scheduler calls the host",

@@ -6,6 +6,12 @@
 # glance-api's). Requests need the headers "X-Roles: admin" and "X-Tenant-Id: <any>" because
 # there is no keystone; leave images private (visibility public is refused by policy).
 # Needs Debian's glance-api package (scripts/install-test-deps.sh installs it).
+#
+# With HOARD_GLANCE_ENFORCE=1 Glance enforces projects the way a keystone-fronted Glance does:
+# a pipeline with Glance's "context" middleware (no authtoken) trusts the identity headers
+# keystonemiddleware would set from a validated token (X-Identity-Status: Confirmed,
+# X-Project-Id, X-User-Id, X-Roles): a private image is then visible to its project (and
+# admin) only, and a request without identity gets 401.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -19,6 +25,18 @@ mkdir -p "$1"
 dir=$(cd "$1" && pwd)
 port=$2
 conf="$dir/glance-api.conf"
+flavor=
+paste=/etc/glance/glance-api-paste.ini
+if [ "${HOARD_GLANCE_ENFORCE:-}" = 1 ]; then
+  paste="$dir/glance-api-paste.ini"
+  cp /etc/glance/glance-api-paste.ini "$paste"
+  cat >>"$paste" <<'PASTE'
+
+[pipeline:glance-api-enforce]
+pipeline = cors healthcheck http_proxy_to_wsgi versionnegotiation osprofiler context rootapp
+PASTE
+  flavor=enforce
+fi
 mkdir -p "$dir/images" "$dir/tasks" "$dir/staging" "$dir/lock"
 
 cat >"$conf" <<CONF
@@ -36,8 +54,8 @@ lock_path = $dir/lock
 connection = sqlite:///$dir/glance.sqlite
 
 [paste_deploy]
-flavor =
-config_file = /etc/glance/glance-api-paste.ini
+flavor = $flavor
+config_file = $paste
 
 [glance_store]
 default_backend = fs

@@ -50,6 +50,7 @@ type Glance struct {
 	cmd     *exec.Cmd
 	logPath string
 	waitErr chan error // receives the process's exit status once
+	enforce bool       // projects enforced (NewEnforcing)
 	stopped sync.Once
 	// Took is how long the start took, until GET /versions answered.
 	Took time.Duration
@@ -59,10 +60,40 @@ type Glance struct {
 func (g *Glance) URL() string { return g.url }
 
 // Headers are the headers a keystone-less Glance needs on every request
-// (origin.Config.GlanceHeaders).
+// (origin.Config.GlanceHeaders): an admin of project Tenant. Images uploaded with them
+// belong to Tenant.
 func (g *Glance) Headers() map[string]string {
+	if g.enforce {
+		return Identity(Tenant, "admin")
+	}
 	return map[string]string{"X-Roles": "admin", "X-Tenant-Id": Tenant}
 }
+
+// Identity returns the headers keystonemiddleware sets for a validated token of a user in
+// project with roles (comma-separated): what a Glance from NewEnforcing trusts.
+func Identity(project, roles string) map[string]string {
+	return map[string]string{"X-Identity-Status": "Confirmed", "X-Project-Id": project, "X-Tenant-Id": project,
+		"X-User-Id": "user-of-" + project, "X-Roles": roles}
+}
+
+// StartEnforcing is Start with a Glance that enforces projects (NewEnforcing).
+func StartEnforcing(t testing.TB) *Glance {
+	t.Helper()
+	skipIfMissing(t)
+	g, err := NewEnforcing(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Stop)
+	t.Logf("project-enforcing glance started at %s in %v", g.URL(), g.Took.Round(time.Millisecond))
+	return g
+}
+
+// NewEnforcing is New with a Glance that enforces projects the way a keystone-fronted one
+// does: its context middleware (a paste pipeline without authtoken) trusts the identity
+// headers (Identity), so a private image answers 200 to its project and to admin, 404 to
+// another project and 401 to a request without identity.
+func NewEnforcing(dir string) (*Glance, error) { return start(dir, true) }
 
 // Start starts a Glance for t and stops it when t ends. It skips t when glance-api is not
 // installed (see the package comment).
@@ -140,7 +171,9 @@ func Script() string {
 
 // New starts glance-api with its config, database and images in dir and waits until it
 // answers. The caller must call Stop. On failure the error carries the tail of Glance's log.
-func New(dir string) (*Glance, error) {
+func New(dir string) (*Glance, error) { return start(dir, false) }
+
+func start(dir string, enforce bool) (*Glance, error) {
 	script := Script()
 	if _, err := os.Stat(script); err != nil {
 		return nil, fmt.Errorf("glancetest: launcher script: %w; set HOARD_GLANCE_SCRIPT to scripts/glance/start-glance.sh", err)
@@ -158,6 +191,9 @@ func New(dir string) (*Glance, error) {
 	start := time.Now()
 	cmd := exec.Command(script, dir, fmt.Sprint(port))
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if enforce {
+		cmd.Env = append(os.Environ(), "HOARD_GLANCE_ENFORCE=1")
+	}
 	// Own process group, so Stop also ends the worker glance-api forks; and die with the
 	// test binary if it never calls Stop.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
@@ -167,6 +203,7 @@ func New(dir string) (*Glance, error) {
 		cmd:     cmd,
 		logPath: logPath,
 		waitErr: make(chan error, 1),
+		enforce: enforce,
 	}
 	// Pdeathsig fires when the OS thread that started the child exits, so start and wait
 	// on one locked thread that lives exactly as long as the child.

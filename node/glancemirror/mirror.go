@@ -1,0 +1,495 @@
+package glancemirror
+
+import (
+	"context"
+	"crypto/md5"
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ErrUnknown is what Images.Open wraps when no node of the cluster holds the
+// image yet: the mirror then registers it (Images.Register).
+var ErrUnknown = errors.New("image not registered in hoard")
+
+// Meta is what Glance's image record (GET /v2/images/{id}) says of an image,
+// as far as the mirror needs it.
+type Meta struct {
+	ID          string `json:"id"`
+	Status      string `json:"status"`
+	Size        *int64 `json:"size"`
+	Checksum    string `json:"checksum"` // md5, hex
+	OSHashAlgo  string `json:"os_hash_algo"`
+	OSHashValue string `json:"os_hash_value"`
+	DiskFormat  string `json:"disk_format"`
+}
+
+// Image is a registered image's original bytes (what Glance stores: a qcow2
+// stays a qcow2 file).
+type Image interface {
+	// Size is the image's size in bytes.
+	Size() int64
+	// ReadAt fills all of p from off; [off, off+len(p)) lies within Size.
+	// Safe for concurrent use; the bytes are verified by the read path.
+	ReadAt(ctx context.Context, p []byte, off int64) error
+	// Close releases the image; no ReadAt may follow.
+	Close() error
+}
+
+// Images is what the mirror needs of the node.
+type Images interface {
+	// Open returns the image Glance knows as meta.ID, this node's or one a
+	// peer holds, or an error wrapping ErrUnknown when no node has it. It
+	// must not return an image whose bytes are not Glance's original bytes
+	// (another size or checksum).
+	Open(ctx context.Context, meta Meta) (Image, error)
+	// Register registers an image no node knows yet: it streams it from
+	// Glance once, with hoard's own credentials, into the store and returns
+	// the same bytes as they arrive. The reader returns io.EOF only once the
+	// size and checksum were verified (and the image registered); any other
+	// error means the bytes already read must not be trusted. Closing the
+	// reader early does not stop the registration. An implementation may
+	// instead wait for another node's registration and stream its result.
+	Register(ctx context.Context, meta Meta) (io.ReadCloser, error)
+}
+
+// Config configures a Handler.
+type Config struct {
+	// GlanceURL is the real Glance endpoint, e.g. http://controller:9292
+	// (origin.glance.url). Required.
+	GlanceURL string
+	// Images serves the bytes. Required.
+	Images Images
+	// Client sends the requests to Glance; default: a client with a 30s
+	// response header timeout.
+	Client *http.Client
+	// AuthTimeout bounds the authorization request to Glance. Default 30s.
+	AuthTimeout time.Duration
+	// Log, default slog.Default().
+	Log *slog.Logger
+}
+
+// Handler is the mirror's http.Handler.
+type Handler struct {
+	base   string
+	images Images
+	client *http.Client
+	authTO time.Duration
+	log    *slog.Logger
+}
+
+// New returns the mirror's handler for c.
+func New(c Config) (*Handler, error) {
+	base := strings.TrimSuffix(strings.TrimRight(c.GlanceURL, "/"), "/v2")
+	u, err := url.Parse(base)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("glance mirror: Glance endpoint %q is not an http(s) URL; set origin.glance.url, e.g. http://controller:9292", c.GlanceURL)
+	}
+	if c.Images == nil {
+		return nil, errors.New("glance mirror: no Images")
+	}
+	h := &Handler{base: base, images: c.Images, client: c.Client, authTO: c.AuthTimeout, log: c.Log}
+	if h.client == nil {
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.ResponseHeaderTimeout = 30 * time.Second
+		h.client = &http.Client{Transport: tr}
+	}
+	if h.authTO <= 0 {
+		h.authTO = 30 * time.Second
+	}
+	if h.log == nil {
+		h.log = slog.Default()
+	}
+	return h, nil
+}
+
+// ServeHTTP implements http.Handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "the hoard Glance mirror is read-only: send "+r.Method+" requests to Glance itself", http.StatusMethodNotAllowed)
+		return
+	}
+	if id, ok := fileID(r.URL.Path); ok {
+		if r.Method == http.MethodHead {
+			h.proxy(w, r) // Glance answers HEAD .../file itself (405)
+			return
+		}
+		h.download(w, r, id)
+		return
+	}
+	h.proxy(w, r)
+}
+
+// fileID returns the image id of a download path /v2/images/{id}/file.
+func fileID(p string) (string, bool) {
+	rest, ok := strings.CutPrefix(p, "/v2/images/")
+	if !ok {
+		return "", false
+	}
+	id, ok := strings.CutSuffix(rest, "/file")
+	if !ok || id == "" || strings.Contains(id, "/") {
+		return "", false
+	}
+	return id, true
+}
+
+// forwardHeaders are the caller's headers sent on to Glance: all but the
+// hop-by-hop ones and those about the body or the range.
+func forwardHeaders(in http.Header) http.Header {
+	out := in.Clone()
+	for _, k := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+		"Range", "If-Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since",
+		"Content-Length", "Accept-Encoding", "Host"} {
+		out.Del(k)
+	}
+	return out
+}
+
+// proxy passes r to Glance with the caller's headers and copies the answer.
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request) {
+	req, err := http.NewRequestWithContext(r.Context(), r.Method, h.base+r.URL.RequestURI(), nil)
+	if err != nil {
+		http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	req.Header = forwardHeaders(r.Header)
+	if v := r.Header.Get("Range"); v != "" {
+		req.Header.Set("Range", v)
+	}
+	resp, err := h.client.Do(req)
+	if err != nil {
+		h.unreachable(w, r, err)
+		return
+	}
+	defer resp.Body.Close()
+	copyHeaders(w.Header(), resp.Header)
+	w.WriteHeader(resp.StatusCode)
+	if r.Method != http.MethodHead {
+		_, _ = io.Copy(w, resp.Body)
+	}
+}
+
+func copyHeaders(dst, src http.Header) {
+	for k, vs := range src {
+		switch http.CanonicalHeaderKey(k) {
+		case "Connection", "Keep-Alive", "Transfer-Encoding", "Trailer", "Upgrade":
+			continue
+		}
+		dst[k] = append([]string(nil), vs...)
+	}
+}
+
+func (h *Handler) unreachable(w http.ResponseWriter, r *http.Request, err error) {
+	h.log.Warn("glance mirror: cannot reach Glance; nothing is served", "path", r.URL.Path, "err", err)
+	http.Error(w, fmt.Sprintf("hoard Glance mirror: cannot reach Glance at %s (%v); the mirror serves nothing Glance has not authorized: check that Glance is up and origin.glance.url", h.base, err), http.StatusBadGateway)
+}
+
+// authorize asks Glance for the image record with the caller's headers. It
+// returns the record on 200; otherwise it has answered w itself.
+func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, id string) (Meta, bool) {
+	ctx, cancel := context.WithTimeout(r.Context(), h.authTO)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.base+"/v2/images/"+url.PathEscape(id), nil)
+	if err != nil {
+		http.Error(w, "bad image id: "+err.Error(), http.StatusBadRequest)
+		return Meta{}, false
+	}
+	req.Header = forwardHeaders(r.Header)
+	req.Header.Set("Accept", "application/json")
+	resp, err := h.client.Do(req)
+	if err != nil {
+		h.unreachable(w, r, err)
+		return Meta{}, false
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		h.unreachable(w, r, err)
+		return Meta{}, false
+	}
+	switch {
+	case resp.StatusCode >= 500:
+		h.log.Warn("glance mirror: Glance failed the authorization request; nothing is served", "glance_image", id, "status", resp.StatusCode)
+		http.Error(w, fmt.Sprintf("hoard Glance mirror: Glance answered %s to GET /v2/images/%s, so the download cannot be authorized and nothing is served; try again when Glance is healthy: %s",
+			resp.Status, id, strings.TrimSpace(string(body))), http.StatusServiceUnavailable)
+		return Meta{}, false
+	case resp.StatusCode != http.StatusOK:
+		// Glance's refusal, as Glance sent it.
+		copyHeaders(w.Header(), resp.Header)
+		w.Header().Del("Content-Length")
+		w.WriteHeader(resp.StatusCode)
+		_, _ = w.Write(body)
+		return Meta{}, false
+	}
+	var m Meta
+	if err := json.Unmarshal(body, &m); err != nil || m.ID == "" {
+		http.Error(w, fmt.Sprintf("hoard Glance mirror: Glance's answer to GET /v2/images/%s is not an image record (%v); check origin.glance.url", id, err), http.StatusBadGateway)
+		return Meta{}, false
+	}
+	if m.ID != id {
+		http.Error(w, fmt.Sprintf("hoard Glance mirror: Glance answered GET /v2/images/%s with image %s", id, m.ID), http.StatusBadGateway)
+		return Meta{}, false
+	}
+	return m, true
+}
+
+// download serves GET /v2/images/{id}/file.
+func (h *Handler) download(w http.ResponseWriter, r *http.Request, id string) {
+	meta, ok := h.authorize(w, r, id)
+	if !ok {
+		return
+	}
+	if meta.Status != "active" || meta.Size == nil {
+		// No data yet (queued, importing), or none any more: Glance says
+		// what it says for such an image (204, 403, ...).
+		h.proxy(w, r)
+		return
+	}
+	size := *meta.Size
+	lo, hi, partial, err := parseRange(r.Header.Get("Range"), size)
+	if err != nil {
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+		http.Error(w, err.Error(), http.StatusRequestedRangeNotSatisfiable)
+		return
+	}
+	log := h.log.With("glance_image", id)
+	img, err := h.images.Open(r.Context(), meta)
+	if errors.Is(err, ErrUnknown) {
+		rc, rerr := h.images.Register(r.Context(), meta)
+		if rerr != nil {
+			log.Warn("glance mirror: cannot register the image", "err", rerr)
+			http.Error(w, fmt.Sprintf("hoard Glance mirror: cannot register image %s: %v", id, rerr), http.StatusBadGateway)
+			return
+		}
+		defer rc.Close()
+		if !partial {
+			log.Info("glance mirror: registering the image while serving it", "size", size)
+			h.serve(w, meta, rc, log)
+			return
+		}
+		// A range of an image being registered: wait until it is verified.
+		if _, err := io.Copy(io.Discard, rc); err != nil {
+			log.Warn("glance mirror: registration failed", "err", err)
+			http.Error(w, fmt.Sprintf("hoard Glance mirror: registering image %s failed: %v", id, err), http.StatusBadGateway)
+			return
+		}
+		img, err = h.images.Open(r.Context(), meta)
+	}
+	if err != nil {
+		log.Warn("glance mirror: cannot open the image", "err", err)
+		http.Error(w, fmt.Sprintf("hoard Glance mirror: image %s: %v", id, err), http.StatusBadGateway)
+		return
+	}
+	defer img.Close()
+	if img.Size() != size {
+		log.Error("glance mirror: hoard's copy has another size than Glance's image; not served", "size", img.Size(), "glance_size", size)
+		http.Error(w, fmt.Sprintf("hoard Glance mirror: hoard's copy of image %s is %d bytes, Glance says %d; remove it (hoard image rm %s) and download again", id, img.Size(), size, id), http.StatusBadGateway)
+		return
+	}
+	if !partial {
+		h.serve(w, meta, &imageReader{ctx: r.Context(), img: img}, log)
+		return
+	}
+	setHeaders(w, meta, hi-lo)
+	w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", lo, hi-1, size))
+	w.WriteHeader(http.StatusPartialContent)
+	buf := make([]byte, blockSize)
+	for off := lo; off < hi; {
+		n := min(int64(len(buf)), hi-off)
+		if err := img.ReadAt(r.Context(), buf[:n], off); err != nil {
+			log.Warn("glance mirror: read failed; aborting the response", "offset", off, "err", err)
+			panic(http.ErrAbortHandler)
+		}
+		if _, err := w.Write(buf[:n]); err != nil {
+			return
+		}
+		off += n
+	}
+}
+
+// blockSize is how much the mirror reads and writes at a time.
+const blockSize = 1 << 20
+
+func setHeaders(w http.ResponseWriter, meta Meta, length int64) {
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.FormatInt(length, 10))
+	if meta.Checksum != "" {
+		// Glance sends its md5 checksum in hex (not base64, as RFC 1864 would).
+		w.Header().Set("Content-MD5", meta.Checksum)
+	}
+}
+
+// serve streams the whole image from src, verifying it as it goes: it holds
+// back the last block until the size and the checksums matched, and aborts
+// the connection otherwise, so the client never gets a complete wrong image.
+func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, log *slog.Logger) {
+	size := *meta.Size
+	v := newVerifier(meta, log)
+	setHeaders(w, meta, size)
+	w.WriteHeader(http.StatusOK)
+	var held []byte
+	bufs := [2][]byte{make([]byte, blockSize), make([]byte, blockSize)}
+	var total int64
+	clientGone := false
+	for i := 0; ; i++ {
+		buf := bufs[i%2]
+		n, err := io.ReadFull(src, buf)
+		if n > 0 {
+			total += int64(n)
+			if total > size {
+				log.Error("glance mirror: more bytes than Glance announced; aborting the download", "size", size)
+				panic(http.ErrAbortHandler)
+			}
+			v.write(buf[:n])
+			if held != nil && !clientGone {
+				if _, werr := w.Write(held); werr != nil {
+					clientGone = true // keep reading: a registration behind src goes on anyway
+				}
+			}
+			held = buf[:n]
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			break
+		}
+		if err != nil {
+			log.Warn("glance mirror: reading the image failed; aborting the download", "offset", total, "err", err)
+			panic(http.ErrAbortHandler)
+		}
+	}
+	if total != size {
+		log.Error("glance mirror: fewer bytes than Glance announced; aborting the download", "got", total, "size", size)
+		panic(http.ErrAbortHandler)
+	}
+	if err := v.check(); err != nil {
+		log.Error("glance mirror: the bytes do not match Glance's checksum; aborting the download", "err", err)
+		panic(http.ErrAbortHandler)
+	}
+	if held != nil && !clientGone {
+		_, _ = w.Write(held)
+	}
+}
+
+// verifier hashes what is served with Glance's md5 and its os_hash.
+type verifier struct {
+	md5     hash.Hash
+	wantMD5 string
+	os      hash.Hash
+	osAlgo  string
+	wantOS  string
+}
+
+func newVerifier(meta Meta, log *slog.Logger) *verifier {
+	v := &verifier{}
+	if meta.Checksum != "" {
+		v.md5, v.wantMD5 = md5.New(), strings.ToLower(meta.Checksum)
+	}
+	if meta.OSHashValue != "" {
+		switch strings.ToLower(meta.OSHashAlgo) {
+		case "sha512":
+			v.os = sha512.New()
+		case "sha256":
+			v.os = sha256.New()
+		default:
+			log.Warn("glance mirror: Glance announces an os_hash hoard cannot verify; checking the md5 only", "os_hash_algo", meta.OSHashAlgo)
+		}
+		if v.os != nil {
+			v.osAlgo, v.wantOS = strings.ToLower(meta.OSHashAlgo), strings.ToLower(meta.OSHashValue)
+		}
+	}
+	return v
+}
+
+func (v *verifier) write(b []byte) {
+	if v.md5 != nil {
+		v.md5.Write(b)
+	}
+	if v.os != nil {
+		v.os.Write(b)
+	}
+}
+
+func (v *verifier) check() error {
+	if v.md5 != nil {
+		if got := hex.EncodeToString(v.md5.Sum(nil)); got != v.wantMD5 {
+			return fmt.Errorf("md5 %s, Glance's checksum is %s", got, v.wantMD5)
+		}
+	}
+	if v.os != nil {
+		if got := hex.EncodeToString(v.os.Sum(nil)); got != v.wantOS {
+			return fmt.Errorf("%s %s, Glance's os_hash_value is %s", v.osAlgo, got, v.wantOS)
+		}
+	}
+	return nil
+}
+
+// imageReader reads an Image sequentially.
+type imageReader struct {
+	ctx context.Context
+	img Image
+	off int64
+}
+
+func (r *imageReader) Read(p []byte) (int, error) {
+	rest := r.img.Size() - r.off
+	if rest <= 0 {
+		return 0, io.EOF
+	}
+	p = p[:min(int64(len(p)), rest)]
+	if err := r.img.ReadAt(r.ctx, p, r.off); err != nil {
+		return 0, err
+	}
+	r.off += int64(len(p))
+	return len(p), nil
+}
+
+// parseRange parses a single-range Range header against size: the byte
+// range [lo, hi) and whether it is partial. An empty header is the whole
+// image; an unsatisfiable or multi-range one is an error (416).
+func parseRange(v string, size int64) (lo, hi int64, partial bool, err error) {
+	if v == "" {
+		return 0, size, false, nil
+	}
+	spec, ok := strings.CutPrefix(strings.TrimSpace(v), "bytes=")
+	if !ok {
+		return 0, 0, false, fmt.Errorf("range %q: want bytes=FIRST-LAST", v)
+	}
+	if strings.Contains(spec, ",") {
+		return 0, 0, false, fmt.Errorf("range %q: one range per request", v)
+	}
+	a, b, ok := strings.Cut(strings.TrimSpace(spec), "-")
+	if !ok {
+		return 0, 0, false, fmt.Errorf("range %q: want bytes=FIRST-LAST", v)
+	}
+	if a == "" { // suffix: the last b bytes
+		n, err := strconv.ParseInt(b, 10, 64)
+		if err != nil || n <= 0 || size == 0 {
+			return 0, 0, false, fmt.Errorf("range %q of a %d-byte image is not satisfiable", v, size)
+		}
+		return max(0, size-n), size, true, nil
+	}
+	lo, err = strconv.ParseInt(a, 10, 64)
+	if err != nil || lo < 0 || lo >= size {
+		return 0, 0, false, fmt.Errorf("range %q of a %d-byte image is not satisfiable", v, size)
+	}
+	hi = size
+	if b != "" {
+		last, err := strconv.ParseInt(b, 10, 64)
+		if err != nil || last < lo {
+			return 0, 0, false, fmt.Errorf("range %q of a %d-byte image is not satisfiable", v, size)
+		}
+		hi = min(size, last+1)
+	}
+	return lo, hi, true, nil
+}

@@ -1,0 +1,348 @@
+package node_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/md5"
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/origin"
+	"github.com/hoardvm/hoard/node/origin/glancetest"
+)
+
+// glanceCounter is a proxy in front of Glance that counts the image bytes
+// Glance serves (GET .../file bodies).
+type glanceCounter struct {
+	fileBytes atomic.Int64
+	files     atomic.Int64
+}
+
+func startGlanceCounter(t *testing.T, glanceURL string) (*glanceCounter, string) {
+	t.Helper()
+	u, err := url.Parse(glanceURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &glanceCounter{}
+	rp := httputil.NewSingleHostReverseProxy(u)
+	rp.ModifyResponse = func(resp *http.Response) error {
+		if strings.HasSuffix(resp.Request.URL.Path, "/file") && resp.Request.Method == http.MethodGet {
+			c.files.Add(1)
+			resp.Body = &countingBody{ReadCloser: resp.Body, n: &c.fileBytes}
+		}
+		return nil
+	}
+	srv := httptest.NewServer(rp)
+	t.Cleanup(srv.Close)
+	return c, srv.URL
+}
+
+type countingBody struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n.Add(int64(n))
+	return n, err
+}
+
+// mirrorGet downloads path from a mirror with identity headers.
+func mirrorGet(ctx context.Context, addr, path string, hdr map[string]string) (int, []byte, http.Header, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, b, resp.Header, err
+}
+
+const glanceclientScript = `
+import hashlib, json, sys
+import glanceclient
+from glanceclient import exc
+url, image, project, roles, out = sys.argv[1:]
+c = glanceclient.Client('2', endpoint=url, identity_headers={
+    'X-Auth-Token': 'token-of-' + project, 'X-Identity-Status': 'Confirmed',
+    'X-Project-Id': project, 'X-Tenant-Id': project, 'X-User-Id': 'user-of-' + project, 'X-Roles': roles})
+try:
+    body = c.images.data(image)
+    h = hashlib.sha256()
+    n = 0
+    with open(out, 'wb') as f:
+        for b in body:
+            h.update(b)
+            n += len(b)
+            f.write(b)
+    print(json.dumps({"ok": True, "bytes": n, "sha256": h.hexdigest()}))
+except exc.HTTPException as e:
+    print(json.dumps({"ok": False, "status": e.code, "error": str(e)}))
+`
+
+type glanceclientResult struct {
+	OK     bool   `json:"ok"`
+	Bytes  int64  `json:"bytes"`
+	SHA256 string `json:"sha256"`
+	Status int    `json:"status"`
+	Error  string `json:"error"`
+}
+
+func glanceclientData(t *testing.T, endpoint, image, project, roles string) glanceclientResult {
+	t.Helper()
+	dir := t.TempDir()
+	script := filepath.Join(dir, "data.py")
+	if err := os.WriteFile(script, []byte(glanceclientScript), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "/usr/bin/python3", script, endpoint, image, project, roles, filepath.Join(dir, "out")).Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		t.Fatalf("glanceclient images.data through %s as %s: %v\n%s%s", endpoint, project, err, out, stderr)
+	}
+	var r glanceclientResult
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &r); err != nil {
+		t.Fatalf("glanceclient output %q: %v", out, err)
+	}
+	return r
+}
+
+func needGlanceclient(t *testing.T) {
+	t.Helper()
+	if err := exec.Command("/usr/bin/python3", "-c", "import glanceclient").Run(); err != nil {
+		msg := "python3-glanceclient is not installed for /usr/bin/python3 (apt-get install python3-glanceclient)"
+		if os.Getenv("HOARD_TEST_REQUIRE_TOOLS") == "1" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+}
+
+// TestGlanceMirrorRealGlance: a project-enforcing glance-api with a private
+// image of project A, 4 mocknet daemons with the mirror on. Four concurrent
+// downloads of the image no node knows read it from Glance about once; the
+// owner's glanceclient (which checks the checksum) gets identical bytes; project
+// B gets Glance's refusal from every node, also the ones holding every byte.
+func TestGlanceMirrorRealGlance(t *testing.T) {
+	needGlanceclient(t)
+	g := glancetest.StartEnforcing(t)
+	const projectA, projectB = glancetest.Tenant, "project-b"
+	data := writeImage(t, filepath.Join(t.TempDir(), "img.raw"), 24<<20+4321, 42)
+	id := g.Upload(t, "private-a", "raw", data)
+	counter, glanceURL := startGlanceCounter(t, g.URL())
+
+	// Glance itself: the owner sees it, project B does not.
+	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
+	defer cancel()
+	for _, tc := range []struct {
+		project string
+		want    int
+	}{{projectA, 200}, {projectB, 404}} {
+		u, _ := url.Parse(g.URL())
+		st, _, _, err := mirrorGet(ctx, u.Host, "/v2/images/"+id, glancetest.Identity(tc.project, "member"))
+		if err != nil || st != tc.want {
+			t.Fatalf("Glance GET /v2/images/%s as %s: %d %v, want %d: Glance does not enforce projects", id, tc.project, st, err, tc.want)
+		}
+	}
+
+	nodes := startMockCluster(t, 4, func(i int, c *node.Config) {
+		c.GlanceListen = "127.0.0.1:0"
+		c.GlanceRegisterWait = 90 * time.Second
+		c.Origin = origin.Config{GlanceURL: glanceURL, GlanceHeaders: g.Headers()}
+	})
+	path := "/v2/images/" + id + "/file"
+	owner := glancetest.Identity(projectA, "member")
+
+	// Four downloads at once, one per node, of an image no node knows.
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make([]error, len(nodes))
+	for i, tn := range nodes {
+		wg.Go(func() {
+			st, body, hdr, err := mirrorGet(ctx, tn.GlanceAddr().String(), path, owner)
+			switch {
+			case err != nil:
+				errs[i] = err
+			case st != 200:
+				errs[i] = fmt.Errorf("HTTP %d: %.200s", st, body)
+			case !bytes.Equal(body, data):
+				errs[i] = fmt.Errorf("%d bytes, not the image's %d", len(body), len(data))
+			case hdr.Get("Content-MD5") == "":
+				errs[i] = fmt.Errorf("no Content-MD5")
+			}
+		})
+	}
+	wg.Wait()
+	took := time.Since(start)
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("node %d: download: %v", i, err)
+		}
+	}
+	glanceBytes := counter.fileBytes.Load()
+	t.Logf("4 concurrent downloads of %d bytes took %v; Glance served %d bytes (%.2fx the image) in %d file requests",
+		len(data), took.Round(time.Millisecond), glanceBytes, float64(glanceBytes)/float64(len(data)), counter.files.Load())
+	if glanceBytes > int64(len(data))*3/2 {
+		t.Errorf("Glance served %d bytes for 4 downloads of a %d-byte image, want about once", glanceBytes, len(data))
+	}
+
+	// The owner, with glanceclient (checks os_hash_value / Content-MD5), through every node.
+	want := fmt.Sprintf("%x", sha256.Sum256(data))
+	for i, tn := range nodes {
+		r := glanceclientData(t, "http://"+tn.GlanceAddr().String(), id, projectA, "member")
+		if !r.OK || r.Bytes != int64(len(data)) || r.SHA256 != want {
+			t.Errorf("node %d: glanceclient as the owner: %+v, want %d bytes with sha256 %s", i, r, len(data), want)
+		}
+	}
+	if after := counter.fileBytes.Load(); after != glanceBytes {
+		t.Errorf("the owner's glanceclient downloads made Glance serve %d more bytes, want 0 (hoard holds the image)", after-glanceBytes)
+	}
+
+	// Project B: Glance's refusal, from every node, though they hold every byte.
+	for i, tn := range nodes {
+		r := glanceclientData(t, "http://"+tn.GlanceAddr().String(), id, projectB, "member")
+		if r.OK || (r.Status != 404 && r.Status != 403) {
+			t.Errorf("node %d: glanceclient as project B: %+v, want Glance's 404/403", i, r)
+		}
+		st, body, _, err := mirrorGet(ctx, tn.GlanceAddr().String(), path, glancetest.Identity(projectB, "member"))
+		if err != nil || st != 404 || bytes.Contains(body, data[:4096]) {
+			t.Errorf("node %d: GET as project B: %d %v %.100q, want Glance's 404", i, st, err, body)
+		}
+		st, _, _, err = mirrorGet(ctx, tn.GlanceAddr().String(), path, nil)
+		if err != nil || st != 401 {
+			t.Errorf("node %d: GET without identity: %d %v, want Glance's 401", i, st, err)
+		}
+	}
+	t.Logf("project B refused by every node (glanceclient and plain GET); no identity: 401")
+}
+
+// fakeGlanceServer is a keystone-less Glance stand-in: the image record (with
+// the checksums given) to anyone with X-Project-Id "a", the file with Range
+// support; it counts the file bytes it sends.
+func fakeGlanceServer(t *testing.T, id string, data []byte, md5hex, sha512hex string) (*atomic.Int64, string) {
+	t.Helper()
+	var sent atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("X-Project-Id") != "a" {
+			http.Error(w, "No image found", http.StatusNotFound)
+			return
+		}
+		switch r.URL.Path {
+		case "/v2/images/" + id:
+			json.NewEncoder(w).Encode(map[string]any{"id": id, "status": "active", "size": len(data), "disk_format": "raw",
+				"checksum": md5hex, "os_hash_algo": "sha512", "os_hash_value": sha512hex})
+		case "/v2/images/" + id + "/file":
+			cw := &glanceCountingWriter{ResponseWriter: w, n: &sent}
+			http.ServeContent(cw, r, "", time.Time{}, bytes.NewReader(data))
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return &sent, srv.URL
+}
+
+type glanceCountingWriter struct {
+	http.ResponseWriter
+	n *atomic.Int64
+}
+
+func (w *glanceCountingWriter) Write(p []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(p)
+	w.n.Add(int64(n))
+	return n, err
+}
+
+// TestGlanceMirrorStandalone: on a node without a cluster, the first download
+// of an unknown image streams it from Glance once, to the client and into the
+// store (a second download and a range read cost Glance nothing); an image
+// whose bytes do not match Glance's checksum fails the download and
+// registers nothing.
+func TestGlanceMirrorStandalone(t *testing.T) {
+	t.Parallel()
+	data := writeImage(t, filepath.Join(t.TempDir(), "img.raw"), 9<<20+77, 5)
+	const good, bad = "11111111-0000-4000-8000-00000000000a", "11111111-0000-4000-8000-00000000000b"
+	md := md5Hex(data)
+	sh := sha512Hex(data)
+	sentGood, urlGood := fakeGlanceServer(t, good, data, md, sh)
+	wrong := strings.Repeat("0", len(sh))
+	sentBad, urlBad := fakeGlanceServer(t, bad, data, md, wrong)
+
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	hdr := map[string]string{"X-Project-Id": "a", "X-Auth-Token": "t"}
+	for _, tc := range []struct {
+		id, url string
+		sent    *atomic.Int64
+		ok      bool
+	}{{good, urlGood, sentGood, true}, {bad, urlBad, sentBad, false}} {
+		tn := startNode(t, node.Config{GlanceListen: "127.0.0.1:0", Origin: origin.Config{GlanceURL: tc.url, GlanceHeaders: map[string]string{"X-Project-Id": "a"}}})
+		path := "/v2/images/" + tc.id + "/file"
+		st, body, hdrs, err := mirrorGet(ctx, tn.GlanceAddr().String(), path, hdr)
+		if !tc.ok {
+			if err == nil && st == 200 && bytes.Equal(body, data) {
+				t.Errorf("%s: a download whose bytes do not match os_hash_value completed", tc.id)
+			}
+			if _, rerr := tn.Store().Resolve(ctx, tc.id); rerr == nil {
+				t.Errorf("%s: an image that failed its checksum was registered", tc.id)
+			}
+			t.Logf("checksum mismatch: HTTP %d, %d of %d bytes, err %v; nothing registered", st, len(body), len(data), err)
+			continue
+		}
+		if err != nil || st != 200 || !bytes.Equal(body, data) || hdrs.Get("Content-MD5") != md {
+			t.Fatalf("%s: first download: HTTP %d, %d bytes, Content-MD5 %q, %v", tc.id, st, len(body), hdrs.Get("Content-MD5"), err)
+		}
+		first := tc.sent.Load()
+		if first != int64(len(data)) {
+			t.Errorf("first download: Glance sent %d bytes, want the image once (%d)", first, len(data))
+		}
+		st, body, _, err = mirrorGet(ctx, tn.GlanceAddr().String(), path, hdr)
+		if err != nil || st != 200 || !bytes.Equal(body, data) {
+			t.Fatalf("second download: HTTP %d, %d bytes, %v", st, len(body), err)
+		}
+		rh := map[string]string{"X-Project-Id": "a", "Range": "bytes=1000000-1999999"}
+		st, body, hdrs, err = mirrorGet(ctx, tn.GlanceAddr().String(), path, rh)
+		if err != nil || st != 206 || !bytes.Equal(body, data[1000000:2000000]) || hdrs.Get("Content-Range") != fmt.Sprintf("bytes 1000000-1999999/%d", len(data)) {
+			t.Errorf("range: HTTP %d, %d bytes, Content-Range %q, %v", st, len(body), hdrs.Get("Content-Range"), err)
+		}
+		if more := tc.sent.Load() - first; more != 0 {
+			t.Errorf("the second download and a range made Glance send %d more bytes, want 0", more)
+		}
+		t.Logf("standalone: first download Glance bytes %d (image %d), then 0 for a full download and a range", first, len(data))
+	}
+}
+
+func md5Hex(b []byte) string    { s := md5.Sum(b); return hex.EncodeToString(s[:]) }
+func sha512Hex(b []byte) string { s := sha512.Sum512(b); return hex.EncodeToString(s[:]) }
