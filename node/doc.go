@@ -14,7 +14,6 @@
 //	     ──> hoarder   keeps every known image's working set local, planned by planner  ──> planner
 //	     ──> placement the live nodes' names and load; ranks hosts for an image         ──> p2p, planner
 //	     ──> glancemirror  the Glance v2 download mirror (glance.listen), authorized by Glance
-//	     ──> placement the cluster's nodes (names, load) and hoard place's ranking       ──> planner
 //	     ──> api       wire types, the HTTP handler over api.Service (*Node), the Go client
 //	     ──> local     add / describe / remove / profile on a store this process holds ──> api, importer
 //	     ──> importer  the import pipeline (split, hash, compress, commit)             ──> origin
