@@ -55,23 +55,36 @@ func TestBootStorm(t *testing.T) {
 		}
 		runs = n
 	}
-	org := newStormOrigin(t, stormRate)
-	var ratios []string
-	for run := range runs {
-		var ratio float64
-		ok := t.Run(fmt.Sprintf("run%02d", run+1), func(t *testing.T) {
-			ratio = stormRun(t, org, run)
-		})
-		ratios = append(ratios, fmt.Sprintf("%.2f", ratio))
-		// One line per run, for scripts/bootstorm.sh.
-		fmt.Printf("bootstorm run %d/%d: origin %.3fx the non-zero bytes (ok=%v)\n", run+1, runs, ratio, ok)
+	mode := os.Getenv("HOARD_STORM_MODE")
+	if mode == "" {
+		mode = "meshed,joining"
 	}
-	t.Logf("origin/non-zero per run: %s", strings.Join(ratios, " "))
+	org := newStormOrigin(t, stormRate)
+	for _, m := range strings.Split(mode, ",") {
+		if m != "meshed" && m != "joining" {
+			t.Fatalf("HOARD_STORM_MODE=%q: want meshed, joining or both (comma-separated)", mode)
+		}
+		var ratios []string
+		for run := range runs {
+			var ratio float64
+			ok := t.Run(fmt.Sprintf("%s%02d", m, run+1), func(t *testing.T) {
+				ratio = stormRun(t, org, run, m == "joining")
+			})
+			ratios = append(ratios, fmt.Sprintf("%.2f", ratio))
+			// One line per run, for scripts/bootstorm.sh.
+			fmt.Printf("bootstorm %s run %d/%d: origin %.3fx the non-zero bytes (ok=%v)\n", m, run+1, runs, ratio, ok)
+		}
+		t.Logf("%s: origin/non-zero per run: %s", m, strings.Join(ratios, " "))
+	}
 }
 
 // stormRun is one storm on fresh daemons; it returns the origin's bytes
-// during the storm over the image's non-zero bytes.
-func stormRun(t *testing.T, org *stormOrigin, run int) float64 {
+// during the storm over the image's non-zero bytes. Meshed: every daemon is
+// connected to every other before the image is added. Joining: the image is
+// added on the first daemon alone, the others start then and the storm
+// begins as soon as the last one is up, before the cluster has settled
+// (connections, catalog sync): the nodes' views differ most.
+func stormRun(t *testing.T, org *stormOrigin, run int, joining bool) float64 {
 	dir := t.TempDir()
 	img := stormImage(uint64(run) + 1000)
 	src := filepath.Join(dir, "disk.raw")
@@ -95,13 +108,17 @@ func stormRun(t *testing.T, org *stormOrigin, run int) float64 {
 	ds := make([]*peerDaemon, stormNodes)
 	ds[0] = startPeerDaemon(t, datas[0], nil, args...)
 	boot := ds[0].status(t).Cluster.Addrs[0]
-	for i := 1; i < stormNodes; i++ {
-		ds[i] = startPeerDaemon(t, datas[i], nil, append(args, "--p2p-bootstrap", boot)...)
+	others := func() {
+		for i := 1; i < stormNodes; i++ {
+			ds[i] = startPeerDaemon(t, datas[i], nil, append(args, "--p2p-bootstrap", boot)...)
+		}
 	}
-	for _, d := range ds {
-		waitPeers(t, d, stormNodes-1)
+	if !joining {
+		others()
+		for _, d := range ds {
+			waitPeers(t, d, stormNodes-1)
+		}
 	}
-
 	var added struct {
 		NonZeroBytes int64 `json:"non_zero_bytes"`
 	}
@@ -110,6 +127,9 @@ func stormRun(t *testing.T, org *stormOrigin, run int) float64 {
 		t.Fatalf("image add --json: %v\n%s", err, out)
 	}
 	before := org.bytes.Load()
+	if joining {
+		others()
+	}
 
 	// The storm: every node opens the image now, the others before they
 	// know it (an open retries until the cluster has told them).
