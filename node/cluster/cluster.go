@@ -160,8 +160,8 @@ type Cluster struct {
 
 // view is what this node knows of an image's peers: their have-bitmaps.
 type view struct {
-	at    time.Time
-	used  time.Time              // last read that used it (under cluster.mu)
+	at   time.Time
+	used time.Time // last read that used it (under cluster.mu)
 	// haves holds the peers that answered: their have-bitmap, empty (nil)
 	// from a peer that does not know the manifest (yet). Every key is a
 	// member for designation; only bits say who holds a chunk.
