@@ -138,11 +138,14 @@ const (
 // the designated fetcher although some of them learn the image only during
 // the storm. When that is another peer it is asked with the fetch flag and
 // waited for (Options.DesignatedTimeout; a peer that does not know the image
-// yet answers NOTFOUND and is asked again). A peer asked with the fetch flag
-// fetches the chunk itself (from a holder, else the origin) and never passes
-// the request on, whatever its own view says: a request makes at most one
-// hop, so there is no loop, and no chain of timers that expire one after the
-// other.
+// yet answers NOTFOUND and is asked again, and learns the image from the
+// cluster meanwhile). The peer asked runs this same read path: it fetches the
+// chunk from a holder, else itself or from the designated fetcher of its own
+// members. Since the designated peer has the highest rendezvous score of the
+// asker's members, a request only ever moves to a higher score, so a chain
+// of askers whose members differ (a cluster that is no full mesh) climbs
+// towards the same peer and never loops. A peer passed a request asks its
+// own designated peer once (no retries: its asker's timer runs).
 type Cluster struct {
 	p   *p2p.Peer
 	st  *chunkstore.Store
@@ -483,11 +486,6 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 			return got, gotStored, nil
 		}
 	}
-	if designated {
-		// Asked as a peer's designated fetcher: fetch it here, never pass
-		// it on (see Cluster: one hop, no loop).
-		return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: no peer holds it; fetching it as a peer's designated fetcher: %w", id, chunkstore.ErrNotFound)
-	}
 	// The designated fetcher is chosen from the complete view only: nodes
 	// whose views differ choose differently, and the origin pays.
 	v = c.completeView(ctx, manifest, v, maxWait)
@@ -495,9 +493,17 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	if d == c.p.ID() {
 		return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: this node is its designated fetcher: %w", id, chunkstore.ErrNotFound)
 	}
-	dctx, cancel := context.WithTimeout(ctx, c.o.DesignatedTimeout)
-	defer cancel()
-	err := c.askDesignated(dctx, d, manifest, want, keep, func() bool { return got != nil })
+	var err error
+	if designated {
+		// Passed on once: this node's asker is on a timer of its own.
+		dctx, cancel := context.WithTimeout(ctx, c.o.DesignatedTimeout)
+		defer cancel()
+		_, err = c.p.Fetch(dctx, d, manifest, want, true, keep)
+	} else {
+		dctx, cancel := context.WithTimeout(ctx, c.o.DesignatedTimeout)
+		defer cancel()
+		err = c.askDesignated(dctx, d, manifest, want, keep, func() bool { return got != nil })
+	}
 	if got != nil {
 		return got, gotStored, nil
 	}
@@ -514,7 +520,9 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 // members returns, sorted, the peers the designated fetcher of a chunk of
 // v's image is chosen from: this node; every peer that answered v's
 // have-bitmap requests (members, whether or not they know the image); and
-// every peer connected since v was taken (a node that joined in between). A
+// every peer connected since v was taken (a node that joined in between;
+// none when there is no view yet, as when a designated fetcher did not wait
+// for one). A
 // peer that did not answer although it was asked is left out (stopped?), and
 // so is one that sent bad data or just stalled a fetch: its askers would
 // wait DesignatedTimeout for nothing.
@@ -526,6 +534,9 @@ func (c *Cluster) members(v *view) []peer.ID {
 	}
 	nw := c.p.Host().Network()
 	for _, pid := range nw.Peers() {
+		if v.at.IsZero() {
+			break // no view (it was not waited for): no members but this node
+		}
 		if set[pid] {
 			continue
 		}
