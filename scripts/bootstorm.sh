@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Boot storm: 4 real hoard daemons on loopback, fresh for each run, open an
 # image the moment it was added lazily on one of them and read all of it at
-# once, from an HTTP origin capped at 50 MB/s. Prints, per run, the bytes the
-# origin served as a multiple of the image's non-zero bytes (1.0 = each
-# needed chunk fetched once); fails when a run is above 1.1x.
+# once, from an HTTP origin capped at 50 MB/s. Two modes, RUNS runs each:
+# meshed (all connected before the add) and joining (the image is added on
+# the first daemon alone; the others start and the storm begins before the
+# cluster settled). Prints, per run, the bytes the origin served as a
+# multiple of the image's non-zero bytes (1.0 = each needed chunk fetched
+# once); fails when a run is above 1.1x. HOARD_STORM_MODE=meshed (or
+# joining) runs one mode only.
 #
 #   scripts/bootstorm.sh [RUNS]    (default 20)
 #
