@@ -61,10 +61,13 @@
 // (providers from the DHT plus this node's neighbours, asked again after
 // Config.P2P.ViewTTL) name the peers that hold it, and p2p.FetchFrom gets it
 // from one (least loaded, connected first, hedged). When none holds it, the
-// chunk's designated fetcher is p2p.Designated over the peers that know the
-// image plus this node. If that is this node, it goes to the origin; if
-// another, it is asked with the fetch flag and runs this same read path, and
-// after Config.P2P.DesignatedTimeout this node goes to the origin itself. As
+// chunk's designated fetcher is p2p.Designated over the cluster's members as
+// this node sees them: every peer that answered its Have (holding chunks of
+// the image, knowing it without chunks, or not knowing it yet), every peer
+// connected since, and this node. If that is this node, it goes to the origin;
+// if another, it is asked with the fetch flag (again while it answers that it
+// has not learnt the image yet) and runs this same read path, and after
+// Config.P2P.DesignatedTimeout this node goes to the origin itself. As
 // the designated peer always has a higher rendezvous score than the asker,
 // askers whose views differ still climb to the same peer and never loop: one
 // origin fetch per chunk for the cluster, however many nodes miss it at once.

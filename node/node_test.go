@@ -83,8 +83,8 @@ func startNode(t *testing.T, cfg node.Config) *testNode {
 	case <-n.Ready():
 	case err := <-done:
 		t.Fatalf("Run: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("node not ready after 10s")
+	case <-time.After(60 * time.Second): // 50 nodes under -race on 2 busy cores start slowly
+		t.Fatal("node not ready after 60s")
 	}
 	return &testNode{Node: n, dir: cfg.DataDir, client: api.NewClient(n.APIAddr().String(), n.APIToken())}
 }
