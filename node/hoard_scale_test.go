@@ -295,6 +295,7 @@ func runHoardingScale(t *testing.T, sh scaleShape) {
 		return true
 	}
 	deadline := time.Now().Add(sh.timeout)
+	lastLog := time.Now()
 	for {
 		left := 0
 		for i := range cl {
@@ -309,6 +310,15 @@ func runHoardingScale(t *testing.T, sh scaleShape) {
 		if left == 0 {
 			break
 		}
+		if time.Since(lastLog) > 30*time.Second {
+			lastLog = time.Now()
+			for i := range cl {
+				if converged[i] == 0 {
+					t.Logf("after %v, %d nodes still hoarding; node %d: %s", time.Since(start).Round(time.Second), left, i, why[i])
+					break
+				}
+			}
+		}
 		if time.Now().After(deadline) {
 			for i := range cl {
 				if converged[i] == 0 {
@@ -322,6 +332,34 @@ func runHoardingScale(t *testing.T, sh scaleShape) {
 	}
 	took := time.Since(start)
 	got := originBytes() - imported
+
+	// Which chunks the origin sent more than once, and whether through one
+	// image's source or several (family chunks).
+	sent := map[[32]byte][]int{} // chunk -> images whose source sent it, once per GET
+	for i, srv := range srvs {
+		srv.mu.Lock()
+		for rg, n := range srv.ranges {
+			var from, to int64
+			if _, err := fmt.Sscanf(rg, "bytes=%d-%d", &from, &to); err != nil || to-from+1 != scaleBlock || from%scaleBlock != 0 {
+				continue // the adds' reads
+			}
+			h := sha256.Sum256(c.data[i][from : from+scaleBlock])
+			for range n {
+				sent[h] = append(sent[h], i)
+			}
+		}
+		srv.mu.Unlock()
+	}
+	var again, acrossImages int
+	for _, imgs := range sent {
+		if len(imgs) > 1 {
+			again += len(imgs) - 1
+			if slices.ContainsFunc(imgs, func(i int) bool { return i != imgs[0] }) {
+				acrossImages++
+			}
+		}
+	}
+	t.Logf("origin: %d distinct chunks sent, %d extra sends (%d chunks sent through more than one image's source)", len(sent), again, acrossImages)
 
 	// The report.
 	var traffic, peerB, originB []int64
