@@ -196,7 +196,15 @@ func runHoardingScale(t *testing.T, sh scaleShape) {
 	start = time.Now()
 	manifests := make([]chunkstore.ID, images)
 	for i := range images {
-		res := addImage(t, cl[i%sh.adders], api.ImportRequest{Source: srvs[i].URL + "/" + c.name[i] + ".raw", Name: c.name[i], Lazy: true, Chunking: "fixed"})
+		req := api.ImportRequest{Source: srvs[i].URL + "/" + c.name[i] + ".raw", Name: c.name[i], Lazy: true, Chunking: "fixed"}
+		// Once more after an error: under load, a POST can race the
+		// server closing the keep-alive connection it reuses (idle 30 s)
+		// and meet a reset; the client does not retry a POST.
+		res, err := cl[i%sh.adders].client.AddImage(t.Context(), req)
+		if err != nil {
+			t.Logf("add %s: %v; once more", c.name[i], err)
+			res = addImage(t, cl[i%sh.adders], req)
+		}
 		manifests[i] = res.Manifest
 	}
 	imported := originBytes() // a lazy add reads the image once, to cut and hash it
