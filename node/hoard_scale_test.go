@@ -186,6 +186,9 @@ func runHoardingScale(t *testing.T, sh scaleShape) {
 		// A hundred nodes on two loaded cores: an in-process origin has
 		// missed the default 30 s.
 		cfg.OriginTimeout = 2 * time.Minute
+		// A slow boot's last reads must still be in its profile (the
+		// full run's boots once took 3 min, past the default 2 min).
+		cfg.ProfileWindow = 15 * time.Minute
 		cfg.HoardBudget = bigBudget
 		if isSmall(i) {
 			cfg.HoardBudget = smallBudget
