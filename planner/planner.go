@@ -89,7 +89,8 @@ type ImagePlan struct {
 // The budget covers the whole hoard: working-set chunks already held (have)
 // count against it as the plan reaches them, exactly as chunks to fetch do,
 // so HeldBytes+Bytes never exceeds budget. Images go most booted first (ties
-// by manifest ID, for determinism); each image's working set in boot order;
+// by the bytes of their working set already held, then by manifest ID, for
+// determinism); each image's working set in boot order;
 // a chunk shared by several images is counted (and fetched) once, for the
 // first image that reaches it. When the next chunk of an image does not fit,
 // the rest of that image is left out (a partial working set is a prefix in
@@ -99,20 +100,6 @@ type ImagePlan struct {
 // Hoard runs in time linear in the total number of working-set chunks (plus
 // sorting the images) and calls have at most once per distinct chunk.
 func Hoard(images []Image, have func(chunkstore.ID) bool, budget int64) HoardPlan {
-	type ranked struct {
-		img *Image
-		key string
-	}
-	order := make([]ranked, len(images))
-	for i := range images {
-		order[i] = ranked{&images[i], images[i].Manifest.String()}
-	}
-	sort.SliceStable(order, func(i, j int) bool {
-		if order[i].img.Boots != order[j].img.Boots {
-			return order[i].img.Boots > order[j].img.Boots
-		}
-		return order[i].key < order[j].key
-	})
 	// state of a distinct chunk over the whole plan.
 	type state struct {
 		lastImage int  // ordinal of the last image that accounted for it
@@ -120,6 +107,39 @@ func Hoard(images []Image, have func(chunkstore.ID) bool, budget int64) HoardPla
 		hoarded   bool // counted against the budget (held or planned)
 	}
 	states := make(map[chunkstore.ID]*state)
+	type ranked struct {
+		img  *Image
+		key  string
+		held int64 // stored bytes of its working set held already
+	}
+	order := make([]ranked, len(images))
+	for i := range images {
+		r := ranked{img: &images[i], key: images[i].Manifest.String()}
+		for _, c := range images[i].WorkingSet {
+			st, ok := states[c.ID]
+			if !ok {
+				st = &state{lastImage: -1, held: have != nil && have(c.ID)}
+				states[c.ID] = st
+			}
+			if st.held {
+				r.held += c.stored()
+			}
+		}
+		order[i] = r
+	}
+	// Among images booted as often, the one more of which is held goes
+	// first: a plan made as profiles arrive one by one then keeps what it
+	// hoarded instead of trading it for a newcomer that sorts earlier (each
+	// such trade fetches bytes the budget then no longer counts).
+	sort.SliceStable(order, func(i, j int) bool {
+		if order[i].img.Boots != order[j].img.Boots {
+			return order[i].img.Boots > order[j].img.Boots
+		}
+		if order[i].held != order[j].held {
+			return order[i].held > order[j].held
+		}
+		return order[i].key < order[j].key
+	})
 	plan := HoardPlan{Images: make([]ImagePlan, len(order))}
 	var used int64
 	for n, r := range order { // decide

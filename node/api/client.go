@@ -141,6 +141,16 @@ func (c *Client) PullImageProgress(ctx context.Context, name string, progress fu
 	return out, c.stream(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/pull", nil, &out, progress)
 }
 
+// defaultHTTP is the client's HTTP client unless HTTP is set: no overall
+// timeout, and idle connections dropped before the daemon drops them (after
+// 30 s), so that a request (a POST is not retried) never goes out on a
+// connection the daemon is closing.
+var defaultHTTP = &http.Client{Transport: func() http.RoundTripper {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.IdleConnTimeout = 20 * time.Second
+	return t
+}()}
+
 // ErrAPI is wrapped by errors the daemon answered with.
 var ErrAPI = errors.New("daemon error")
 
@@ -176,7 +186,7 @@ func (c *Client) stream(ctx context.Context, method, path string, in, out any, p
 	}
 	hc := c.HTTP
 	if hc == nil {
-		hc = http.DefaultClient
+		hc = defaultHTTP
 	}
 	resp, err := hc.Do(req)
 	if err != nil {

@@ -107,7 +107,7 @@ func (c *Cluster) Withdraw(name string, id chunkstore.ID, manifestGone bool) {
 
 // maxViewPeers bounds how many peers are asked for their have-bitmap of an
 // image when its view is refreshed.
-const maxViewPeers = 64
+const maxViewPeers = 256
 
 const (
 	// maxViews bounds the images whose peer views are kept; the least
