@@ -49,6 +49,9 @@ type ImportRequest struct {
 	Chunking string `json:"chunking,omitempty"` // cdc (default) or fixed
 	Lazy     bool   `json:"lazy,omitempty"`
 	Pin      bool   `json:"pin,omitempty"`
+	// Format is "auto" (also ""): a qcow2 is imported by its guest content
+	// and exported raw; or "raw": the source's bytes as they are.
+	Format string `json:"format,omitempty"`
 }
 
 // RemoveResult says what removing an image freed.

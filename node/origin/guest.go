@@ -185,11 +185,9 @@ func OpenGuest(ctx context.Context, src Source, container string) (*GuestSource,
 	}
 	if h.backingOffset != 0 {
 		bname := ""
-		if h.backingSize <= 1023 && int64(h.backingOffset)+int64(h.backingSize) <= src.Size() {
-			b := make([]byte, h.backingSize)
-			if g.blocks.readAt(ctx, b, int64(h.backingOffset)) == nil {
-				bname = fmt.Sprintf(" (%q)", b)
-			}
+		b := make([]byte, h.backingSize) // checked by parseQcow2Header
+		if g.blocks.readAt(ctx, b, int64(h.backingOffset)) == nil {
+			bname = fmt.Sprintf(" (%q)", b)
 		}
 		return nil, containerf("image %s is a qcow2 with a backing file%s: hoard serves self-contained images only; flatten it (qemu-img convert -O qcow2 IN OUT) and add that", name, bname)
 	}
@@ -498,13 +496,23 @@ func parseQcow2Header(b []byte, fileSize int64) (*qcow2Header, error) {
 	if h.version != 2 && h.version != 3 {
 		return nil, fmt.Errorf("qcow2 version %d is not supported (want 2 or 3); convert it with qemu-img convert -O qcow2 IN OUT", h.version)
 	}
-	if h.backingOffset != 0 || h.cryptMethod != 0 {
-		return h, nil // the caller explains
-	}
 	if h.clusterBits < 9 || h.clusterBits > 21 {
 		return nil, corrupt("cluster bits %d out of range [9, 21]", h.clusterBits)
 	}
 	cluster := uint64(1) << h.clusterBits
+	if h.backingOffset != 0 {
+		// As qemu checks it: the name lies in the first cluster.
+		if h.backingSize == 0 || h.backingSize > 1023 || h.backingOffset > cluster || h.backingOffset+uint64(h.backingSize) > uint64(fileSize) {
+			return nil, corrupt("backing file name of %d bytes at %d", h.backingSize, h.backingOffset)
+		}
+		return h, nil // the caller explains
+	}
+	if h.cryptMethod != 0 {
+		if h.cryptMethod > 2 {
+			return nil, corrupt("encryption method %d", h.cryptMethod)
+		}
+		return h, nil // the caller explains
+	}
 	if h.size > 1<<55 {
 		return nil, corrupt("virtual size %d out of range", h.size)
 	}
