@@ -46,8 +46,8 @@ func TestGuestViewExport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.Format != "raw" { // hoard vm overlay writes -F with it
-		t.Fatalf("image info format %q, want raw", d.Format)
+	if d.Format != "raw" || d.Container != "qcow2" { // hoard vm overlay writes -F with the format
+		t.Fatalf("image info format %q container %q, want raw, qcow2", d.Format, d.Container)
 	}
 	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", raw, tn.uri("guest"))
 	rres := addImage(t, tn, api.ImportRequest{Source: raw, Name: "raw"})

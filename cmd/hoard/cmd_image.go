@@ -260,8 +260,12 @@ func newImageInspectCommand(g *globalOptions) *cobra.Command {
 				return printJSON(out)
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+			format := r.Format
+			if r.Container != "" {
+				format += " (guest content of a " + r.Container + ")"
+			}
 			fmt.Fprintf(tw, "name\t%s\nmanifest\t%s\nformat\t%s\nsize\t%s (%d bytes)\nnon-zero bytes\t%s\n",
-				r.Name, r.Manifest, r.Format, formatSize(r.Size), r.Size, formatSize(r.NonZeroBytes))
+				r.Name, r.Manifest, format, formatSize(r.Size), r.Size, formatSize(r.NonZeroBytes))
 			fmt.Fprintf(tw, "chunking\t%s min %d avg %d max %d\n", m.Chunking.Kind, m.Chunking.Min, m.Chunking.Avg, m.Chunking.Max)
 			fmt.Fprintf(tw, "chunks\t%d unique, %d cached locally\npinned\t%v\nsource\t%s\n", r.Chunks, r.Present, r.Pinned, r.Source)
 			if m.Checksum != "" {

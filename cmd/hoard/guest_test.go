@@ -33,7 +33,13 @@ func TestImageAddQcow2Formats(t *testing.T) {
 	if _, stderr, err := hoard(t, data, nil, "image", "add", q, "--name", "x", "--format", "vmdk"); err == nil || !strings.Contains(stderr, "auto") {
 		t.Fatalf("image add --format vmdk: %v %s", err, stderr)
 	}
+	if out := mustHoard(t, data, nil, "image", "inspect", "guest"); !strings.Contains(out, "raw (guest content of a qcow2)") {
+		t.Fatalf("image inspect:\n%s", out)
+	}
 	startDaemon(t, data, nil)
+	if out := mustHoard(t, data, nil, "image", "inspect", "guest"); !strings.Contains(out, "raw (guest content of a qcow2)") {
+		t.Fatalf("image inspect through the daemon:\n%s", out)
+	}
 	ov := filepath.Join(dir, "vm.qcow2")
 	mustHoard(t, data, nil, "vm", "overlay", "guest", ov)
 	info, err := exec.Command("qemu-img", "info", ov).CombinedOutput()

@@ -146,7 +146,7 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Opti
 		rc.Close()
 		g, err := origin.OpenGuest(ctx, src, container)
 		if err != nil {
-			return nil, fmt.Errorf("import %s: %w", origin.Redact(src.Ref().Location), err)
+			return nil, err // it names the image and says what to do
 		}
 		// Not closed: that would close src, which the caller owns.
 		src = g

@@ -22,7 +22,7 @@ func Describe(ctx context.Context, st *chunkstore.Store, n chunkstore.Named) (ap
 		return api.ImageInfo{}, nil, fmt.Errorf("image %s: %w", n.Name, err)
 	}
 	s := m.Summarize()
-	r := api.ImageInfo{Name: n.Name, Manifest: n.Manifest, Format: m.Format, Size: m.Size, NonZeroBytes: s.NonZeroBytes,
+	r := api.ImageInfo{Name: n.Name, Manifest: n.Manifest, Format: m.Format, Container: m.Container, Size: m.Size, NonZeroBytes: s.NonZeroBytes,
 		Chunks: s.UniqueChunks, Source: m.Source.Kind + ":" + m.Source.Location}
 	ids := m.ChunkIDs()
 	for _, id := range ids {
