@@ -2,12 +2,18 @@ package importer
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node/internal/testutil"
@@ -200,4 +206,67 @@ func TestImportQcow2Dedup(t *testing.T) {
 	if ga+gb >= fa+fb {
 		t.Errorf("guest views store %d bytes, the qcow2 files %d: want less", ga+gb, fa+fb)
 	}
+}
+
+// TestImportQcow2Checksum: the guest view of a qcow2 whose origin announces a
+// checksum verifies it, reading the file about once; a wrong one fails the
+// import and registers nothing.
+func TestImportQcow2Checksum(t *testing.T) {
+	t.Parallel()
+	needQemuImg(t)
+	_, q := toQcow2(t, t.TempDir(), "guest", testutil.Image(26, 8<<20))
+	file, err := os.ReadFile(q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var served atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.ServeContent(countWriter{w, &served}, r, "guest.qcow2", time.Time{}, bytes.NewReader(file))
+	}))
+	t.Cleanup(srv.Close)
+	sum := sha256.Sum256(file)
+	for _, tc := range []struct {
+		name, sum string
+		ok        bool
+	}{
+		{"right", hex.EncodeToString(sum[:]), true},
+		{"wrong", strings.Repeat("ab", 32), false},
+	} {
+		st := openStore(t, t.TempDir())
+		served.Store(0)
+		src, err := origin.Open(t.Context(), srv.URL+"/guest.qcow2#sha256="+tc.sum, origin.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := Import(t.Context(), st, src, Options{Name: "q"})
+		src.Close()
+		if tc.ok {
+			if err != nil {
+				t.Fatalf("%s checksum: %v", tc.name, err)
+			}
+			if res.Container != chunkstore.ContainerQcow2 {
+				t.Fatalf("container %q", res.Container)
+			}
+			t.Logf("verified import read %d bytes of a %d-byte qcow2", served.Load(), len(file))
+			if n := served.Load(); n > int64(len(file))*11/10+128<<10 {
+				t.Errorf("the verified import read %d bytes of a %d-byte qcow2", n, len(file))
+			}
+			continue
+		}
+		if !errors.Is(err, origin.ErrChecksum) {
+			t.Fatalf("%s checksum: %v, want ErrChecksum", tc.name, err)
+		}
+		assertNothingRegistered(t, st)
+	}
+}
+
+type countWriter struct {
+	http.ResponseWriter
+	n *atomic.Int64
+}
+
+func (w countWriter) Write(p []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(p)
+	w.n.Add(int64(n))
+	return n, err
 }

@@ -5,11 +5,14 @@ import (
 	"container/list"
 	"context"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/lima-vm/go-qcow2reader/image"
@@ -328,10 +331,25 @@ func readFull(img image.Image, p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// Stream reads the guest content from the start, in order. It does not check
-// the container's checksum: the container is read by ranges, not whole.
+// Stream reads the guest content from the start, in order. When the origin
+// announced a checksum, the stream also hashes the container's blocks in
+// file order as it goes (reading the few blocks the guest view never needs,
+// such as refcount tables, when it passes them), and at its end it returns
+// an error wrapping ErrChecksum instead of io.EOF if they do not match. Only
+// the first such stream of a GuestSource verifies.
 func (g *GuestSource) Stream(ctx context.Context) (io.ReadCloser, error) {
-	return &guestStream{g: g, ctx: ctx}, nil
+	s := &guestStream{g: g, ctx: ctx}
+	algo, want, h, err := parseChecksum(g.src.Ref().Checksum)
+	if err != nil {
+		return nil, fmt.Errorf("stream %s: %w", Redact(g.src.Ref().Location), err)
+	}
+	if h != nil {
+		v := &verifier{algo: algo, want: want, h: h}
+		if g.blocks.verify.CompareAndSwap(nil, v) {
+			s.v = v
+		}
+	}
+	return s, nil
 }
 
 // Close closes the container source.
@@ -347,10 +365,16 @@ type guestStream struct {
 	g   *GuestSource
 	ctx context.Context
 	off int64
+	v   *verifier // nil: no checksum to verify
 }
 
 func (s *guestStream) Read(p []byte) (int, error) {
 	if s.off >= s.g.size {
+		if s.v != nil {
+			if err := s.v.finish(s.ctx, s.g.blocks, Redact(s.g.src.Ref().Location)); err != nil {
+				return 0, err
+			}
+		}
 		return 0, io.EOF
 	}
 	n := int(min(int64(len(p)), s.g.size-s.off, 4<<20))
@@ -363,12 +387,58 @@ func (s *guestStream) Read(p []byte) (int, error) {
 
 func (s *guestStream) Close() error { return nil }
 
+// verifier hashes a container's blocks in file order, for its checksum.
+type verifier struct {
+	algo, want string
+
+	mu   sync.Mutex
+	h    hash.Hash
+	next int64 // the next block to hash
+	err  error // the first read error, which ends the verification
+}
+
+// upTo hashes the blocks up to and including idx that are not hashed yet,
+// reading those that are not cached.
+func (v *verifier) upTo(ctx context.Context, c *blockCache, idx int64) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for v.err == nil && v.next <= idx {
+		b, err := c.block(ctx, v.next)
+		if err != nil {
+			v.err = err
+			break
+		}
+		v.h.Write(b)
+		v.next++
+	}
+	return v.err
+}
+
+// finish hashes the rest of the container and checks the sum.
+func (v *verifier) finish(ctx context.Context, c *blockCache, name string) error {
+	if c.size > 0 {
+		if err := v.upTo(ctx, c, (c.size-1)/guestBlock); err != nil {
+			return fmt.Errorf("verify the checksum of %s: %w", name, err)
+		}
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if got := hex.EncodeToString(v.h.Sum(nil)); got != v.want {
+		return mark(ErrChecksum, "image %s: checksum mismatch: %s is %s, the origin announced %s: the image is corrupt or changed at the origin; re-upload it or fix the announced checksum", name, v.algo, got, v.want)
+	}
+	return nil
+}
+
 // blockCache reads an origin in aligned guestBlock blocks and keeps the last
 // guestCacheBlocks of them; concurrent reads of one block share one origin
 // read.
 type blockCache struct {
 	src  Source
 	size int64
+
+	// verify, when set, is a verifying Stream's: every read first hashes
+	// the blocks before the ones it reads (see Stream).
+	verify atomic.Pointer[verifier]
 
 	mu      sync.Mutex
 	blocks  map[int64]*cacheBlock
@@ -395,6 +465,11 @@ func (c *blockCache) readAt(ctx context.Context, p []byte, off int64) error {
 	}
 	if off < 0 || off+int64(len(p)) > c.size {
 		return fmt.Errorf("read [%d, %d) of the container: outside its %d bytes", off, off+int64(len(p)), c.size)
+	}
+	if v := c.verify.Load(); v != nil && len(p) > 0 {
+		if err := v.upTo(ctx, c, (off+int64(len(p))-1)/guestBlock); err != nil {
+			return err
+		}
 	}
 	for len(p) > 0 {
 		idx := off / guestBlock
