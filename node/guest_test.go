@@ -99,3 +99,35 @@ func TestGuestViewLazy(t *testing.T) {
 		t.Errorf("counters %+v: no origin reads", c)
 	}
 }
+
+// TestGuestViewLazyCorpus is TestGuestViewLazy on a real image: set
+// HOARD_QCOW2_CORPUS to a directory holding NAME.raw and NAME.qcow2 (made by
+// scripts/corpus/debian-images.sh and qemu-img convert -c -O qcow2) and
+// HOARD_QCOW2_NAME to NAME (default minbase).
+func TestGuestViewLazyCorpus(t *testing.T) {
+	dir := os.Getenv("HOARD_QCOW2_CORPUS")
+	if dir == "" {
+		t.Skip("HOARD_QCOW2_CORPUS not set")
+	}
+	name := os.Getenv("HOARD_QCOW2_NAME")
+	if name == "" {
+		name = "minbase"
+	}
+	needTool(t, "qemu-img")
+	qb, err := os.ReadFile(filepath.Join(dir, name+".qcow2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := newRangeServer(t, qb)
+	tn := startNode(t, node.Config{})
+	addImage(t, tn, api.ImportRequest{Source: srv.URL + "/" + name + ".qcow2", Name: name, Lazy: true})
+	added := srv.bytes.Load()
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", filepath.Join(dir, name+".raw"), tn.uri(name))
+	read := srv.bytes.Load() - added
+	ratio := float64(read) / float64(len(qb))
+	t.Logf("%s.qcow2: %d bytes; the lazy add read %d (%.3fx), reading the export whole %d (%.3fx)",
+		name, len(qb), added, float64(added)/float64(len(qb)), read, ratio)
+	if ratio > 1.2 {
+		t.Errorf("reading the export whole fetched %.2fx the qcow2's bytes, want <= 1.2x", ratio)
+	}
+}
