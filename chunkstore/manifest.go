@@ -8,10 +8,19 @@ import (
 	"sort"
 )
 
-// Image formats recorded in a manifest.
+// Image formats recorded in a manifest: the format of the bytes the manifest
+// describes, which is what an export serves.
 const (
 	FormatRaw   = "raw"
 	FormatQcow2 = "qcow2"
+)
+
+// Containers recorded in a manifest (Manifest.Container): the origin holds a
+// disk image in this format and the manifest describes its guest view (Format
+// is then FormatRaw), so an origin read of [off, off+n) reads that guest range
+// through the container's reader.
+const (
+	ContainerQcow2 = "qcow2"
 )
 
 // Source says where an image's bytes came from, so a node can fetch a chunk's
@@ -41,18 +50,26 @@ type Manifest struct {
 	Chunking Chunking `json:"chunking"`
 	Format   string   `json:"format"`
 	Source   Source   `json:"source"`
-	Entries  []Entry  `json:"entries"`
+	// Container is empty when the entries are the origin's bytes as they are;
+	// otherwise (ContainerQcow2) the origin holds a container and the entries
+	// are its guest content.
+	Container string  `json:"container,omitempty"`
+	Entries   []Entry `json:"entries"`
 }
 
 // ErrBadManifest is wrapped by every manifest decoding error.
 var ErrBadManifest = errors.New("bad manifest")
 
 const (
-	manifestMagic   = "HOARDMF"
-	manifestVersion = 1
-	maxStringLen    = 4096
-	tagData         = 0
-	tagZero         = 1
+	manifestMagic = "HOARDMF"
+	// manifestVersion is written for manifests without a container, so that
+	// their encoding (and so their CID) is what it always was; version 2
+	// adds str(container) and is written only when Container is set.
+	manifestVersion          = 1
+	manifestVersionContainer = 2
+	maxStringLen             = 4096
+	tagData                  = 0
+	tagZero                  = 1
 )
 
 // Builder accumulates entries in order, merging adjacent zero runs, so that the
@@ -81,13 +98,18 @@ func (b *Builder) Add(length int64, id ID, zero bool) {
 	b.m.Size += length
 }
 
+// SetContainer records that the entries are the guest view of a container
+// in the origin (ContainerQcow2); "" (the default) means the origin's bytes.
+func (b *Builder) SetContainer(container string) { b.m.Container = container }
+
 // Manifest returns the finished manifest.
 func (b *Builder) Manifest() *Manifest { return &b.m }
 
 // Encode returns the canonical encoding:
 //
-//	"HOARDMF" version(1) uvarint(size) chunking-kind(1: cdc, 2: fixed) uvarint(min avg max)
+//	"HOARDMF" version(1 or 2) uvarint(size) chunking-kind(1: cdc, 2: fixed) uvarint(min avg max)
 //	str(format) str(source kind) str(source location) str(source checksum)
+//	[str(container), version 2 only: not empty]
 //	uvarint(n) n × { uvarint(length) tag(0: data, 1: zero) [32-byte sha2-256 digest if data] }
 //
 // where str is uvarint(len) followed by the bytes. Offsets are implied by the
@@ -95,7 +117,11 @@ func (b *Builder) Manifest() *Manifest { return &b.m }
 func (m *Manifest) Encode() []byte {
 	b := make([]byte, 0, 64+len(m.Entries)*36)
 	b = append(b, manifestMagic...)
-	b = append(b, manifestVersion)
+	if m.Container != "" {
+		b = append(b, manifestVersionContainer)
+	} else {
+		b = append(b, manifestVersion)
+	}
 	b = binary.AppendUvarint(b, uint64(m.Size))
 	kind := byte(1)
 	if m.Chunking.Kind == ChunkingFixed {
@@ -108,6 +134,10 @@ func (m *Manifest) Encode() []byte {
 	for _, s := range []string{m.Format, m.Source.Kind, m.Source.Location, m.Source.Checksum} {
 		b = binary.AppendUvarint(b, uint64(len(s)))
 		b = append(b, s...)
+	}
+	if m.Container != "" {
+		b = binary.AppendUvarint(b, uint64(len(m.Container)))
+		b = append(b, m.Container...)
 	}
 	b = binary.AppendUvarint(b, uint64(len(m.Entries)))
 	for _, e := range m.Entries {
@@ -187,8 +217,13 @@ func decodeManifest(b []byte) (*Manifest, error) {
 		}
 		return nil, errors.New("not a hoard manifest (bad magic)")
 	}
-	if v := d.bytes(1, "version"); d.err == nil && v[0] != manifestVersion {
-		return nil, fmt.Errorf("manifest version %d not supported by this hoard (want %d): upgrade hoard", v[0], manifestVersion)
+	v := d.bytes(1, "version")
+	if d.err != nil {
+		return nil, d.err
+	}
+	version := v[0]
+	if version != manifestVersion && version != manifestVersionContainer {
+		return nil, fmt.Errorf("manifest version %d not supported by this hoard (want %d or %d): upgrade hoard", version, manifestVersion, manifestVersionContainer)
 	}
 	m := &Manifest{}
 	size := d.uvarint("size")
@@ -225,6 +260,12 @@ func decodeManifest(b []byte) (*Manifest, error) {
 	m.Source.Kind = d.str("source kind")
 	m.Source.Location = d.str("source location")
 	m.Source.Checksum = d.str("source checksum")
+	if version == manifestVersionContainer {
+		m.Container = d.str("container")
+		if d.err == nil && m.Container == "" {
+			return nil, errors.New("version 2 manifest with an empty container")
+		}
+	}
 	n := d.uvarint("entry count")
 	if d.err != nil {
 		return nil, d.err

@@ -62,6 +62,56 @@ func TestManifestStrictDecoding(t *testing.T) {
 	}
 }
 
+// TestManifestContainer: a guest-view manifest records its container in a
+// version 2 encoding, while a manifest without one keeps the version 1
+// encoding (and so its CID) byte for byte.
+func TestManifestContainer(t *testing.T) {
+	t.Parallel()
+	plain := sampleManifest()
+	v1 := plain.Encode()
+	if v1[len(manifestMagic)] != 1 {
+		t.Fatalf("manifest without a container encoded as version %d, want 1", v1[len(manifestMagic)])
+	}
+	b := NewBuilder(DefaultCDC, FormatRaw, plain.Source)
+	for _, e := range plain.Entries {
+		b.Add(e.Length, e.ID, e.Zero)
+	}
+	b.SetContainer(ContainerQcow2)
+	guest := b.Manifest()
+	enc := guest.Encode()
+	if enc[len(manifestMagic)] != 2 {
+		t.Fatalf("manifest with a container encoded as version %d, want 2", enc[len(manifestMagic)])
+	}
+	got, err := DecodeManifest(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Container != ContainerQcow2 || got.Format != FormatRaw || got.ID() != guest.ID() {
+		t.Fatalf("decoded container %q format %q", got.Container, got.Format)
+	}
+	if guest.ID() == plain.ID() {
+		t.Fatal("the container does not change the identity")
+	}
+	for i := range enc { // every truncation fails
+		if _, err := DecodeManifest(enc[:i]); !errors.Is(err, ErrBadManifest) {
+			t.Fatalf("truncated to %d bytes: %v", i, err)
+		}
+	}
+	// Version 2 with an empty container is not canonical (that is version 1).
+	empty := bytes.Clone(v1)
+	empty[len(manifestMagic)] = 2
+	i := bytes.Index(empty, []byte("sha512:ab")) + len("sha512:ab")
+	empty = append(empty[:i:i], append([]byte{0}, empty[i:]...)...)
+	if _, err := DecodeManifest(empty); !errors.Is(err, ErrBadManifest) {
+		t.Fatal("version 2 with an empty container accepted")
+	}
+	bad := bytes.Clone(enc)
+	bad[len(manifestMagic)] = 3
+	if _, err := DecodeManifest(bad); !errors.Is(err, ErrBadManifest) {
+		t.Fatal("version 3 accepted")
+	}
+}
+
 func TestSplitters(t *testing.T) {
 	t.Parallel()
 	data := make([]byte, 3<<20+12345)
@@ -153,6 +203,10 @@ func TestProfile(t *testing.T) {
 func FuzzDecodeManifest(f *testing.F) {
 	f.Add(sampleManifest().Encode())
 	f.Add([]byte("HOARDMF\x01"))
+	gb := NewBuilder(DefaultCDC, FormatRaw, Source{Kind: "file", Location: "/x"})
+	gb.Add(4096, Sum([]byte("a")), false)
+	gb.SetContainer(ContainerQcow2)
+	f.Add(gb.Manifest().Encode())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := DecodeManifest(b)
 		if err != nil {

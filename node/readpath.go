@@ -217,6 +217,16 @@ func (n *Node) openSource(ctx context.Context, img *image) (origin.Source, error
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrOrigin, err)
 	}
+	if c := img.m.Container; c != "" {
+		// A guest view: entry [Offset, End) is that range of the guest,
+		// read through the container's reader over the origin.
+		g, err := origin.OpenGuest(ctx, src, c)
+		if err != nil {
+			src.Close()
+			return nil, fmt.Errorf("%w: %w", ErrOrigin, err)
+		}
+		src = g
+	}
 	if src.Size() != img.m.Size {
 		src.Close()
 		return nil, fmt.Errorf("%w: %s is now %d bytes, the manifest says %d: the image changed at the origin; re-add it (hoard image rm, hoard image add)",

@@ -28,7 +28,7 @@ func newImageCommand(g *globalOptions) *cobra.Command {
 }
 
 func newImageAddCommand(g *globalOptions) *cobra.Command {
-	var name, chunking string
+	var name, chunking, format string
 	var lazy, noPin, jsonOut bool
 	c := &cobra.Command{
 		Use:   "add SOURCE",
@@ -37,23 +37,35 @@ func newImageAddCommand(g *globalOptions) *cobra.Command {
 compresses and stores the new ones, and registers the image under --name.
 SOURCE is a path, an http(s):// URL (Range support needed for --lazy), or
 glance://IMAGE-ID (set origin.glance.url / HOARD_ORIGIN_GLANCE_URL and, with
-keystone, origin.glance.token / HOARD_ORIGIN_GLANCE_TOKEN).`,
+keystone, origin.glance.token / HOARD_ORIGIN_GLANCE_TOKEN).
+
+With --format auto (the default), a qcow2 image (detected by its content, or
+from Glance's disk_format) is imported by its guest content and exported raw,
+so that images of one system deduplicate whatever their container; a lazy
+add reads its guest ranges through the qcow2 reader over the origin. A qcow2
+with a backing file, an encrypted or corrupt one, or another container
+(vmdk, vhdx, vdi, vpc) is refused with what to do. --format raw imports the
+source's bytes as they are (a qcow2 is then exported as a qcow2 file).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return runImageAdd(cmd.Context(), g, args[0], name, chunking, lazy, !noPin, jsonOut)
+			return runImageAdd(cmd.Context(), g, args[0], name, chunking, format, lazy, !noPin, jsonOut)
 		},
 	}
 	f := c.Flags()
 	f.StringVar(&name, "name", "", "name to register the image under (default: the Glance ID, or the file name)")
 	f.StringVar(&chunking, "chunking", "cdc", "chunking: cdc (content-defined, 64 KiB average) or fixed (64 KiB)")
+	f.StringVar(&format, "format", importer.FormatAuto, "auto (a qcow2 is imported by its guest content, exported raw) or raw (the source's bytes as they are)")
 	f.BoolVar(&lazy, "lazy", false, "register the manifest only; chunks are fetched from the origin on demand")
 	f.BoolVar(&noPin, "no-pin", false, "let the image's chunks be evicted under quota pressure")
 	f.BoolVar(&jsonOut, "json", false, "print the summary as JSON")
 	return c
 }
 
-func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking string, lazy, pin, jsonOut bool) error {
+func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking, format string, lazy, pin, jsonOut bool) error {
 	if _, err := chunkstore.ParseChunking(chunking); err != nil {
+		return err
+	}
+	if _, err := importer.ParseFormat(format); err != nil {
 		return err
 	}
 	svc, err := g.images(ctx, true)
@@ -61,7 +73,7 @@ func runImageAdd(ctx context.Context, g *globalOptions, source, name, chunking s
 		return err
 	}
 	defer svc.Close()
-	req := api.ImportRequest{Source: source, Name: name, Chunking: chunking, Lazy: lazy, Pin: pin}
+	req := api.ImportRequest{Source: source, Name: name, Chunking: chunking, Lazy: lazy, Pin: pin, Format: format}
 	if svc.Remote() {
 		req.Source = absSource(source)
 		if !jsonOut {
@@ -102,7 +114,11 @@ func printImportResult(res *importer.Result, jsonOut bool) error {
 	fmt.Printf("image %s imported in %s (%s/s)\n", name, res.Duration.Round(time.Millisecond), formatSize(int64(rate)))
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "  manifest\t%s\n", res.Manifest)
-	fmt.Fprintf(tw, "  format\t%s\n", res.Format)
+	if res.Container != "" {
+		fmt.Fprintf(tw, "  format\t%s (guest content of a %s)\n", res.Format, res.Container)
+	} else {
+		fmt.Fprintf(tw, "  format\t%s\n", res.Format)
+	}
 	fmt.Fprintf(tw, "  size\t%s (%d bytes)\n", formatSize(res.Size), res.Size)
 	fmt.Fprintf(tw, "  non-zero bytes\t%s\n", formatSize(res.NonZeroBytes))
 	fmt.Fprintf(tw, "  chunks\t%d (%d unique)\n", res.Chunks, res.UniqueChunks)
@@ -244,8 +260,12 @@ func newImageInspectCommand(g *globalOptions) *cobra.Command {
 				return printJSON(out)
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+			format := r.Format
+			if r.Container != "" {
+				format += " (guest content of a " + r.Container + ")"
+			}
 			fmt.Fprintf(tw, "name\t%s\nmanifest\t%s\nformat\t%s\nsize\t%s (%d bytes)\nnon-zero bytes\t%s\n",
-				r.Name, r.Manifest, r.Format, formatSize(r.Size), r.Size, formatSize(r.NonZeroBytes))
+				r.Name, r.Manifest, format, formatSize(r.Size), r.Size, formatSize(r.NonZeroBytes))
 			fmt.Fprintf(tw, "chunking\t%s min %d avg %d max %d\n", m.Chunking.Kind, m.Chunking.Min, m.Chunking.Avg, m.Chunking.Max)
 			fmt.Fprintf(tw, "chunks\t%d unique, %d cached locally\npinned\t%v\nsource\t%s\n", r.Chunks, r.Present, r.Pinned, r.Source)
 			if m.Checksum != "" {

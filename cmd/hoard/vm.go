@@ -44,6 +44,9 @@ func OverlayBacking(image, format, socket string) string {
 }
 
 // CreateOverlay runs qemu-img create for a qcow2 overlay of the export.
+// format is the export's, the manifest's Format: raw for a qcow2 added with
+// --format auto, whose export is its guest content (so -F raw), qcow2 for
+// one added with --format raw, whose export is the qcow2 file.
 func CreateOverlay(ctx context.Context, image, format, socket, path string) error {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		return fmt.Errorf("qemu-img not found; install it (Debian: apt-get install qemu-utils)")

@@ -26,16 +26,19 @@ var (
 
 // ImageInfo is what a listing shows of an image.
 type ImageInfo struct {
-	Name         string        `json:"name"`
-	Manifest     chunkstore.ID `json:"manifest"`
-	Format       string        `json:"format"`
-	Size         int64         `json:"size"`
-	NonZeroBytes int64         `json:"non_zero_bytes"`
-	Chunks       int           `json:"unique_chunks"`
-	Present      int           `json:"present_chunks"`
-	Pinned       bool          `json:"pinned"`
-	Source       string        `json:"source"`
-	OpenExports  int           `json:"open_exports"`
+	Name     string        `json:"name"`
+	Manifest chunkstore.ID `json:"manifest"`
+	Format   string        `json:"format"`
+	// Container is "qcow2" when the image is a qcow2's guest content
+	// (Format is then raw); empty otherwise.
+	Container    string `json:"container,omitempty"`
+	Size         int64  `json:"size"`
+	NonZeroBytes int64  `json:"non_zero_bytes"`
+	Chunks       int    `json:"unique_chunks"`
+	Present      int    `json:"present_chunks"`
+	Pinned       bool   `json:"pinned"`
+	Source       string `json:"source"`
+	OpenExports  int    `json:"open_exports"`
 	// WorkingSetBytes is the raw bytes of the image's boot working set as
 	// the cluster knows it; WorkingSetLocalBytes, how much of it is here.
 	WorkingSetBytes      int64 `json:"working_set_bytes"`
@@ -49,6 +52,9 @@ type ImportRequest struct {
 	Chunking string `json:"chunking,omitempty"` // cdc (default) or fixed
 	Lazy     bool   `json:"lazy,omitempty"`
 	Pin      bool   `json:"pin,omitempty"`
+	// Format is "auto" (also ""): a qcow2 is imported by its guest content
+	// and exported raw; or "raw": the source's bytes as they are.
+	Format string `json:"format,omitempty"`
 }
 
 // RemoveResult says what removing an image freed.

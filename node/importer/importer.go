@@ -25,6 +25,11 @@ type Options struct {
 	Lazy     bool                // record the manifest only; chunks arrive on demand
 	Pin      bool                // pin the image's chunks so they are never evicted
 	Workers  int                 // hashing/compression workers; 0: GOMAXPROCS
+	// Format is FormatAuto (also ""): a container (qcow2, detected by its
+	// content or from the origin's disk_format) is imported by its guest
+	// content, which the manifest records as raw with Container set; or
+	// FormatRaw: the origin's bytes as they are, whatever they hold.
+	Format string
 	// Progress, if set, is called from one goroutine as bytes are consumed.
 	Progress func(done, total int64)
 
@@ -35,11 +40,31 @@ type Options struct {
 	beforeCommit  func(seg int) error
 }
 
+// Import formats (Options.Format).
+const (
+	FormatAuto = "auto"
+	FormatRaw  = "raw"
+)
+
+// ParseFormat checks an import format: "" and "auto" are FormatAuto.
+func ParseFormat(s string) (string, error) {
+	switch s {
+	case "", FormatAuto:
+		return FormatAuto, nil
+	case FormatRaw:
+		return FormatRaw, nil
+	}
+	return "", fmt.Errorf("%w: import format %q: want auto (a qcow2 is imported by its guest content) or raw (the bytes as they are)", chunkstore.ErrInvalid, s)
+}
+
 // Result summarises an import.
 type Result struct {
-	Name             string        `json:"name,omitempty"`
-	Manifest         chunkstore.ID `json:"manifest"`
-	Format           string        `json:"format"`
+	Name     string        `json:"name,omitempty"`
+	Manifest chunkstore.ID `json:"manifest"`
+	Format   string        `json:"format"`
+	// Container is the origin's container (qcow2) when the image is its
+	// guest view; Format is then raw.
+	Container        string        `json:"container,omitempty"`
 	Source           origin.Ref    `json:"source"`
 	Size             int64         `json:"size"`
 	NonZeroBytes     int64         `json:"non_zero_bytes"`
@@ -84,29 +109,53 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Opti
 	if o.segmentChunks <= 0 {
 		o.segmentChunks = segmentChunks
 	}
+	mode, err := ParseFormat(o.Format)
+	if err != nil {
+		return nil, err
+	}
 	rc, err := src.Stream(ctx)
 	if err != nil {
 		return nil, err
 	}
-	defer rc.Close()
+	defer func() { rc.Close() }()
 	// The splitter reads in large blocks itself: no bufio in between, which
 	// only added a copy of every byte.
 	var r io.Reader = rc
-	format := ""
+	format, container := "", ""
 	if f, ok := src.(origin.Formatter); ok {
-		format = f.Format()
+		format = f.Format() // Glance's disk_format
+		container = origin.ContainerOf(format)
 	}
 	if format == "" {
 		format = chunkstore.FormatRaw
-		var magic [4]byte
-		n, err := io.ReadFull(rc, magic[:])
+		var head [512]byte
+		n, err := io.ReadFull(rc, head[:])
 		if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
 			return nil, fmt.Errorf("import %s: %w", src.Ref().Location, err)
 		}
-		if string(magic[:n]) == "QFI\xfb" {
+		container = origin.SniffContainer(head[:n])
+		if container == chunkstore.ContainerQcow2 {
 			format = chunkstore.FormatQcow2
 		}
-		r = io.MultiReader(bytes.NewReader(magic[:n]), rc)
+		r = io.MultiReader(bytes.NewReader(head[:n]), rc)
+	}
+	if mode == FormatAuto && container != "" {
+		// The guest view reads the container by ranges, so the stream
+		// ends here, before anything is written: a container hoard cannot
+		// read registers nothing.
+		rc.Close()
+		g, err := origin.OpenGuest(ctx, src, container)
+		if err != nil {
+			return nil, err // it names the image and says what to do
+		}
+		// Not closed: that would close src, which the caller owns.
+		src = g
+		if rc, err = g.Stream(ctx); err != nil {
+			return nil, err
+		}
+		r, format = rc, chunkstore.FormatRaw
+	} else {
+		container = ""
 	}
 	split, err := chunkstore.NewSplitter(r, o.Chunking)
 	if err != nil {
@@ -121,6 +170,7 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Opti
 
 	ref := src.Ref()
 	mb := chunkstore.NewBuilder(o.Chunking, format, chunkstore.Source{Kind: ref.Kind, Location: ref.Location, Checksum: ref.Checksum})
+	mb.SetContainer(container)
 	for _, r := range p.entries {
 		mb.Add(r.length, r.id, r.zero)
 	}
@@ -151,7 +201,7 @@ func Import(ctx context.Context, st *chunkstore.Store, src origin.Source, o Opti
 		return nil, err
 	}
 	sum := m.Summarize()
-	res := &Result{Name: o.Name, Manifest: mid, Format: format, Source: ref, Size: m.Size,
+	res := &Result{Name: o.Name, Manifest: mid, Format: format, Container: container, Source: ref, Size: m.Size,
 		NonZeroBytes: sum.NonZeroBytes, Chunks: sum.Chunks, UniqueChunks: sum.UniqueChunks,
 		NewChunks: len(p.newIDs), NewRawBytes: p.newRaw, NewStoredBytes: p.newStored,
 		Duration: time.Since(start), Lazy: o.Lazy}

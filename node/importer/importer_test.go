@@ -106,12 +106,14 @@ func TestImportFileRoundTripAndDedup(t *testing.T) {
 	t.Logf("second image: %d new chunks, %d new raw bytes of %d non-zero", res.NewChunks, grew, res.NonZeroBytes)
 }
 
+// TestImportQcow2Detected: with --format raw, the qcow2 magic is recorded as
+// the format and the bytes are kept as they are (see qcow2_test.go for auto).
 func TestImportQcow2Detected(t *testing.T) {
 	t.Parallel()
 	img := append([]byte("QFI\xfb\x00\x00\x00\x03"), testutil.Image(2, 1<<20)...)
 	st := openStore(t, t.TempDir())
 	src, _ := origin.Open(t.Context(), writeFile(t, img), origin.Config{})
-	res, err := Import(t.Context(), st, src, Options{Name: "q"})
+	res, err := Import(t.Context(), st, src, Options{Name: "q", Format: FormatRaw})
 	if err != nil || res.Format != chunkstore.FormatQcow2 {
 		t.Fatalf("format %q, err %v; want qcow2", res.Format, err)
 	}

@@ -22,7 +22,7 @@ func Describe(ctx context.Context, st *chunkstore.Store, n chunkstore.Named) (ap
 		return api.ImageInfo{}, nil, fmt.Errorf("image %s: %w", n.Name, err)
 	}
 	s := m.Summarize()
-	r := api.ImageInfo{Name: n.Name, Manifest: n.Manifest, Format: m.Format, Size: m.Size, NonZeroBytes: s.NonZeroBytes,
+	r := api.ImageInfo{Name: n.Name, Manifest: n.Manifest, Format: m.Format, Container: m.Container, Size: m.Size, NonZeroBytes: s.NonZeroBytes,
 		Chunks: s.UniqueChunks, Source: m.Source.Kind + ":" + m.Source.Location}
 	ids := m.ChunkIDs()
 	for _, id := range ids {
@@ -64,6 +64,10 @@ func Add(ctx context.Context, st *chunkstore.Store, oc origin.Config, req api.Im
 			return nil, err
 		}
 	}
+	format, err := importer.ParseFormat(req.Format)
+	if err != nil {
+		return nil, err
+	}
 	src, err := origin.Open(ctx, req.Source, oc)
 	if err != nil {
 		return nil, err
@@ -88,7 +92,7 @@ func Add(ctx context.Context, st *chunkstore.Store, oc origin.Config, req api.Im
 	if progress != nil {
 		progress(0, src.Size())
 	}
-	return importer.Import(ctx, st, src, importer.Options{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy, Progress: progress})
+	return importer.Import(ctx, st, src, importer.Options{Name: name, Chunking: ck, Lazy: req.Lazy, Pin: req.Pin && !req.Lazy, Format: format, Progress: progress})
 }
 
 // Remove drops a name; when no other name uses its manifest, the manifest
