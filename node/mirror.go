@@ -247,7 +247,8 @@ func (mi *mirrorImages) register(ctx context.Context, meta glancemirror.Meta) (i
 		defer n.bg.Done()
 		defer src.Close()
 		start := time.Now()
-		res, err := importer.Import(runCtx, n.store, ts, importer.Options{Name: meta.ID})
+		// The mirror serves the original bytes: a qcow2 stays a file, not its guest view.
+		res, err := importer.Import(runCtx, n.store, ts, importer.Options{Name: meta.ID, Format: importer.FormatRaw})
 		if errors.Is(err, chunkstore.ErrExists) {
 			// Registered meanwhile (by the catalog): the stream was read
 			// and verified to its end all the same.
