@@ -172,14 +172,6 @@ func (b backend) Chunk(ctx context.Context, manifest chunkstore.ID, index int, f
 		return chunkstore.Stored{}, err
 	}
 	img, err := n.image(ctx, manifest)
-	if err != nil && fetch && n.cl != nil && errors.Is(err, chunkstore.ErrNotFound) {
-		// Asked as the designated fetcher of an image this node has not
-		// learnt yet (the catalog is on its way): learn it now, so that the
-		// asker does not go to the origin too.
-		if _, rerr := n.cl.Resolve(ctx, manifest.String()); rerr == nil {
-			img, err = n.image(ctx, manifest)
-		}
-	}
 	if err != nil {
 		return chunkstore.Stored{}, err
 	}

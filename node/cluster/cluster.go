@@ -130,22 +130,11 @@ const (
 // (Fetcher) with cluster-wide origin coalescing.
 //
 // Coalescing: for a chunk no peer holds, the designated fetcher is
-// p2p.Designated over the image's members as this node sees them (members),
-// plus this node: every peer that answered its have-bitmap request, whether
-// or not it knows the image yet, and every peer that connected since. That
-// set is the cluster's membership, not who happens to serve the image when
-// the view was taken, so nodes that open a just-added image at once agree on
-// the designated fetcher although some of them learn the image only during
-// the storm. When that is another peer it is asked with the fetch flag and
-// waited for (Options.DesignatedTimeout; a peer that does not know the image
-// yet answers NOTFOUND and is asked again, and learns the image from the
-// cluster meanwhile). The peer asked runs this same read path: it fetches the
-// chunk from a holder, else itself or from the designated fetcher of its own
-// members. Since the designated peer has the highest rendezvous score of the
-// asker's members, a request only ever moves to a higher score, so a chain
-// of askers whose members differ (a cluster that is no full mesh) climbs
-// towards the same peer and never loops. A peer passed a request asks its
-// own designated peer once (no retries: its asker's timer runs).
+// p2p.Designated over the peers known to serve the image plus this node. When
+// that is another peer it is asked with the fetch flag and runs this same
+// read path; since the designated peer has the highest rendezvous score of
+// the asker's view, a request only ever moves to a higher score, so a chain
+// of askers whose views differ climbs towards the same peer and never loops.
 type Cluster struct {
 	p   *p2p.Peer
 	st  *chunkstore.Store
@@ -163,12 +152,9 @@ type Cluster struct {
 
 // view is what this node knows of an image's peers: their have-bitmaps.
 type view struct {
-	at   time.Time
-	used time.Time // last read that used it (under cluster.mu)
-	// haves holds the peers that answered: their have-bitmap, empty (nil)
-	// from a peer that does not know the manifest (yet). Every key is a
-	// member for designation; only bits say who holds a chunk.
-	haves map[peer.ID]p2p.Bitmap
+	at    time.Time
+	used  time.Time              // last read that used it (under cluster.mu)
+	haves map[peer.ID]p2p.Bitmap // peers that know the manifest (bitmap not empty)
 	// complete is nil for a complete view; for a partial one (slow peers not
 	// in yet) it is closed when the complete view replaces it.
 	complete chan struct{}
@@ -346,9 +332,6 @@ func (c *Cluster) Stop() {
 // some of the image answered, partial is called (at most once, and only
 // while peers are still being waited for) with a copy of the view so far.
 func (c *Cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial func(*view)) *view {
-	// Peers that connect from now on are members without being asked (see
-	// members): the view is as old as its list of candidates.
-	start := time.Now()
 	self := c.p.ID()
 	seen := map[peer.ID]bool{self: true}
 	var cands []peer.ID
@@ -375,7 +358,7 @@ func (c *Cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial f
 			add(id)
 		}
 	}
-	v := &view{at: start, haves: map[peer.ID]p2p.Bitmap{}}
+	v := &view{at: time.Now(), haves: map[peer.ID]p2p.Bitmap{}}
 	var mu sync.Mutex
 	var grace *time.Timer
 	graceDone := make(chan struct{})
@@ -405,12 +388,12 @@ func (c *Cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial f
 					break
 				}
 			}
-			if err != nil {
-				return nil // gone
+			if err != nil || len(bm) == 0 {
+				return nil // gone, or does not know the image
 			}
 			mu.Lock()
-			v.haves[id] = bm // empty: a member that does not know the image (yet)
-			if len(bm) > 0 && grace == nil && partial != nil {
+			v.haves[id] = bm
+			if grace == nil && partial != nil {
 				grace = time.AfterFunc(viewGrace, func() {
 					defer close(graceDone)
 					mu.Lock()
@@ -489,21 +472,23 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	// The designated fetcher is chosen from the complete view only: nodes
 	// whose views differ choose differently, and the origin pays.
 	v = c.completeView(ctx, manifest, v, maxWait)
-	d := p2p.Designated(id, c.members(v))
+	live := make([]peer.ID, 0, len(v.haves)+1)
+	live = append(live, c.p.ID())
+	for pid := range v.haves {
+		// A peer that just stalled a fetch (stopped?) is no designated
+		// fetcher: its askers would wait DesignatedTimeout for nothing.
+		if !c.p.Bad(pid) && !c.p.Slow(pid) {
+			live = append(live, pid)
+		}
+	}
+	slices.Sort(live)
+	d := p2p.Designated(id, live)
 	if d == c.p.ID() {
 		return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: this node is its designated fetcher: %w", id, chunkstore.ErrNotFound)
 	}
-	var err error
-	if designated {
-		// Passed on once: this node's asker is on a timer of its own.
-		dctx, cancel := context.WithTimeout(ctx, c.o.DesignatedTimeout)
-		defer cancel()
-		_, err = c.p.Fetch(dctx, d, manifest, want, true, keep)
-	} else {
-		dctx, cancel := context.WithTimeout(ctx, c.o.DesignatedTimeout)
-		defer cancel()
-		err = c.askDesignated(dctx, d, manifest, want, keep, func() bool { return got != nil })
-	}
+	dctx, cancel := context.WithTimeout(ctx, c.o.DesignatedTimeout)
+	defer cancel()
+	_, err := c.p.Fetch(dctx, d, manifest, want, true, keep)
 	if got != nil {
 		return got, gotStored, nil
 	}
@@ -515,74 +500,6 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	}
 	c.log.Debug("designated fetcher did not deliver; going to the origin", "chunk_id", id.String(), "peer_id", d.String(), "err", err)
 	return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: designated fetcher %s did not deliver (%v): %w", id, d, err, chunkstore.ErrNotFound)
-}
-
-// members returns, sorted, the peers the designated fetcher of a chunk of
-// v's image is chosen from: this node; every peer that answered v's
-// have-bitmap requests (members, whether or not they know the image); and
-// every peer connected since v was taken (a node that joined in between;
-// none when there is no view yet, as when a designated fetcher did not wait
-// for one). A
-// peer that did not answer although it was asked is left out (stopped?), and
-// so is one that sent bad data or just stalled a fetch: its askers would
-// wait DesignatedTimeout for nothing.
-func (c *Cluster) members(v *view) []peer.ID {
-	self := c.p.ID()
-	set := map[peer.ID]bool{self: true}
-	for pid := range v.haves {
-		set[pid] = true
-	}
-	nw := c.p.Host().Network()
-	for _, pid := range nw.Peers() {
-		if v.at.IsZero() {
-			break // no view (it was not waited for): no members but this node
-		}
-		if set[pid] {
-			continue
-		}
-		for _, conn := range nw.ConnsToPeer(pid) {
-			if conn.Stat().Opened.After(v.at) {
-				set[pid] = true
-				break
-			}
-		}
-	}
-	live := make([]peer.ID, 0, len(set))
-	for pid := range set {
-		if pid == self || (!c.p.Bad(pid) && !c.p.Slow(pid)) {
-			live = append(live, pid)
-		}
-	}
-	slices.Sort(live)
-	return live
-}
-
-// designatedRetry is the pause before a designated fetcher that answered
-// NOTFOUND (it does not know the image yet) is asked again.
-const designatedRetry = 50 * time.Millisecond
-
-// askDesignated asks d, the designated fetcher, for want with the fetch flag
-// until done reports the chunk delivered, d fails otherwise than with
-// NOTFOUND, or ctx (Options.DesignatedTimeout) ends: a peer that has not
-// learnt the image yet answers NOTFOUND, and going to the origin then would
-// fetch the chunk twice.
-func (c *Cluster) askDesignated(ctx context.Context, d peer.ID, manifest chunkstore.ID, want []p2p.Want, keep func(p2p.Chunk) error, done func() bool) error {
-	for {
-		nf, err := c.p.Fetch(ctx, d, manifest, want, true, keep)
-		if done() || err != nil {
-			return err
-		}
-		if len(nf) == 0 {
-			return fmt.Errorf("peer %s sent nothing", d)
-		}
-		t := time.NewTimer(designatedRetry)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("peer %s: not found: %w", d, ctx.Err())
-		case <-t.C:
-		}
-	}
 }
 
 // designatedKey marks the context of a fetch this node runs as a peer's
