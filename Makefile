@@ -51,6 +51,8 @@ fuzz-short:
 	$(GO) test -run='^$$' -fuzz='^FuzzRequest$$' -fuzztime=$(FUZZTIME) ./nbd
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeMessage$$' -fuzztime=$(FUZZTIME) ./p2p
 	$(GO) test -run='^$$' -fuzz='^FuzzParseContentRange$$' -fuzztime=$(FUZZTIME) ./node/origin
+	$(GO) test -run='^$$' -fuzz='^FuzzQcow2Header$$' -fuzztime=$(FUZZTIME) ./node/origin
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeCatalog$$' -fuzztime=$(FUZZTIME) ./p2p
 
 # A FROM scratch image of the static binary (no registry), and the
 # three-node docker-compose testbed.
