@@ -176,7 +176,7 @@ func (mi *mirrorImages) await(ctx context.Context, meta glancemirror.Meta, reg p
 			if err != nil {
 				return nil, err
 			}
-			return io.NopCloser(&exportReader{ctx: ctx, img: img}), nil
+			return io.NopCloser(glancemirror.NewReader(ctx, img)), nil
 		}
 		if !errors.Is(err, glancemirror.ErrUnknown) {
 			return nil, err
@@ -214,7 +214,7 @@ func (mi *mirrorImages) register(ctx context.Context, meta glancemirror.Meta) (i
 		if err != nil {
 			return nil, err
 		}
-		return io.NopCloser(&exportReader{ctx: ctx, img: img}), nil
+		return io.NopCloser(glancemirror.NewReader(ctx, img)), nil
 	}
 	r := &mirrorReg{done: make(chan struct{})}
 	mi.regs[meta.ID] = r
@@ -308,26 +308,6 @@ func (t *teeReader) Read(p []byte) (int, error) {
 }
 
 func (t *teeReader) Close() error { return t.rc.Close() }
-
-// exportReader reads an image sequentially through the read path.
-type exportReader struct {
-	ctx context.Context
-	img glancemirror.Image
-	off int64
-}
-
-func (r *exportReader) Read(p []byte) (int, error) {
-	rest := r.img.Size() - r.off
-	if rest <= 0 {
-		return 0, io.EOF
-	}
-	p = p[:min(int64(len(p)), rest)]
-	if err := r.img.ReadAt(r.ctx, p, r.off); err != nil {
-		return 0, err
-	}
-	r.off += int64(len(p))
-	return len(p), nil
-}
 
 // serveGlanceMirror serves the Glance mirror on ln under g until ctx ends.
 func (n *Node) serveGlanceMirror(ctx context.Context, g *errgroup.Group, ln net.Listener) error {

@@ -434,6 +434,10 @@ func (v *verifier) check() error {
 	return nil
 }
 
+// NewReader reads img sequentially from its start, each Read a ReadAt
+// under ctx.
+func NewReader(ctx context.Context, img Image) io.Reader { return &imageReader{ctx: ctx, img: img} }
+
 // imageReader reads an Image sequentially.
 type imageReader struct {
 	ctx context.Context
