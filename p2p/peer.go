@@ -104,8 +104,10 @@ type Peer struct {
 	served   map[network.Stream]struct{} // streams being served (handleStream)
 	load     map[peer.ID]int64           // chunks requested and not yet answered
 	closed   bool
-	kick     chan struct{} // wakes the reprovide loop (after bootstrap)
-	cat      catalogState
+	// glanceSem bounds the ProtocolGlanceRegister requests served; nil: not served.
+	glanceSem chan struct{}
+	kick      chan struct{} // wakes the reprovide loop (after bootstrap)
+	cat       catalogState
 	// learnQueue is the size of the catalog's learn queue (tests shrink it).
 	learnQueue int
 	// nodeVersion is the Version of this node's last NodeInfo.
@@ -188,6 +190,7 @@ func New(ctx context.Context, opts ...Option) (*Peer, error) {
 		return nil, err
 	}
 	p.host.SetStreamHandler(ProtocolChunks, p.handleStream)
+	p.startGlanceRegister()
 	return p, nil
 }
 
@@ -338,6 +341,7 @@ func (p *Peer) Close() error {
 	}
 	p.mu.Unlock()
 	p.host.RemoveStreamHandler(ProtocolChunks)
+	p.stopGlanceRegister()
 	p.cancel()
 	for _, pl := range pools {
 		pl.closeAll()

@@ -1,0 +1,137 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+)
+
+// glanceBackend is a fakeBackend that registers Glance images: it takes
+// took, reporting progress, and answers manifest/name or err.
+type glanceBackend struct {
+	*fakeBackend
+	took     time.Duration
+	manifest chunkstore.ID
+	name     string
+	err      error
+	calls    atomic.Int64
+	from     atomic.Value
+}
+
+func (b *glanceBackend) RegisterGlance(ctx context.Context, from peer.ID, id string, progress func(done, total int64)) (chunkstore.ID, string, error) {
+	b.calls.Add(1)
+	b.from.Store(from)
+	end := time.Now().Add(b.took)
+	for time.Now().Before(end) {
+		progress(int64(time.Until(end)), 100)
+		select {
+		case <-ctx.Done():
+			return chunkstore.ID{}, "", ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return b.manifest, b.name, b.err
+}
+
+// TestGlanceRegister: a registrar answers the manifest and name after a
+// registration longer than the asker's stall bound (progress frames keep it
+// waiting), or its error; a peer without a GlanceBackend is
+// ErrGlanceRegisterOff; bad IDs are refused before anything is sent; a
+// registrar that answers garbage is marked bad.
+func TestGlanceRegister(t *testing.T) {
+	t.Parallel()
+	img := newTestImage(t, 2, 1024, 7)
+	ok := &glanceBackend{fakeBackend: &fakeBackend{img: img}, took: 5 * time.Second, manifest: img.id, name: "glance-file:abc"}
+	failing := &glanceBackend{fakeBackend: &fakeBackend{img: img}, err: errors.New("glance said 404: check origin.glance.token")}
+	peers, _ := mockCluster(t, 4, func(i int) Backend {
+		switch i {
+		case 1:
+			return ok
+		case 2:
+			return failing
+		}
+		return &fakeBackend{img: img}
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	const id = "0b4b5e5a-3f8e-4a39-9d41-5f2d4f1b7c10"
+
+	var reports atomic.Int64
+	start := time.Now()
+	m, name, err := peers[0].AskGlanceRegister(ctx, peers[1].ID(), id, 3*time.Second, func(done, total int64) { reports.Add(1) })
+	if err != nil || m != img.id || name != "glance-file:abc" {
+		t.Fatalf("AskGlanceRegister: %v %q %v, want %v glance-file:abc", m, name, err, img.id)
+	}
+	if took := time.Since(start); took < 5*time.Second || reports.Load() < 2 {
+		t.Errorf("answered after %v with %d progress reports, want >= 5s and >= 2 reports", took, reports.Load())
+	}
+	if from, _ := ok.from.Load().(peer.ID); from != peers[0].ID() {
+		t.Errorf("the backend was told the request came from %s, want %s", from, peers[0].ID())
+	}
+
+	if _, _, err := peers[0].AskGlanceRegister(ctx, peers[2].ID(), id, 3*time.Second, nil); err == nil || !strings.Contains(err.Error(), "check origin.glance.token") {
+		t.Errorf("failing registrar: %v, want its error", err)
+	}
+	if _, _, err := peers[0].AskGlanceRegister(ctx, peers[3].ID(), id, 3*time.Second, nil); !errors.Is(err, ErrGlanceRegisterOff) {
+		t.Errorf("peer without a GlanceBackend: %v, want ErrGlanceRegisterOff", err)
+	}
+	calls := ok.calls.Load()
+	for _, bad := range []string{"", "a/b", strings.Repeat("x", MaxGlanceIDLen+1), "a b", "\xff"} {
+		if _, _, err := peers[0].AskGlanceRegister(ctx, peers[1].ID(), bad, time.Second, nil); err == nil {
+			t.Errorf("glance id %q accepted", bad)
+		}
+	}
+	if ok.calls.Load() != calls {
+		t.Error("a bad glance id reached the backend")
+	}
+
+	// A registrar that answers an unknown frame is marked bad.
+	peers[2].host.SetStreamHandler(ProtocolGlanceRegister, func(s network.Stream) {
+		s.Write(appendFrame(nil, []byte{0x7f, 1, 2}))
+		s.Close()
+	})
+	if _, _, err := peers[0].AskGlanceRegister(ctx, peers[2].ID(), id, 3*time.Second, nil); !errors.Is(err, errProtocol) {
+		t.Errorf("garbage answer: %v, want a protocol error", err)
+	}
+	if !peers[0].Bad(peers[2].ID()) {
+		t.Error("a registrar that sent garbage was not marked bad")
+	}
+	if _, _, err := peers[0].AskGlanceRegister(ctx, peers[2].ID(), id, 3*time.Second, nil); err == nil {
+		t.Error("a bad peer was asked again")
+	}
+}
+
+// TestGlanceRegisterBadRequest: an oversized request frame is reset without
+// reaching the backend.
+func TestGlanceRegisterBadRequest(t *testing.T) {
+	t.Parallel()
+	img := newTestImage(t, 1, 1024, 8)
+	b := &glanceBackend{fakeBackend: &fakeBackend{img: img}, manifest: img.id, name: "x"}
+	peers, _ := mockCluster(t, 2, func(i int) Backend { return b })
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	s, err := peers[0].host.NewStream(ctx, peers[1].ID(), ProtocolGlanceRegister)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Reset()
+	big := make([]byte, maxGlanceRegFrame+1)
+	big[0] = glanceRegRequest
+	s.Write(appendFrame(nil, big))
+	s.CloseWrite()
+	s.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var buf [16]byte
+	if n, err := s.Read(buf[:]); err == nil || n > 0 {
+		t.Errorf("oversized request answered: %d bytes, %v", n, err)
+	}
+	if b.calls.Load() != 0 {
+		t.Error("an oversized request reached the backend")
+	}
+}
