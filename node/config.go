@@ -68,9 +68,10 @@ type Config struct {
 	// glancemirror), e.g. 127.0.0.1:9293; empty: off. It needs
 	// Origin.GlanceURL: every download is authorized by that Glance.
 	GlanceListen string
-	// GlanceRegisterWait bounds how long a node waits for the cluster's
-	// registrar to register an image no node knew before registering it
-	// itself. Default DefaultGlanceRegisterWait.
+	// GlanceRegisterWait bounds how long a node that asked the cluster's
+	// registrar to register an image no node knew waits for an answer or
+	// progress from it (the registrar reports progress every few seconds)
+	// before registering the image itself. Default DefaultGlanceRegisterWait.
 	GlanceRegisterWait time.Duration
 	// OriginTimeout bounds one chunk fetch from an origin, retries included; a
 	// read that needs the chunk fails (EIO) when it runs out. Asking the peers

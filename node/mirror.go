@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
@@ -21,19 +22,36 @@ import (
 )
 
 // DefaultGlanceRegisterWait is the default of Config.GlanceRegisterWait.
-const DefaultGlanceRegisterWait = 2 * time.Minute
+const DefaultGlanceRegisterWait = 30 * time.Second
+
+// FileViewPrefix starts the name under which the Glance mirror registers an
+// image's original file bytes when the image is a container (qcow2, vmdk,
+// vhdx, vdi, vpc): "glance-file:<glance image id>". The image's own name, the
+// Glance ID, stays free for its guest view (image add glance://ID, exported
+// raw over NBD). Glance IDs are UUIDs, which never contain ':', so the
+// prefix cannot clash with one; do not name images glance-file:... by hand.
+const FileViewPrefix = "glance-file:"
+
+// fileViewName is the name of Glance image id's file view.
+func fileViewName(id string) string { return FileViewPrefix + id }
 
 // mirrorImages implements glancemirror.Images over the node: images come
 // from the read path (local store, peers, origin through the designated
 // fetcher); an image no node knows is registered by streaming it from Glance
 // once, into the store and to the client at the same time.
 //
+// The mirror serves Glance's original bytes: an image this node holds only as
+// its guest view (a qcow2 added with --format auto, exported raw) is not
+// served as it is: its file view is registered (streamed from Glance once,
+// under fileViewName) and served from then on, here and on every node.
+//
 // In a cluster, one node registers an unknown image for everyone: the
 // registrar, the rendezvous choice (p2p.Designated) over this node and its
-// connected peers for the Glance ID. Another node asked for it waits (at most
-// Config.GlanceRegisterWait) until the registrar's registration reaches it
-// through the catalog or the DHT, then streams it through the read path; only
-// if that does not happen does it register the image itself.
+// connected peers for the Glance ID. Another node asked for it asks the
+// registrar to register it now (p2p.ProtocolGlanceRegister) and, once it
+// answers, streams the image through the read path; when the registrar
+// cannot be asked, fails, or reports no progress for
+// Config.GlanceRegisterWait, the node registers the image itself.
 type mirrorImages struct {
 	n *Node
 
@@ -43,26 +61,65 @@ type mirrorImages struct {
 
 // mirrorReg is one registration under way on this node.
 type mirrorReg struct {
-	done chan struct{}
-	err  error // set before done is closed
+	done       chan struct{}
+	read, size atomic.Int64 // bytes read from Glance so far, of size
+	// Set before done is closed.
+	manifest chunkstore.ID
+	name     string
+	err      error
 }
 
 func newMirrorImages(n *Node) *mirrorImages {
 	return &mirrorImages{n: n, regs: map[string]*mirrorReg{}}
 }
 
-// lookup finds the image registered here for meta.ID, asking the cluster
-// when pull is set.
+// isView reports whether m is a guest view (not the origin's file bytes).
+func isView(m *chunkstore.Manifest) bool { return m.Container != "" }
+
+// localFile finds the image registered on this node for Glance image id
+// that holds its file bytes: the file view, or the image named id when it
+// is no guest view.
+func (mi *mirrorImages) localFile(ctx context.Context, id string) (chunkstore.ID, string, error) {
+	st := mi.n.store
+	if m, err := st.Resolve(ctx, fileViewName(id)); err == nil {
+		return m, fileViewName(id), nil
+	} else if !errors.Is(err, chunkstore.ErrNotFound) {
+		return chunkstore.ID{}, "", err
+	}
+	m, err := mi.n.resolvePlace(ctx, id)
+	if err != nil {
+		return chunkstore.ID{}, "", err
+	}
+	img, err := mi.n.image(ctx, m)
+	if err != nil {
+		return chunkstore.ID{}, "", err
+	}
+	if isView(img.m) {
+		return chunkstore.ID{}, "", fmt.Errorf("glance image %s is here only as its %s guest view: %w", id, img.m.Container, chunkstore.ErrNotFound)
+	}
+	return m, id, nil
+}
+
+// lookup finds the image registered here for meta.ID that holds its file
+// bytes, asking the cluster when pull is set.
 func (mi *mirrorImages) lookup(ctx context.Context, meta glancemirror.Meta, pull bool) (chunkstore.ID, error) {
 	n := mi.n
-	id, err := n.resolvePlace(ctx, meta.ID)
+	id, _, err := mi.localFile(ctx, meta.ID)
 	if errors.Is(err, chunkstore.ErrNotFound) && pull && n.cl != nil {
-		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, perr := n.PullImage(pctx, meta.ID)
-		cancel()
-		if perr == nil {
-			id, err = n.resolvePlace(ctx, meta.ID)
+		// The name the mirror registers such an image under first.
+		names := []string{meta.ID, fileViewName(meta.ID)}
+		if origin.ContainerOf(meta.DiskFormat) != "" {
+			names[0], names[1] = names[1], names[0]
 		}
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		for _, name := range names {
+			if _, perr := n.PullImage(pctx, name); perr == nil {
+				if id, _, err = mi.localFile(ctx, meta.ID); err == nil {
+					break
+				}
+			}
+		}
+		cancel()
 	}
 	if errors.Is(err, chunkstore.ErrNotFound) {
 		return id, fmt.Errorf("glance image %s: %w", meta.ID, glancemirror.ErrUnknown)
@@ -85,8 +142,11 @@ func (mi *mirrorImages) open(ctx context.Context, meta glancemirror.Meta, id chu
 		return nil, err
 	}
 	m := img.m
+	if isView(m) {
+		return nil, fmt.Errorf("hoard's image %s (manifest %s) is the %s guest view, not the original file; download it again to register its file view", meta.ID, id, m.Container)
+	}
 	if meta.Size != nil && m.Size != *meta.Size {
-		return nil, fmt.Errorf("hoard's image %s (manifest %s) is %d bytes, Glance's original is %d: it is not the original file (a guest view?); remove it with hoard image rm %s",
+		return nil, fmt.Errorf("hoard's image %s (manifest %s) is %d bytes, Glance's original is %d: it is not the original file; remove it with hoard image rm %s",
 			meta.ID, id, m.Size, *meta.Size, meta.ID)
 	}
 	if want := glanceChecksums(meta); m.Source.Checksum != "" && len(want) > 0 && !want[strings.ToLower(m.Source.Checksum)] {
@@ -95,7 +155,10 @@ func (mi *mirrorImages) open(ctx context.Context, meta glancemirror.Meta, id chu
 	}
 	x := &export{n: mi.n, img: img, name: meta.ID}
 	x.next.Store(-1)
-	return mirrorImage{x}, nil
+	// Like an open export, a download keeps the image's chunks out of
+	// eviction until it is closed.
+	mi.n.live.add(m)
+	return &mirrorImage{x: x}, nil
 }
 
 // glanceChecksums are the checksums an import of meta's image records.
@@ -111,34 +174,57 @@ func glanceChecksums(meta glancemirror.Meta) map[string]bool {
 }
 
 // mirrorImage reads an image through the read path. It does not attach an
-// export: a download is no boot, so it records no profile.
-type mirrorImage struct{ x *export }
+// export: a download is no boot, so it records no profile; but it holds the
+// image's chunks out of eviction (the live set) until Close.
+type mirrorImage struct {
+	x      *export
+	closed sync.Once
+}
 
-func (m mirrorImage) Size() int64 { return m.x.img.m.Size }
+func (m *mirrorImage) Size() int64 { return m.x.img.m.Size }
 
-func (m mirrorImage) ReadAt(ctx context.Context, p []byte, off int64) error {
+func (m *mirrorImage) ReadAt(ctx context.Context, p []byte, off int64) error {
 	m.x.img.touch()
 	return m.x.ReadAt(ctx, p, off)
 }
 
-func (m mirrorImage) Close() error { return nil }
+func (m *mirrorImage) Close() error {
+	m.closed.Do(func() { m.x.n.live.remove(m.x.img.m) })
+	return nil
+}
+
+// imageReadCloser reads an image from its start and closes it.
+type imageReadCloser struct {
+	io.Reader
+	img glancemirror.Image
+}
+
+func (r imageReadCloser) Close() error { return r.img.Close() }
+
+func (mi *mirrorImages) reader(ctx context.Context, meta glancemirror.Meta, id chunkstore.ID) (io.ReadCloser, error) {
+	img, err := mi.open(ctx, meta, id)
+	if err != nil {
+		return nil, err
+	}
+	return imageReadCloser{Reader: glancemirror.NewReader(ctx, img), img: img}, nil
+}
 
 // Register implements glancemirror.Images.
 func (mi *mirrorImages) Register(ctx context.Context, meta glancemirror.Meta) (io.ReadCloser, error) {
 	n := mi.n
 	if n.cl != nil {
 		if reg, self := mi.registrar(meta.ID); !self {
-			rc, err := mi.await(ctx, meta, reg)
+			rc, err := mi.viaRegistrar(ctx, meta, reg)
 			if err == nil {
 				return rc, nil
 			}
 			if ctx.Err() != nil {
 				return nil, err
 			}
-			n.log.Info("glance mirror: the registrar did not register the image in time; registering it here", "glance_image", meta.ID, "registrar", reg, "err", err)
+			n.log.Info("glance mirror: the registrar did not register the image; registering it here", "glance_image", meta.ID, "registrar", reg, "err", err)
 		}
 	}
-	return mi.register(ctx, meta)
+	return mi.registerHere(ctx, meta)
 }
 
 // registrar returns the node that registers Glance image id for the
@@ -159,114 +245,198 @@ func (mi *mirrorImages) registrar(id string) (peer.ID, bool) {
 	return d, d == self
 }
 
-// await waits for the registrar's registration to reach this node and
-// streams the image through the read path.
-func (mi *mirrorImages) await(ctx context.Context, meta glancemirror.Meta, reg peer.ID) (io.ReadCloser, error) {
-	wait := mi.n.cfg.GlanceRegisterWait
-	wctx, cancel := context.WithTimeout(ctx, wait)
-	defer cancel()
-	mi.n.log.Info("glance mirror: waiting for the registrar to register the image", "glance_image", meta.ID, "registrar", reg, "max_wait", wait)
+// viaRegistrar asks the registrar to register the image now, registers its
+// manifest here and streams the image through the read path.
+func (mi *mirrorImages) viaRegistrar(ctx context.Context, meta glancemirror.Meta, reg peer.ID) (io.ReadCloser, error) {
+	n := mi.n
+	p := n.cl.Peer()
+	wait := n.cfg.GlanceRegisterWait
+	start := time.Now()
+	n.log.Info("glance mirror: asking the registrar to register the image", "glance_image", meta.ID, "registrar", reg)
+	m, name, err := p.AskGlanceRegister(ctx, reg, meta.ID, wait, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := mi.adopt(ctx, reg, m, name); err != nil {
+		return nil, err
+	}
+	n.log.Info("glance mirror: the registrar registered the image", "glance_image", meta.ID, "registrar", reg,
+		"name", name, "manifest", m, "waited", time.Since(start).Round(time.Millisecond))
+	return mi.reader(ctx, meta, m)
+}
+
+// adopt registers here, as name, manifest m that peer from holds.
+func (mi *mirrorImages) adopt(ctx context.Context, from peer.ID, m chunkstore.ID, name string) error {
+	n := mi.n
+	st := n.store
+	if _, err := st.GetManifestBytes(ctx, m); err != nil {
+		mctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		enc, err := n.cl.Peer().Manifest(mctx, from, m)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("manifest %s of the registered image from %s: %w", m, from, err)
+		}
+		dm, err := chunkstore.DecodeManifest(enc)
+		if err != nil {
+			return fmt.Errorf("manifest %s from %s: %w", m, from, err)
+		}
+		got, err := st.PutManifest(ctx, dm)
+		if err != nil {
+			return err
+		}
+		if got != m {
+			return fmt.Errorf("manifest from %s re-encodes to %s, want %s", from, got, m)
+		}
+	}
+	if err := st.SetName(ctx, name, m); err != nil {
+		if !errors.Is(err, chunkstore.ErrExists) {
+			return err
+		}
+		// The name is another image's here: the download reads this
+		// manifest all the same.
+		n.log.Warn("glance mirror: the registered image's name points at another image here", "name", name, "manifest", m, "err", err)
+		return nil
+	}
+	n.advertiseLater(name, m)
+	return nil
+}
+
+// registerHere registers the image on this node, streaming it to the
+// caller as it arrives from Glance; when a registration of it is already
+// under way here, it waits for it and reads the registered image.
+func (mi *mirrorImages) registerHere(ctx context.Context, meta glancemirror.Meta) (io.ReadCloser, error) {
+	r, pr, err := mi.start(ctx, meta, true)
+	if err != nil {
+		return nil, err
+	}
+	if pr != nil {
+		return pr, nil
+	}
+	select {
+	case <-r.done:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if r.err != nil {
+		return nil, r.err
+	}
+	return mi.reader(ctx, meta, r.manifest)
+}
+
+// RegisterGlance registers Glance image id for a peer that asked
+// (p2p.GlanceBackend): it finds the image's file bytes here, or joins or
+// starts this node's registration, and waits for it.
+func (mi *mirrorImages) RegisterGlance(ctx context.Context, from peer.ID, id string, progress func(done, total int64)) (chunkstore.ID, string, error) {
+	if m, name, err := mi.localFile(ctx, id); err == nil {
+		return m, name, nil
+	}
+	mi.n.log.Info("glance mirror: a peer asks this node to register the image", "glance_image", id, "peer_id", from)
+	r, _, err := mi.start(ctx, glancemirror.Meta{ID: id}, false)
+	if err != nil {
+		return chunkstore.ID{}, "", err
+	}
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
-	for i := 0; ; i++ {
-		// Locally first (the catalog registers it); the DHT now and then.
-		id, err := mi.lookup(wctx, meta, i%4 == 3)
-		if err == nil {
-			img, err := mi.open(ctx, meta, id)
-			if err != nil {
-				return nil, err
-			}
-			return io.NopCloser(glancemirror.NewReader(ctx, img)), nil
-		}
-		if !errors.Is(err, glancemirror.ErrUnknown) {
-			return nil, err
-		}
+	for {
 		select {
-		case <-wctx.Done():
-			return nil, fmt.Errorf("glance image %s: no registration from %s within %v: %w", meta.ID, reg, wait, wctx.Err())
+		case <-r.done:
+			return r.manifest, r.name, r.err
+		case <-ctx.Done():
+			return chunkstore.ID{}, "", ctx.Err()
 		case <-tick.C:
+			progress(r.read.Load(), r.size.Load())
 		}
 	}
 }
 
-// register streams the image from Glance (hoard's credentials) into the
-// store, teeing the bytes to the returned reader; a second download of the
-// same image on this node waits for the first registration and then reads
-// the registered image.
-func (mi *mirrorImages) register(ctx context.Context, meta glancemirror.Meta) (io.ReadCloser, error) {
+// RegisterGlance implements p2p.GlanceBackend.
+func (b backend) RegisterGlance(ctx context.Context, from peer.ID, id string, progress func(done, total int64)) (chunkstore.ID, string, error) {
+	if err := b.wait(ctx); err != nil {
+		return chunkstore.ID{}, "", err
+	}
+	return b.n.mirror.RegisterGlance(ctx, from, id, progress)
+}
+
+// start joins this node's registration of meta.ID under way, or starts one:
+// the image streamed from Glance with hoard's credentials into the store,
+// as its file bytes. A registration started here with tee set also streams
+// the bytes to the returned reader (nil when the registration was joined).
+func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee bool) (*mirrorReg, *io.PipeReader, error) {
 	n := mi.n
 	mi.mu.Lock()
 	if r := mi.regs[meta.ID]; r != nil {
 		mi.mu.Unlock()
-		select {
-		case <-r.done:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-		if r.err != nil {
-			return nil, r.err
-		}
-		id, err := mi.lookup(ctx, meta, false)
-		if err != nil {
-			return nil, err
-		}
-		img, err := mi.open(ctx, meta, id)
-		if err != nil {
-			return nil, err
-		}
-		return io.NopCloser(glancemirror.NewReader(ctx, img)), nil
+		return r, nil, nil
 	}
 	r := &mirrorReg{done: make(chan struct{})}
 	mi.regs[meta.ID] = r
 	mi.mu.Unlock()
-	finish := func(err error) {
+	finish := func(m chunkstore.ID, name string, err error) {
 		mi.mu.Lock()
 		delete(mi.regs, meta.ID)
 		mi.mu.Unlock()
-		r.err = err
+		r.manifest, r.name, r.err = m, name, err
 		close(r.done)
 	}
-
-	runCtx := n.runCtx
+	fail := func(err error) (*mirrorReg, *io.PipeReader, error) {
+		finish(chunkstore.ID{}, "", err)
+		return nil, nil, err
+	}
+	if n.cfg.Origin.GlanceURL == "" {
+		return fail(fmt.Errorf("glance image %s: this node has no Glance endpoint to register it from; set origin.glance.url", meta.ID))
+	}
 	src, err := origin.Open(ctx, "glance://"+meta.ID, n.cfg.Origin)
 	if err != nil {
-		err = fmt.Errorf("open glance://%s with hoard's Glance credentials (origin.glance.token, origin.glance.headers): %w", meta.ID, err)
-		finish(err)
-		return nil, err
+		return fail(fmt.Errorf("open glance://%s with hoard's Glance credentials (origin.glance.token, origin.glance.headers): %w", meta.ID, err))
 	}
 	if meta.Size != nil && src.Size() != *meta.Size {
 		src.Close()
-		err := fmt.Errorf("glance image %s: %d bytes to hoard's credentials, %d to the caller's", meta.ID, src.Size(), *meta.Size)
-		finish(err)
-		return nil, err
+		return fail(fmt.Errorf("glance image %s: %d bytes to hoard's credentials, %d to the caller's", meta.ID, src.Size(), *meta.Size))
 	}
-	pr, pw := io.Pipe()
+	name := meta.ID
+	if f, ok := src.(origin.Formatter); ok && origin.ContainerOf(f.Format()) != "" {
+		name = fileViewName(meta.ID)
+	} else if _, err := n.store.Resolve(ctx, meta.ID); err == nil {
+		name = fileViewName(meta.ID) // the ID names the guest view
+	}
+	r.size.Store(src.Size())
+	var pr *io.PipeReader
+	var pw *io.PipeWriter
+	if tee {
+		pr, pw = io.Pipe()
+	}
 	ts := &teeSource{Source: src, w: pw}
+	runCtx := n.runCtx
 	n.bg.Add(1)
 	go func() {
 		defer n.bg.Done()
 		defer src.Close()
 		start := time.Now()
-		// The mirror serves the original bytes: a qcow2 stays a file, not its guest view.
-		res, err := importer.Import(runCtx, n.store, ts, importer.Options{Name: meta.ID, Format: importer.FormatRaw})
+		// The file bytes: a qcow2 stays a file, not its guest view.
+		res, err := importer.Import(runCtx, n.store, ts, importer.Options{Name: name, Format: importer.FormatRaw,
+			Progress: func(done, _ int64) { r.read.Store(done) }})
+		var m chunkstore.ID
 		if errors.Is(err, chunkstore.ErrExists) {
 			// Registered meanwhile (by the catalog): the stream was read
 			// and verified to its end all the same.
-			err = nil
+			m, err = n.store.Resolve(runCtx, name)
 		} else if err == nil {
+			m = res.Manifest
 			n.advertiseLater(res.Name, res.Manifest)
 			n.announce(runCtx, res.Manifest)
-			n.log.Info("glance mirror: image registered", "glance_image", meta.ID, "manifest", res.Manifest, "size", res.Size,
+			n.log.Info("glance mirror: image registered", "glance_image", meta.ID, "name", name, "manifest", res.Manifest, "size", res.Size,
 				"new_chunks", res.NewChunks, "took", time.Since(start).Round(time.Millisecond))
 		}
 		if err != nil {
 			n.log.Warn("glance mirror: registering the image failed; nothing was registered", "glance_image", meta.ID, "err", err)
 			err = fmt.Errorf("register glance image %s: %w", meta.ID, err)
 		}
-		pw.CloseWithError(err)
-		finish(err)
+		if pw != nil {
+			pw.CloseWithError(err)
+		}
+		finish(m, name, err)
 	}()
-	return pr, nil
+	return r, pr, nil
 }
 
 // teeSource is an origin.Source whose stream also goes to w, as long as w
@@ -285,8 +455,8 @@ func (t *teeSource) Format() string {
 
 func (t *teeSource) Stream(ctx context.Context) (io.ReadCloser, error) {
 	rc, err := t.Source.Stream(ctx)
-	if err != nil {
-		return nil, err
+	if err != nil || t.w == nil {
+		return rc, err
 	}
 	return &teeReader{rc: rc, w: t.w}, nil
 }
@@ -311,7 +481,7 @@ func (t *teeReader) Close() error { return t.rc.Close() }
 
 // serveGlanceMirror serves the Glance mirror on ln under g until ctx ends.
 func (n *Node) serveGlanceMirror(ctx context.Context, g *errgroup.Group, ln net.Listener) error {
-	h, err := glancemirror.New(glancemirror.Config{GlanceURL: n.cfg.Origin.GlanceURL, Images: newMirrorImages(n),
+	h, err := glancemirror.New(glancemirror.Config{GlanceURL: n.cfg.Origin.GlanceURL, Images: n.mirror,
 		Log: n.baseLog.With("component", "glancemirror")})
 	if err != nil {
 		return err

@@ -23,9 +23,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
+	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/origin"
 	"github.com/hoardvm/hoard/node/origin/glancetest"
+	"github.com/hoardvm/hoard/p2p"
+	"github.com/libp2p/go-libp2p/core/peer"
 )
 
 // glanceCounter is a proxy in front of Glance that counts the image bytes
@@ -253,6 +257,12 @@ func TestGlanceMirrorRealGlance(t *testing.T) {
 // support; it counts the file bytes it sends.
 func fakeGlanceServer(t *testing.T, id string, data []byte, md5hex, sha512hex string) (*atomic.Int64, string) {
 	t.Helper()
+	return fakeGlanceServerFormat(t, id, data, md5hex, sha512hex, "raw")
+}
+
+// fakeGlanceServerFormat is fakeGlanceServer with the image's disk_format.
+func fakeGlanceServerFormat(t *testing.T, id string, data []byte, md5hex, sha512hex, diskFormat string) (*atomic.Int64, string) {
+	t.Helper()
 	var sent atomic.Int64
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("X-Project-Id") != "a" {
@@ -261,7 +271,7 @@ func fakeGlanceServer(t *testing.T, id string, data []byte, md5hex, sha512hex st
 		}
 		switch r.URL.Path {
 		case "/v2/images/" + id:
-			json.NewEncoder(w).Encode(map[string]any{"id": id, "status": "active", "size": len(data), "disk_format": "raw",
+			json.NewEncoder(w).Encode(map[string]any{"id": id, "status": "active", "size": len(data), "disk_format": diskFormat,
 				"checksum": md5hex, "os_hash_algo": "sha512", "os_hash_value": sha512hex})
 		case "/v2/images/" + id + "/file":
 			cw := &glanceCountingWriter{ResponseWriter: w, n: &sent}
@@ -346,3 +356,136 @@ func TestGlanceMirrorStandalone(t *testing.T) {
 
 func md5Hex(b []byte) string    { s := md5.Sum(b); return hex.EncodeToString(s[:]) }
 func sha512Hex(b []byte) string { s := sha512.Sum512(b); return hex.EncodeToString(s[:]) }
+
+// registrarOf is the node the cluster's rendezvous makes the registrar of
+// Glance image id (as node/mirror.go chooses it, over all of nodes).
+func registrarOf(nodes []*testNode, id string) int {
+	ids := make([]peer.ID, len(nodes))
+	for i, tn := range nodes {
+		ids[i] = tn.P2P().ID()
+	}
+	d := p2p.Designated(chunkstore.Sum([]byte("hoard glance mirror registrar "+id)), ids)
+	for i, pid := range ids {
+		if pid == d {
+			return i
+		}
+	}
+	return -1
+}
+
+// waitConnected waits until tn is connected to every other of n nodes.
+func waitConnected(t *testing.T, tn *testNode, n int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		k := 0
+		for _, pi := range tn.P2P().Peers() {
+			if pi.Connected {
+				k++
+			}
+		}
+		if k >= n-1 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node connected to %d of %d peers after 30s", k, n-1)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestGlanceMirrorNonRegistrar: in a 4-node cluster, one download of an
+// image no node knows, asked of a node that is not its registrar, completes
+// in seconds (the node asks the registrar to register it now rather than
+// waiting for the registration to reach it), Glance serves it about once,
+// and the registrar holds the image.
+func TestGlanceMirrorNonRegistrar(t *testing.T) {
+	t.Parallel()
+	const id = "22222222-0000-4000-8000-00000000000c"
+	data := writeImage(t, filepath.Join(t.TempDir(), "img.raw"), 12<<20+99, 9)
+	sent, glanceURL := fakeGlanceServer(t, id, data, md5Hex(data), sha512Hex(data))
+	nodes := startMockCluster(t, 4, func(i int, c *node.Config) {
+		c.GlanceListen = "127.0.0.1:0"
+		c.GlanceRegisterWait = 90 * time.Second // a bound only: the ask answers long before
+		c.Origin = origin.Config{GlanceURL: glanceURL, GlanceHeaders: map[string]string{"X-Project-Id": "a"}}
+	})
+	reg := registrarOf(nodes, id)
+	asked := (reg + 1) % len(nodes)
+	waitConnected(t, nodes[asked], len(nodes))
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	st, body, hdr, err := mirrorGet(ctx, nodes[asked].GlanceAddr().String(), "/v2/images/"+id+"/file", map[string]string{"X-Project-Id": "a"})
+	took := time.Since(start)
+	if err != nil || st != 200 || !bytes.Equal(body, data) || hdr.Get("Content-MD5") != md5Hex(data) {
+		t.Fatalf("download from node %d (registrar %d): HTTP %d, %d bytes, %v: %.200s", asked, reg, st, len(body), err, body)
+	}
+	t.Logf("download of %d bytes from a non-registrar node took %v; Glance sent %d bytes (%.2fx)", len(data), took.Round(time.Millisecond), sent.Load(), float64(sent.Load())/float64(len(data)))
+	if took > 20*time.Second {
+		t.Errorf("the download took %v, want seconds: the node waited instead of asking the registrar", took)
+	}
+	if got := sent.Load(); got > int64(len(data))*5/4 {
+		t.Errorf("Glance sent %d bytes for one %d-byte image, want about once", got, len(data))
+	}
+	if _, err := nodes[reg].Store().Resolve(ctx, id); err != nil {
+		t.Errorf("the registrar did not register the image: %v", err)
+	}
+}
+
+// TestGlanceMirrorGuestView: a compressed qcow2 added as its guest view
+// (--format auto, exported raw) is served by the mirror as Glance's file: the
+// first download registers its file view (glance-file:ID) from one stream
+// from Glance, the bytes are the qcow2 file's and match its md5; the guest
+// view stays the image's export; another node serves the file view with no
+// Glance read.
+func TestGlanceMirrorGuestView(t *testing.T) {
+	t.Parallel()
+	const id = "33333333-0000-4000-8000-00000000000d"
+	_, _, qcow := guestImages(t, 16<<20)
+	sent, glanceURL := fakeGlanceServerFormat(t, id, qcow, md5Hex(qcow), sha512Hex(qcow), "qcow2")
+	nodes := startMockCluster(t, 2, func(i int, c *node.Config) {
+		c.GlanceListen = "127.0.0.1:0"
+		c.Origin = origin.Config{GlanceURL: glanceURL, GlanceHeaders: map[string]string{"X-Project-Id": "a"}}
+	})
+	waitConnected(t, nodes[0], len(nodes))
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	res, err := nodes[0].AddImage(ctx, api.ImportRequest{Source: "glance://" + id, Name: id, Format: "auto"}, nil)
+	if err != nil || res.Container != chunkstore.ContainerQcow2 {
+		t.Fatalf("add glance://%s as its guest view: %+v, %v", id, res, err)
+	}
+	afterAdd := sent.Load()
+	hdr := map[string]string{"X-Project-Id": "a"}
+	path := "/v2/images/" + id + "/file"
+	st, body, h, err := mirrorGet(ctx, nodes[0].GlanceAddr().String(), path, hdr)
+	if err != nil || st != 200 || !bytes.Equal(body, qcow) || h.Get("Content-MD5") != md5Hex(qcow) || md5Hex(body) != md5Hex(qcow) {
+		t.Fatalf("mirror download of a guest-view image: HTTP %d, %d bytes (qcow2 file %d), Content-MD5 %q, %v: %.200s", st, len(body), len(qcow), h.Get("Content-MD5"), err, body)
+	}
+	first := sent.Load() - afterAdd
+	t.Logf("first mirror download of a %d-byte qcow2 held as its guest view: Glance sent %d bytes (%.2fx)", len(qcow), first, float64(first)/float64(len(qcow)))
+	if first > int64(len(qcow))*5/4 {
+		t.Errorf("the file view's registration read %d bytes from Glance, want the file about once (%d)", first, len(qcow))
+	}
+	var fileNodes int
+	for _, tn := range nodes {
+		if _, err := tn.Store().Resolve(ctx, node.FileViewPrefix+id); err == nil {
+			fileNodes++
+		}
+	}
+	if fileNodes == 0 {
+		t.Errorf("no node registered the file view %s%s", node.FileViewPrefix, id)
+	}
+	d, err := nodes[0].client.Image(ctx, id, false)
+	if err != nil || d.Container != "qcow2" {
+		t.Errorf("image %s after the download: %+v, %v; want still the qcow2 guest view", id, d, err)
+	}
+	for i, tn := range nodes {
+		st, body, _, err := mirrorGet(ctx, tn.GlanceAddr().String(), path, hdr)
+		if err != nil || st != 200 || !bytes.Equal(body, qcow) {
+			t.Errorf("node %d: second download: HTTP %d, %d bytes, %v: %.200s", i, st, len(body), err, body)
+		}
+	}
+	if more := sent.Load() - afterAdd - first; more != 0 {
+		t.Errorf("downloads of the registered file view made Glance send %d more bytes, want 0", more)
+	}
+}

@@ -88,7 +88,8 @@ type Node struct {
 	wsChanged chan struct{}    // the catalog changed: refreshWorkingSets runs
 
 	live     liveSet
-	evict    *evictor // the store's eviction policy (Config.Eviction); set by Run
+	mirror   *mirrorImages // the Glance mirror's images (also the registrar for peers)
+	evict    *evictor      // the store's eviction policy (Config.Eviction); set by Run
 	stats    stats
 	handlers inflight // admin API requests being served
 	fetches  inflight // chunk fetches (peers, origin) under way
@@ -197,6 +198,7 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		handlers:   inflight{what: "admin API requests"},
 		fetches:    inflight{what: "chunk fetches"},
 	}
+	n.mirror = newMirrorImages(n)
 	n.reg, n.gatherer = cfg.Registerer, cfg.Gatherer
 	if n.reg == nil {
 		r := prometheus.NewRegistry()
