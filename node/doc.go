@@ -79,7 +79,8 @@
 //
 // # Live exports and eviction
 //
-// While an export of an image is open, its chunks are never evicted. Rather
+// While an export of an image is open, or a Glance mirror download reads
+// it, its chunks are never evicted. Rather
 // than writing a pin per chunk to the index on every attach (and leaving stale
 // pins behind after a crash), the node wraps the store's eviction policy and
 // filters out the chunks of images with an open export, from an in-memory

@@ -489,3 +489,60 @@ func TestGlanceMirrorGuestView(t *testing.T) {
 		t.Errorf("downloads of the registered file view made Glance send %d more bytes, want 0", more)
 	}
 }
+
+// TestGlanceMirrorDownloadHoldsChunks: a download in progress keeps its
+// image's chunks out of eviction, as an open export does: with a small
+// quota, a memory cache and hot tier off, and Glance refusing the file from
+// then on, another image added mid-download does not evict the chunks the
+// download still has to serve; it completes with the right bytes.
+func TestGlanceMirrorDownloadHoldsChunks(t *testing.T) {
+	t.Parallel()
+	const id = "44444444-0000-4000-8000-00000000000e"
+	dir := t.TempDir()
+	data := writeImage(t, filepath.Join(dir, "a.raw"), 32<<20, 11)
+	otherPath := filepath.Join(dir, "b.raw")
+	writeImage(t, otherPath, 32<<20, 12)
+	_, fakeURL := fakeGlanceServer(t, id, data, md5Hex(data), sha512Hex(data))
+	u, _ := url.Parse(fakeURL)
+	var fileOff atomic.Bool
+	rp := httputil.NewSingleHostReverseProxy(u)
+	gate := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if fileOff.Load() && strings.HasSuffix(r.URL.Path, "/file") {
+			http.Error(w, "file service off for the test", http.StatusServiceUnavailable)
+			return
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(gate.Close)
+	tn := startNode(t, node.Config{GlanceListen: "127.0.0.1:0", StoreQuota: 40 << 20, MemCache: -1, HotCache: -1, Readahead: -1,
+		Origin: origin.Config{GlanceURL: gate.URL, GlanceHeaders: map[string]string{"X-Project-Id": "a"}}})
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	hdr := map[string]string{"X-Project-Id": "a"}
+	path := "/v2/images/" + id + "/file"
+	if st, body, _, err := mirrorGet(ctx, tn.GlanceAddr().String(), path, hdr); err != nil || st != 200 || !bytes.Equal(body, data) {
+		t.Fatalf("first download (registration): HTTP %d, %d bytes, %v", st, len(body), err)
+	}
+
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+tn.GlanceAddr().String()+path, nil)
+	req.Header.Set("X-Project-Id", "a")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("second download: %v %v", resp, err)
+	}
+	defer resp.Body.Close()
+	got := make([]byte, 1<<20)
+	if _, err := io.ReadFull(resp.Body, got); err != nil {
+		t.Fatalf("second download, first MiB: %v", err)
+	}
+	// The download is under way; Glance can no longer serve what hoard
+	// would evict, and another image presses on the quota.
+	fileOff.Store(true)
+	res, err := tn.AddImage(ctx, api.ImportRequest{Source: otherPath, Name: "other", Format: "raw"}, nil)
+	t.Logf("adding a 32 MiB image under a 40 MiB quota mid-download: %+v, %v", res, err)
+	rest, err := io.ReadAll(resp.Body)
+	got = append(got, rest...)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the download under eviction pressure: %d of %d bytes, identical %v, %v", len(got), len(data), bytes.Equal(got, data), err)
+	}
+}
