@@ -164,6 +164,9 @@ type export struct {
 	// boot costs the origin nothing, deterministically.
 	cold atomic.Bool
 	once sync.Once
+	// mirror is set on a Glance mirror download's reader: it counts the
+	// bytes served by source (mirrorServed).
+	mirror bool
 }
 
 func (x *export) Size() int64 { return x.img.m.Size }
@@ -197,6 +200,7 @@ func (x *export) ReadAt(ctx context.Context, p []byte, off int64) error {
 		if e.Zero {
 			clear(dst)
 			n.stats.zeroBytes.Add(hi - lo)
+			x.mirrorServed(mirrorZero, hi-lo)
 			return nil
 		}
 		b, from, err := n.chunk(ctx, x.img, i, forRead)
@@ -208,6 +212,7 @@ func (x *export) ReadAt(ctx context.Context, p []byte, off int64) error {
 		}
 		copy(dst, b[lo-e.Offset:hi-e.Offset])
 		n.stats.read(from, int(hi-lo))
+		x.mirrorServed(slot(from), hi-lo)
 		return nil
 	}
 	// Zero entries and entries in the hot tier are served here; the rest,
@@ -219,6 +224,7 @@ func (x *export) ReadAt(ctx context.Context, p []byte, off int64) error {
 			lo, hi := max(e.Offset, off), min(e.End(), end)
 			clear(p[lo-off : hi-off])
 			n.stats.zeroBytes.Add(hi - lo)
+			x.mirrorServed(mirrorZero, hi-lo)
 			continue
 		}
 		x.img.record(n, i) // in offset order, before the fetches race
@@ -226,6 +232,7 @@ func (x *export) ReadAt(ctx context.Context, p []byte, off int64) error {
 			lo, hi := max(e.Offset, off), min(e.End(), end)
 			if n.hot.Read(x.img.id, i, p[lo-off:hi-off], lo-e.Offset) {
 				n.stats.read(fromLocal, int(hi-lo))
+				x.mirrorServed(slot(fromLocal), hi-lo)
 				continue
 			}
 		}

@@ -19,6 +19,9 @@ type stats struct {
 	exportsOpen  atomic.Int64
 
 	designatedFallbacks atomic.Int64
+
+	// mirrorBytes: bytes the Glance mirror served, by mirrorSources.
+	mirrorBytes [len(mirrorSources)]atomic.Int64
 }
 
 func slot(from int) int {
@@ -85,6 +88,10 @@ func newMetrics(n *Node) *metrics {
 	}
 	counter("hoard_designated_fallbacks_total", "Chunks whose designated fetcher (another peer) did not deliver in time, so this node went to the origin.",
 		nil, &s.designatedFallbacks)
+	for i, src := range mirrorSources {
+		counter("hoard_glance_mirror_served_bytes_total", "Bytes the Glance mirror served to its clients, by where they came from (local, peer, origin: the read path; zero: holes; glance_stream: streamed from Glance while registering the image).",
+			prometheus.Labels{"source": src}, &s.mirrorBytes[i])
+	}
 	counter("hoard_read_zero_bytes_total", "Bytes of holes (zero runs) served.", nil, &s.zeroBytes)
 	counter("hoard_origin_bytes_total", "Bytes fetched from origins, for reads and prefetches.", nil, &s.originBytes)
 	counter("hoard_prefetch_chunks_total", "Chunks fetched into the store in the background, by reason.",

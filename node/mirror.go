@@ -153,12 +153,29 @@ func (mi *mirrorImages) open(ctx context.Context, meta glancemirror.Meta, id chu
 		return nil, fmt.Errorf("hoard's image %s (manifest %s) was imported with checksum %s, Glance's image has another; remove it with hoard image rm %s",
 			meta.ID, id, m.Source.Checksum, meta.ID)
 	}
-	x := &export{n: mi.n, img: img, name: meta.ID}
+	x := &export{n: mi.n, img: img, name: meta.ID, mirror: true}
 	x.next.Store(-1)
 	// Like an open export, a download keeps the image's chunks out of
 	// eviction until it is closed.
 	mi.n.live.add(m)
 	return &mirrorImage{x: x}, nil
+}
+
+// mirrorSources label hoard_glance_mirror_served_bytes_total: the read
+// path's sources (slot), holes, and the registration stream from Glance.
+var mirrorSources = [...]string{"local", "peer", "origin", "zero", "glance_stream"}
+
+const (
+	mirrorZero   = 3
+	mirrorStream = 4
+)
+
+// mirrorServed counts n bytes a mirror download read from source i of
+// mirrorSources (nothing for an NBD export).
+func (x *export) mirrorServed(i int, n int64) {
+	if x.mirror {
+		x.n.stats.mirrorBytes[i].Add(n)
+	}
 }
 
 // glanceChecksums are the checksums an import of meta's image records.
@@ -310,7 +327,7 @@ func (mi *mirrorImages) registerHere(ctx context.Context, meta glancemirror.Meta
 		return nil, err
 	}
 	if pr != nil {
-		return pr, nil
+		return &streamCounter{PipeReader: pr, n: &mi.n.stats.mirrorBytes[mirrorStream]}, nil
 	}
 	select {
 	case <-r.done:
@@ -439,6 +456,18 @@ func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee b
 	return r, pr, nil
 }
 
+// streamCounter counts the bytes of a registration stream read by a client.
+type streamCounter struct {
+	*io.PipeReader
+	n *atomic.Int64
+}
+
+func (c *streamCounter) Read(p []byte) (int, error) {
+	k, err := c.PipeReader.Read(p)
+	c.n.Add(int64(k))
+	return k, err
+}
+
 // teeSource is an origin.Source whose stream also goes to w, as long as w
 // takes it (a client that went away stops the copy, not the import).
 type teeSource struct {
@@ -482,7 +511,7 @@ func (t *teeReader) Close() error { return t.rc.Close() }
 // serveGlanceMirror serves the Glance mirror on ln under g until ctx ends.
 func (n *Node) serveGlanceMirror(ctx context.Context, g *errgroup.Group, ln net.Listener) error {
 	h, err := glancemirror.New(glancemirror.Config{GlanceURL: n.cfg.Origin.GlanceURL, Images: n.mirror,
-		Log: n.baseLog.With("component", "glancemirror")})
+		Log: n.baseLog.With("component", "glancemirror"), Registerer: n.reg})
 	if err != nil {
 		return err
 	}

@@ -329,6 +329,9 @@ func TestGlanceMirrorStandalone(t *testing.T) {
 				t.Errorf("%s: an image that failed its checksum was registered", tc.id)
 			}
 			t.Logf("checksum mismatch: HTTP %d, %d of %d bytes, err %v; nothing registered", st, len(body), len(data), err)
+			if m := scrapeMetrics(t, tn); m[`hoard_glance_mirror_requests_total{code="aborted",kind="download"}`] != 1 {
+				t.Errorf("a download cut short for its checksum is not counted as aborted: %v", m)
+			}
 			continue
 		}
 		if err != nil || st != 200 || !bytes.Equal(body, data) || hdrs.Get("Content-MD5") != md {
@@ -351,6 +354,23 @@ func TestGlanceMirrorStandalone(t *testing.T) {
 			t.Errorf("the second download and a range made Glance send %d more bytes, want 0", more)
 		}
 		t.Logf("standalone: first download Glance bytes %d (image %d), then 0 for a full download and a range", first, len(data))
+		m := scrapeMetrics(t, tn)
+		src := func(s string) float64 { return m[`hoard_glance_mirror_served_bytes_total{source="`+s+`"}`] }
+		for series, want := range map[string]float64{
+			`hoard_glance_mirror_requests_total{code="200",kind="download"}`:             2,
+			`hoard_glance_mirror_requests_total{code="206",kind="download"}`:             1,
+			`hoard_glance_mirror_authorize_seconds_count{result="allowed"}`:              3,
+			`hoard_glance_mirror_served_bytes_total{source="glance_stream"}`:             float64(len(data)),
+			"read path bytes (local, peer, origin, zero) of a full download and a range": float64(len(data) + 1000000),
+		} {
+			got := m[series]
+			if strings.HasPrefix(series, "read path") {
+				got = src("local") + src("peer") + src("origin") + src("zero")
+			}
+			if got != want {
+				t.Errorf("metric %s = %v, want %v", series, got, want)
+			}
+		}
 	}
 }
 
@@ -545,4 +565,30 @@ func TestGlanceMirrorDownloadHoldsChunks(t *testing.T) {
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("the download under eviction pressure: %d of %d bytes, identical %v, %v", len(got), len(data), bytes.Equal(got, data), err)
 	}
+}
+
+// scrapeMetrics reads tn's /metrics: each series (name{labels}) to its value.
+func scrapeMetrics(t *testing.T, tn *testNode) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + tn.APIAddr().String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		var v float64
+		if _, err := fmt.Sscan(line[i+1:], &v); err == nil {
+			out[line[:i]] = v
+		}
+	}
+	return out
 }

@@ -17,6 +17,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // ErrUnknown is what Images.Open wraps when no node of the cluster holds the
@@ -78,6 +80,9 @@ type Config struct {
 	AuthTimeout time.Duration
 	// Log, default slog.Default().
 	Log *slog.Logger
+	// Registerer, if set, gets the mirror's metrics
+	// (hoard_glance_mirror_requests_total, hoard_glance_mirror_authorize_seconds).
+	Registerer prometheus.Registerer
 }
 
 // Handler is the mirror's http.Handler.
@@ -87,6 +92,7 @@ type Handler struct {
 	client *http.Client
 	authTO time.Duration
 	log    *slog.Logger
+	m      *metrics
 }
 
 // New returns the mirror's handler for c.
@@ -99,7 +105,11 @@ func New(c Config) (*Handler, error) {
 	if c.Images == nil {
 		return nil, errors.New("glance mirror: no Images")
 	}
-	h := &Handler{base: base, images: c.Images, client: c.Client, authTO: c.AuthTimeout, log: c.Log}
+	m, err := newMetrics(c.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("glance mirror: register metrics: %w", err)
+	}
+	h := &Handler{base: base, images: c.Images, client: c.Client, authTO: c.AuthTimeout, log: c.Log, m: m}
 	if h.client == nil {
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.ResponseHeaderTimeout = 30 * time.Second
@@ -115,7 +125,17 @@ func New(c Config) (*Handler, error) {
 }
 
 // ServeHTTP implements http.Handler.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
+	w := &statusWriter{ResponseWriter: rw}
+	kind := "proxy"
+	if _, ok := fileID(r.URL.Path); ok && r.Method == http.MethodGet {
+		kind = "download"
+	}
+	defer h.m.count(kind, w)
+	h.serveHTTP(w, r)
+}
+
+func (h *Handler) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		http.Error(w, "the hoard Glance mirror is read-only: send "+r.Method+" requests to Glance itself", http.StatusMethodNotAllowed)
@@ -208,13 +228,23 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, id string) (
 	}
 	req.Header = forwardHeaders(r.Header)
 	req.Header.Set("Accept", "application/json")
+	start := time.Now()
 	resp, err := h.client.Do(req)
 	if err != nil {
+		h.m.authorized("unreachable", start)
 		h.unreachable(w, r, err)
 		return Meta{}, false
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	switch {
+	case err != nil || resp.StatusCode >= 500:
+		h.m.authorized("unreachable", start)
+	case resp.StatusCode != http.StatusOK:
+		h.m.authorized("refused", start)
+	default:
+		h.m.authorized("allowed", start)
+	}
 	if err != nil {
 		h.unreachable(w, r, err)
 		return Meta{}, false
