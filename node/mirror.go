@@ -212,18 +212,21 @@ func (m *mirrorImage) Close() error {
 
 // imageReadCloser reads an image from its start and closes it.
 type imageReadCloser struct {
-	io.Reader
+	io.ReadCloser
 	img glancemirror.Image
 }
 
-func (r imageReadCloser) Close() error { return r.img.Close() }
+func (r imageReadCloser) Close() error {
+	r.ReadCloser.Close()
+	return r.img.Close()
+}
 
 func (mi *mirrorImages) reader(ctx context.Context, meta glancemirror.Meta, id chunkstore.ID) (io.ReadCloser, error) {
 	img, err := mi.open(ctx, meta, id)
 	if err != nil {
 		return nil, err
 	}
-	return imageReadCloser{Reader: glancemirror.NewReader(ctx, img), img: img}, nil
+	return imageReadCloser{ReadCloser: glancemirror.NewReader(ctx, img), img: img}, nil
 }
 
 // Register implements glancemirror.Images.

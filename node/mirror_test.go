@@ -592,3 +592,53 @@ func scrapeMetrics(t *testing.T, tn *testNode) map[string]float64 {
 	}
 	return out
 }
+
+// TestGlanceMirrorThroughput measures (HOARD_MEASURE=1; 256 MiB, or
+// HOARD_MEASURE_MIB) a download straight from a real glance-api against the
+// same download through hoard's mirror: cold (no node holds the image: the
+// registration stream), from a peer (another node holds it) and warm (this
+// node holds it). Run it without -race:
+//
+//	HOARD_MEASURE=1 go test -count=1 -timeout 15m -run TestGlanceMirrorThroughput -v ./node/
+func TestGlanceMirrorThroughput(t *testing.T) {
+	if os.Getenv("HOARD_MEASURE") != "1" {
+		t.Skip("a measurement: set HOARD_MEASURE=1")
+	}
+	mib := 256
+	if v := os.Getenv("HOARD_MEASURE_MIB"); v != "" {
+		fmt.Sscan(v, &mib)
+	}
+	g := glancetest.StartEnforcing(t)
+	data := writeImage(t, filepath.Join(t.TempDir(), "img.raw"), mib<<20, 77)
+	id := g.Upload(t, "throughput", "raw", data)
+	owner := glancetest.Identity(glancetest.Tenant, "member")
+	ctx, cancel := context.WithTimeout(t.Context(), 12*time.Minute)
+	defer cancel()
+	get := func(what, addr string) time.Duration {
+		start := time.Now()
+		st, body, _, err := mirrorGet(ctx, addr, "/v2/images/"+id+"/file", owner)
+		took := time.Since(start)
+		if err != nil || st != 200 || !bytes.Equal(body, data) {
+			t.Fatalf("%s: HTTP %d, %d bytes, %v", what, st, len(body), err)
+		}
+		t.Logf("%-40s %8v  %6.1f MiB/s", what, took.Round(time.Millisecond), float64(mib)/took.Seconds())
+		return took
+	}
+	u, _ := url.Parse(g.URL())
+	get("direct from glance-api (1st)", u.Host)
+	direct := get("direct from glance-api (2nd)", u.Host)
+
+	nodes := startMockCluster(t, 2, func(i int, c *node.Config) {
+		c.MemCache, c.Readahead = 0, 0 // the defaults, as a daemon runs
+		c.GlanceListen = "127.0.0.1:0"
+		c.Origin = origin.Config{GlanceURL: g.URL(), GlanceHeaders: g.Headers()}
+	})
+	reg := registrarOf(nodes, id)
+	other := 1 - reg
+	waitConnected(t, nodes[other], 2)
+	cold := get("mirror, cold (registers from Glance)", nodes[reg].GlanceAddr().String())
+	peer := get("mirror, image on a peer", nodes[other].GlanceAddr().String())
+	warm := get("mirror, warm (image local)", nodes[other].GlanceAddr().String())
+	t.Logf("download time relative to direct glance-api (%d MiB): cold %.2fx, from a peer %.2fx, warm %.2fx",
+		mib, cold.Seconds()/direct.Seconds(), peer.Seconds()/direct.Seconds(), warm.Seconds()/direct.Seconds())
+}

@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -329,23 +330,27 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request, id string) {
 		return
 	}
 	if !partial {
-		h.serve(w, meta, &imageReader{ctx: r.Context(), img: img}, log)
+		ar := newAheadReader(r.Context(), img, 0, size, ReadAhead)
+		defer ar.Close()
+		h.serve(w, meta, ar, log)
 		return
 	}
 	setHeaders(w, meta, hi-lo)
 	w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", lo, hi-1, size))
 	w.WriteHeader(http.StatusPartialContent)
+	ar := newAheadReader(r.Context(), img, lo, hi, ReadAhead)
+	defer ar.Close()
 	buf := make([]byte, blockSize)
 	for off := lo; off < hi; {
-		n := min(int64(len(buf)), hi-off)
-		if err := img.ReadAt(r.Context(), buf[:n], off); err != nil {
+		n, err := io.ReadFull(ar, buf[:min(int64(len(buf)), hi-off)])
+		if err != nil {
 			log.Warn("glance mirror: read failed; aborting the response", "offset", off, "err", err)
 			panic(http.ErrAbortHandler)
 		}
 		if _, err := w.Write(buf[:n]); err != nil {
 			return
 		}
-		off += n
+		off += int64(n)
 	}
 }
 
@@ -367,14 +372,16 @@ func setHeaders(w http.ResponseWriter, meta Meta, length int64) {
 func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, log *slog.Logger) {
 	size := *meta.Size
 	v := newVerifier(meta, log)
+	defer v.stop()
 	setHeaders(w, meta, size)
 	w.WriteHeader(http.StatusOK)
 	var held []byte
-	bufs := [2][]byte{make([]byte, blockSize), make([]byte, blockSize)}
 	var total int64
 	clientGone := false
-	for i := 0; ; i++ {
-		buf := bufs[i%2]
+	for {
+		// A buffer per block: the hashers read it while the next is read
+		// and this one is written.
+		buf := make([]byte, blockSize)
 		n, err := io.ReadFull(src, buf)
 		if n > 0 {
 			total += int64(n)
@@ -411,81 +418,92 @@ func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, log *sl
 	}
 }
 
-// verifier hashes what is served with Glance's md5 and its os_hash.
+// verifier hashes what is served with Glance's md5 and its os_hash, each
+// hash in a goroutine of its own, so that hashing overlaps reading and
+// writing the download.
 type verifier struct {
-	md5     hash.Hash
+	md5     *asyncHash
 	wantMD5 string
-	os      hash.Hash
+	os      *asyncHash
 	osAlgo  string
 	wantOS  string
+	once    sync.Once
+}
+
+// asyncHash hashes the blocks sent to it, in order.
+type asyncHash struct {
+	h    hash.Hash
+	in   chan []byte
+	done chan struct{}
+}
+
+func newAsyncHash(h hash.Hash) *asyncHash {
+	a := &asyncHash{h: h, in: make(chan []byte, 4), done: make(chan struct{})}
+	go func() {
+		defer close(a.done)
+		for b := range a.in {
+			a.h.Write(b)
+		}
+	}()
+	return a
 }
 
 func newVerifier(meta Meta, log *slog.Logger) *verifier {
 	v := &verifier{}
 	if meta.Checksum != "" {
-		v.md5, v.wantMD5 = md5.New(), strings.ToLower(meta.Checksum)
+		v.md5, v.wantMD5 = newAsyncHash(md5.New()), strings.ToLower(meta.Checksum)
 	}
 	if meta.OSHashValue != "" {
+		var h hash.Hash
 		switch strings.ToLower(meta.OSHashAlgo) {
 		case "sha512":
-			v.os = sha512.New()
+			h = sha512.New()
 		case "sha256":
-			v.os = sha256.New()
+			h = sha256.New()
 		default:
 			log.Warn("glance mirror: Glance announces an os_hash hoard cannot verify; checking the md5 only", "os_hash_algo", meta.OSHashAlgo)
 		}
-		if v.os != nil {
-			v.osAlgo, v.wantOS = strings.ToLower(meta.OSHashAlgo), strings.ToLower(meta.OSHashValue)
+		if h != nil {
+			v.os, v.osAlgo, v.wantOS = newAsyncHash(h), strings.ToLower(meta.OSHashAlgo), strings.ToLower(meta.OSHashValue)
 		}
 	}
 	return v
 }
 
+// write hashes b, which must not change afterwards.
 func (v *verifier) write(b []byte) {
-	if v.md5 != nil {
-		v.md5.Write(b)
-	}
-	if v.os != nil {
-		v.os.Write(b)
+	for _, a := range []*asyncHash{v.md5, v.os} {
+		if a != nil {
+			a.in <- b
+		}
 	}
 }
 
+// stop ends the hashers and waits for them.
+func (v *verifier) stop() {
+	v.once.Do(func() {
+		for _, a := range []*asyncHash{v.md5, v.os} {
+			if a != nil {
+				close(a.in)
+				<-a.done
+			}
+		}
+	})
+}
+
 func (v *verifier) check() error {
+	v.stop()
 	if v.md5 != nil {
-		if got := hex.EncodeToString(v.md5.Sum(nil)); got != v.wantMD5 {
+		if got := hex.EncodeToString(v.md5.h.Sum(nil)); got != v.wantMD5 {
 			return fmt.Errorf("md5 %s, Glance's checksum is %s", got, v.wantMD5)
 		}
 	}
 	if v.os != nil {
-		if got := hex.EncodeToString(v.os.Sum(nil)); got != v.wantOS {
+		if got := hex.EncodeToString(v.os.h.Sum(nil)); got != v.wantOS {
 			return fmt.Errorf("%s %s, Glance's os_hash_value is %s", v.osAlgo, got, v.wantOS)
 		}
 	}
 	return nil
-}
-
-// NewReader reads img sequentially from its start, each Read a ReadAt
-// under ctx.
-func NewReader(ctx context.Context, img Image) io.Reader { return &imageReader{ctx: ctx, img: img} }
-
-// imageReader reads an Image sequentially.
-type imageReader struct {
-	ctx context.Context
-	img Image
-	off int64
-}
-
-func (r *imageReader) Read(p []byte) (int, error) {
-	rest := r.img.Size() - r.off
-	if rest <= 0 {
-		return 0, io.EOF
-	}
-	p = p[:min(int64(len(p)), rest)]
-	if err := r.img.ReadAt(r.ctx, p, r.off); err != nil {
-		return 0, err
-	}
-	r.off += int64(len(p))
-	return len(p), nil
 }
 
 // parseRange parses a single-range Range header against size: the byte
