@@ -642,3 +642,62 @@ func TestGlanceMirrorThroughput(t *testing.T) {
 	t.Logf("download time relative to direct glance-api (%d MiB): cold %.2fx, from a peer %.2fx, warm %.2fx",
 		mib, cold.Seconds()/direct.Seconds(), peer.Seconds()/direct.Seconds(), warm.Seconds()/direct.Seconds())
 }
+
+// TestGlanceMirrorRegistrarFails: when the registrar cannot register the
+// image (here Glance refuses its credentials), the node that asked it
+// registers the image itself at once instead of waiting
+// GlanceRegisterWait.
+func TestGlanceMirrorRegistrarFails(t *testing.T) {
+	t.Parallel()
+	data := writeImage(t, filepath.Join(t.TempDir(), "img.raw"), 6<<20+3, 13)
+	md, sh := md5Hex(data), sha512Hex(data)
+	var sent atomic.Int64
+	// Any image ID, to project "a" only.
+	glance := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rest, _ := strings.CutPrefix(r.URL.Path, "/v2/images/")
+		id, file := strings.CutSuffix(rest, "/file")
+		if r.Header.Get("X-Project-Id") != "a" || id == "" || strings.Contains(id, "/") {
+			http.Error(w, "No image found", http.StatusNotFound)
+			return
+		}
+		if file {
+			http.ServeContent(&glanceCountingWriter{ResponseWriter: w, n: &sent}, r, "", time.Time{}, bytes.NewReader(data))
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]any{"id": id, "status": "active", "size": len(data), "disk_format": "raw",
+			"checksum": md, "os_hash_algo": "sha512", "os_hash_value": sh})
+	}))
+	t.Cleanup(glance.Close)
+	nodes := startMockCluster(t, 2, func(i int, c *node.Config) {
+		project := "a"
+		if i == 1 {
+			project = "b" // node 1's own credentials see nothing
+		}
+		c.GlanceListen = "127.0.0.1:0"
+		c.GlanceRegisterWait = 90 * time.Second
+		c.Origin = origin.Config{GlanceURL: glance.URL, GlanceHeaders: map[string]string{"X-Project-Id": project}}
+	})
+	waitConnected(t, nodes[0], 2)
+	var id string
+	for i := range 1000 {
+		if c := fmt.Sprintf("55555555-0000-4000-8000-%012d", i); registrarOf(nodes, c) == 1 {
+			id = c
+			break
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	st, body, _, err := mirrorGet(ctx, nodes[0].GlanceAddr().String(), "/v2/images/"+id+"/file", map[string]string{"X-Project-Id": "a"})
+	took := time.Since(start)
+	if err != nil || st != 200 || !bytes.Equal(body, data) {
+		t.Fatalf("download: HTTP %d, %d bytes, %v: %.200s", st, len(body), err, body)
+	}
+	t.Logf("the registrar failed; the asking node registered the image itself: %v, Glance sent %d bytes (image %d)", took.Round(time.Millisecond), sent.Load(), len(data))
+	if took > 20*time.Second {
+		t.Errorf("the download took %v, want seconds: the node waited for a registrar that had failed", took)
+	}
+	if _, err := nodes[0].Store().Resolve(ctx, id); err != nil {
+		t.Errorf("the asking node did not register the image: %v", err)
+	}
+}

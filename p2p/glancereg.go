@@ -124,15 +124,7 @@ func readGlanceRegFrame(r *bufio.Reader) ([]byte, error) {
 // handleGlanceRegister serves one ProtocolGlanceRegister request.
 func (p *Peer) handleGlanceRegister(s network.Stream) {
 	remote := s.Conn().RemotePeer()
-	p.mu.Lock()
-	closed := p.closed
-	if !closed {
-		p.served[s] = struct{}{}
-		p.wg.Add(1)
-	}
-	p.mu.Unlock()
-	if closed {
-		s.Reset()
+	if !p.serving(s) {
 		return
 	}
 	defer p.unserve(s)

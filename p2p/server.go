@@ -71,18 +71,12 @@ func (fw *frameWriter) write(m *message, flush bool) error {
 
 func (p *Peer) handleStream(s network.Stream) {
 	remote := s.Conn().RemotePeer()
-	p.mu.Lock()
-	closed := p.closed
-	if !closed {
-		p.served[s] = struct{}{}
-		p.wg.Add(1)
+	if !p.serving(s) {
+		return
 	}
-	p.mu.Unlock()
-	if closed || p.Bad(remote) {
+	if p.Bad(remote) {
 		s.Reset()
-		if !closed {
-			p.unserve(s)
-		}
+		p.unserve(s)
 		return
 	}
 	defer p.unserve(s)
@@ -149,6 +143,23 @@ func (p *Peer) handleStream(s network.Stream) {
 			}
 		}()
 	}
+}
+
+// serving records s as served, so that Close resets it and waits for its
+// handler (which calls unserve when done); on a closed peer it resets s and
+// returns false.
+func (p *Peer) serving(s network.Stream) bool {
+	p.mu.Lock()
+	closed := p.closed
+	if !closed {
+		p.served[s] = struct{}{}
+		p.wg.Add(1)
+	}
+	p.mu.Unlock()
+	if closed {
+		s.Reset()
+	}
+	return !closed
 }
 
 // unserve forgets a stream handleStream is done with.
