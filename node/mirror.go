@@ -63,6 +63,9 @@ type mirrorImages struct {
 type mirrorReg struct {
 	done       chan struct{}
 	read, size atomic.Int64 // bytes read from Glance so far, of size
+	// verifies: the origin stream checks one of the caller's checksums
+	// (glanceChecksums of the Meta start was given).
+	verifies bool
 	// Set before done is closed.
 	manifest chunkstore.ID
 	name     string
@@ -330,7 +333,7 @@ func (mi *mirrorImages) registerHere(ctx context.Context, meta glancemirror.Meta
 		return nil, err
 	}
 	if pr != nil {
-		return &streamCounter{PipeReader: pr, n: &mi.n.stats.mirrorBytes[mirrorStream]}, nil
+		return &streamCounter{PipeReader: pr, n: &mi.n.stats.mirrorBytes[mirrorStream], verifies: r.verifies}, nil
 	}
 	select {
 	case <-r.done:
@@ -420,6 +423,9 @@ func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee b
 		name = fileViewName(meta.ID) // the ID names the guest view
 	}
 	r.size.Store(src.Size())
+	if sum := strings.ToLower(src.Ref().Checksum); sum != "" && glanceChecksums(meta)[sum] {
+		r.verifies = true
+	}
 	var pr *io.PipeReader
 	var pw *io.PipeWriter
 	if tee {
@@ -462,8 +468,14 @@ func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee b
 // streamCounter counts the bytes of a registration stream read by a client.
 type streamCounter struct {
 	*io.PipeReader
-	n *atomic.Int64
+	n        *atomic.Int64
+	verifies bool
 }
+
+// Verifies implements glancemirror.Verifying: the registration's origin
+// stream fails unless the bytes match the checksum it announced, and that
+// is one of the caller's Glance record.
+func (c *streamCounter) Verifies() bool { return c.verifies }
 
 func (c *streamCounter) Read(p []byte) (int, error) {
 	k, err := c.PipeReader.Read(p)

@@ -27,8 +27,11 @@
 // Glance sends it) and is verified while it streams: the md5 (and the
 // os_hash, when Glance announces one) of the bytes served must match, or the
 // connection is aborted before the last block, so the client never sees a
-// complete wrong image. A single Range gives 206 with Content-Range; an
-// unsatisfiable one 416.
+// complete wrong image. (A registration stream whose reader verifies one of
+// the record's checksums itself, [Verifying], is only counted, not hashed
+// twice.) The image's blocks are read [ReadAhead] ahead of the client,
+// concurrently, and hashed in goroutines of their own. A single Range gives
+// 206 with Content-Range; an unsatisfiable one 416.
 //
 // # Everything else
 //

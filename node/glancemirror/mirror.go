@@ -67,6 +67,15 @@ type Images interface {
 	Register(ctx context.Context, meta Meta) (io.ReadCloser, error)
 }
 
+// Verifying is an optional interface of the reader Images.Register returns:
+// Verifies reports that the reader itself fails (rather than return io.EOF)
+// unless the bytes matched a checksum of the Glance record the download was
+// authorized with (its md5 or os_hash), so the mirror need not hash them
+// again.
+type Verifying interface {
+	Verifies() bool
+}
+
 // Config configures a Handler.
 type Config struct {
 	// GlanceURL is the real Glance endpoint, e.g. http://controller:9292
@@ -307,7 +316,8 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request, id string) {
 		defer rc.Close()
 		if !partial {
 			log.Info("glance mirror: registering the image while serving it", "size", size)
-			h.serve(w, meta, rc, log)
+			vr, ok := rc.(Verifying)
+			h.serve(w, meta, rc, !ok || !vr.Verifies(), log)
 			return
 		}
 		// A range of an image being registered: wait until it is verified.
@@ -332,7 +342,7 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request, id string) {
 	if !partial {
 		ar := newAheadReader(r.Context(), img, 0, size, ReadAhead)
 		defer ar.Close()
-		h.serve(w, meta, ar, log)
+		h.serve(w, meta, ar, true, log)
 		return
 	}
 	setHeaders(w, meta, hi-lo)
@@ -369,9 +379,15 @@ func setHeaders(w http.ResponseWriter, meta Meta, length int64) {
 // serve streams the whole image from src, verifying it as it goes: it holds
 // back the last block until the size and the checksums matched, and aborts
 // the connection otherwise, so the client never gets a complete wrong image.
-func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, log *slog.Logger) {
+//
+// Unless verify is set, src verifies the checksum itself (Verifying) and
+// only the size is checked here.
+func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, verify bool, log *slog.Logger) {
 	size := *meta.Size
-	v := newVerifier(meta, log)
+	v := &verifier{}
+	if verify {
+		v = newVerifier(meta, log)
+	}
 	defer v.stop()
 	setHeaders(w, meta, size)
 	w.WriteHeader(http.StatusOK)
