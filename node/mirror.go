@@ -235,7 +235,10 @@ func (mi *mirrorImages) reader(ctx context.Context, meta glancemirror.Meta, id c
 // Register implements glancemirror.Images.
 func (mi *mirrorImages) Register(ctx context.Context, meta glancemirror.Meta) (io.ReadCloser, error) {
 	n := mi.n
-	if n.cl != nil {
+	mi.mu.Lock()
+	_, here := mi.regs[meta.ID] // registering here already (after a registrar failed): join it
+	mi.mu.Unlock()
+	if n.cl != nil && !here {
 		if reg, self := mi.registrar(meta.ID); !self {
 			rc, err := mi.viaRegistrar(ctx, meta, reg)
 			if err == nil {

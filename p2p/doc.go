@@ -99,6 +99,20 @@
 // Infos are not relayed by sync: each is heard from its node (directly or
 // by pubsub), so a receiver can forget a node that went quiet.
 //
+// # Glance registration (/hoard/glance-register/1.0.0)
+//
+// A backend that implements GlanceBackend registers Glance images for the
+// cluster's Glance mirror: a node asked to download an image no node knows
+// asks the image's registrar (AskGlanceRegister) to register it now. The
+// asker writes one frame, 0x01 and the Glance image ID (1 to MaxGlanceIDLen
+// printable ASCII bytes); the registrar answers 0x02 uvarint(done)
+// uvarint(total) progress frames every 2 s while it streams the image from
+// Glance, then 0x03, the manifest's sha2-256 digest and the image name, or
+// 0x04 and an error text (at most MaxGlanceRegisterError bytes). Frames are
+// bounded; a registrar that sends anything else is marked bad; an asker
+// waits at most its stall bound between frames. At most 32 requests are
+// served at once, each for at most 30 minutes.
+//
 // # Catalog
 //
 // Every node learns every image of the cluster (CatalogEntry: a manifest, its
