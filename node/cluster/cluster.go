@@ -154,41 +154,49 @@ type Cluster struct {
 	closing    bool
 	wg         sync.WaitGroup     // view refreshes
 	sf         singleflight.Group // remote resolves, by name
-	// unreachable holds when a designated fetcher could not be reached (a
-	// stopped node stays a member until its NodeInfo expires): it is no
-	// member for unreachableTTL unless connected again.
-	unreachable map[peer.ID]time.Time
+	// failed holds the designated fetchers that did not deliver lately:
+	// no members for failedTTL (see markFailed).
+	failed map[peer.ID]failure
 }
 
-// unreachableTTL is how long a member this node could not reach as a
-// designated fetcher is left out of designation (unless connected again).
-const unreachableTTL = 30 * time.Second
+// failure is a designated fetcher's failure to deliver.
+type failure struct {
+	at        time.Time
+	connected bool // still connected then: stopped, or overloaded
+}
 
-func (c *Cluster) markUnreachable(id peer.ID) {
+// failedTTL is how long a designated fetcher that did not deliver is left out
+// of designation: a stopped node stays a member until its NodeInfo expires,
+// and without this its askers would wait or fall back for each chunk.
+const failedTTL = 30 * time.Second
+
+// markFailed records that designated fetcher id did not deliver.
+func (c *Cluster) markFailed(id peer.ID) {
+	connected := c.p.Host().Network().Connectedness(id) == network.Connected
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := time.Now()
-	for p, at := range c.unreachable {
-		if now.Sub(at) > unreachableTTL {
-			delete(c.unreachable, p)
+	for p, f := range c.failed {
+		if now.Sub(f.at) > failedTTL {
+			delete(c.failed, p)
 		}
 	}
-	if c.unreachable == nil {
-		c.unreachable = map[peer.ID]time.Time{}
+	if c.failed == nil {
+		c.failed = map[peer.ID]failure{}
 	}
-	c.unreachable[id] = now
+	c.failed[id] = failure{at: now, connected: connected}
 }
 
-// reachable reports whether id was not found unreachable lately, or is
-// connected now.
-func (c *Cluster) reachable(id peer.ID) bool {
+// designatable reports whether id may be designated: it did not fail to
+// deliver lately, or it could not be reached then and is connected again.
+func (c *Cluster) designatable(id peer.ID) bool {
 	c.mu.Lock()
-	at, ok := c.unreachable[id]
+	f, ok := c.failed[id]
 	c.mu.Unlock()
-	if !ok || time.Since(at) > unreachableTTL {
+	if !ok || time.Since(f.at) > failedTTL {
 		return true
 	}
-	return c.p.Host().Network().Connectedness(id) == network.Connected
+	return !f.connected && c.p.Host().Network().Connectedness(id) == network.Connected
 }
 
 // view is what this node knows of an image's peers: their have-bitmaps.
@@ -498,11 +506,14 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 		return got, gotStored, nil
 	}
 	if ctx.Err() != nil {
+		if c.o.OnFallback != nil && context.Cause(ctx) != context.Canceled {
+			// The fetch's budget for peers ran out while the designated
+			// fetcher worked: the caller goes to the origin too.
+			c.o.OnFallback()
+		}
 		return nil, chunkstore.Stored{}, ctx.Err()
 	}
-	if c.p.Host().Network().Connectedness(d) != network.Connected {
-		c.markUnreachable(d)
-	}
+	c.markFailed(d)
 	if c.o.OnFallback != nil {
 		c.o.OnFallback()
 	}
@@ -531,7 +542,7 @@ func (c *Cluster) members(v *view) []peer.ID {
 			return
 		}
 		seen[id] = true
-		if !c.p.Bad(id) && !c.p.Slow(id) && c.reachable(id) {
+		if !c.p.Bad(id) && c.designatable(id) {
 			out = append(out, id)
 		}
 	}
