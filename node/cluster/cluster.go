@@ -125,6 +125,9 @@ const (
 	// read for the whole Have timeout (3 s, then 5 s). The refresh goes on
 	// and its complete view replaces this one.
 	viewGrace = 500 * time.Millisecond
+	// designatedViewWait bounds how long a designated fetcher waits for a
+	// first view of the image before it designates (itself, most often).
+	designatedViewWait = time.Second
 	// resolveTimeout bounds the shared work of resolving an unknown image
 	// name through the cluster.
 	resolveTimeout = 30 * time.Second
@@ -456,7 +459,10 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	designated := ctx.Value(designatedKey{}) != nil
 	maxWait := time.Duration(math.MaxInt64)
 	if designated {
-		maxWait = c.o.DesignatedTimeout / 2
+		// The asker found no holder in its view; this node's view only
+		// helps if it knows a holder the asker did not. Its askers are on a
+		// timer, and choosing the next designated fetcher needs no view.
+		maxWait = min(c.o.DesignatedTimeout/2, designatedViewWait)
 	}
 	v := c.peerView(ctx, manifest, maxWait)
 	want := []p2p.Want{{Index: index, ID: id}}
