@@ -86,6 +86,7 @@ func (n *Node) startP2P(ctx context.Context) (*p2p.Peer, error) {
 		ViewTTL:           cfg.P2P.ViewTTL,
 		DesignatedTimeout: cfg.P2P.DesignatedTimeout,
 		OnFallback:        func() { n.stats.designatedFallbacks.Add(1) },
+		Members:           n.liveMembers,
 		Log:               n.baseLog.With("component", "cluster"),
 	})
 	return p, nil
@@ -134,6 +135,17 @@ func (n *Node) PullImage(ctx context.Context, name string) (api.ImageInfo, error
 	return info, err
 }
 
+// liveMembers is the peers of the cluster this node heard a NodeInfo from
+// within its expiry (cluster.Options.Members).
+func (n *Node) liveMembers() []peer.ID {
+	live := n.nodes.Live()
+	out := make([]peer.ID, 0, len(live))
+	for _, e := range live {
+		out = append(out, e.Node)
+	}
+	return out
+}
+
 // backend serves the node's store to peers (p2p.Backend).
 type backend struct{ n *Node }
 
@@ -172,6 +184,16 @@ func (b backend) Chunk(ctx context.Context, manifest chunkstore.ID, index int, f
 		return chunkstore.Stored{}, err
 	}
 	img, err := n.image(ctx, manifest)
+	if errors.Is(err, chunkstore.ErrNotFound) && fetch && n.cl != nil {
+		// Designated over cluster membership, this node may be asked for an
+		// image it has not learnt yet: the asker has its manifest.
+		if from, ok := p2p.Requester(ctx); ok {
+			if rerr := n.cl.ResolveFrom(ctx, from, manifest); rerr != nil {
+				return chunkstore.Stored{}, fmt.Errorf("entry %d of %s: this node does not know the image and could not learn it from the asker: %v: %w", index, manifest, rerr, chunkstore.ErrNotFound)
+			}
+			img, err = n.image(ctx, manifest)
+		}
+	}
 	if err != nil {
 		return chunkstore.Stored{}, err
 	}

@@ -197,6 +197,160 @@ func TestClusterCoalescesOriginReads(t *testing.T) {
 	}
 }
 
+// TestClusterCoalescesWithStaleViews: nodes whose views of an image lack
+// most of its other readers (their Have requests failed: a partition, or
+// timeouts under load) still send each chunk to the origin about once when
+// they all read it at once, because they designate over the cluster's
+// members rather than over the peers that answered. Designating over the
+// view, each node chose among itself and the one peer it saw: 2-3x.
+func TestClusterCoalescesWithStaleViews(t *testing.T) {
+	t.Parallel()
+	const nodes = 6
+	data, nonZero := mockImage(3<<20, 12)
+	srv := newRangeServer(t, data)
+	cl, mn := startMockNet(t, nodes, func(_ int, c *node.Config) {
+		c.P2P.ViewTTL = 5 * time.Minute // the views taken during the partition stay
+		c.P2P.DesignatedTimeout = 30 * time.Second
+	})
+	waitFor(t, "every node to know every other from its NodeInfo", func() bool {
+		for _, tn := range cl {
+			if tn.LiveMembers() < nodes-1 {
+				return false
+			}
+		}
+		return true
+	})
+	addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/stale.raw", Name: "stale", Lazy: true, Chunking: "fixed"})
+	exps := make([]nbd.Export, nodes)
+	for i, tn := range cl {
+		exps[i] = openRetry(t, tn, "stale")
+		defer exps[i].Close()
+	}
+	head := make([]byte, 64<<10)
+	if err := exps[0].ReadAt(t.Context(), head, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Partition nodes 1..5 from each other; each reads the chunk node 0
+	// holds, so its view of the image is node 0 alone.
+	for i := 1; i < nodes; i++ {
+		for j := i + 1; j < nodes; j++ {
+			a, b := cl[i].P2P().ID(), cl[j].P2P().ID()
+			if err := mn.UnlinkPeers(a, b); err != nil {
+				t.Fatal(err)
+			}
+			if err := mn.DisconnectPeers(a, b); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i := 1; i < nodes; i++ {
+		if err := exps[i].ReadAt(t.Context(), head, 0); err != nil {
+			t.Fatalf("node %d: %v", i, err)
+		}
+		if !bytes.Equal(head, data[:len(head)]) {
+			t.Fatalf("node %d: wrong bytes", i)
+		}
+	}
+	for i := 1; i < nodes; i++ {
+		for j := i + 1; j < nodes; j++ {
+			if _, err := mn.LinkPeers(cl[i].P2P().ID(), cl[j].P2P().ID()); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	before := srv.bytes.Load()
+	var wg sync.WaitGroup
+	errs := make(chan error, nodes)
+	for i, x := range exps {
+		wg.Go(func() {
+			const step = 256 << 10
+			k := len(data) / step
+			for j := range k {
+				off := int64((j+i)%k) * step
+				p := make([]byte, step)
+				if err := x.ReadAt(t.Context(), p, off); err != nil {
+					errs <- fmt.Errorf("node %d: read at %d: %w", i, off, err)
+					return
+				}
+				if !bytes.Equal(p, data[off:off+step]) {
+					errs <- fmt.Errorf("node %d: wrong bytes at %d", i, off)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	var fetchers, fallbacks int64
+	for _, tn := range cl {
+		c := tn.counters(t)
+		fallbacks += c.DesignatedFallbacks
+		if c.OriginBytes > 0 {
+			fetchers++
+		}
+	}
+	got := srv.bytes.Load() - before
+	ratio := float64(got) / float64(nonZero-int64(len(head)))
+	t.Logf("%d nodes with stale views read the image at once: origin served %d bytes, %.2fx the non-zero bytes left (%d nodes fetched, %d designated fallbacks)", nodes, got, ratio, fetchers, fallbacks)
+	if ratio > 1.1 {
+		t.Errorf("origin served %.2fx the image's non-zero bytes to %d nodes whose views were stale: want <= 1.1x", ratio, nodes)
+	}
+}
+
+// TestClusterDesignatedLearnsManifest: a member asked as a chunk's
+// designated fetcher for an image it does not know (it has not learnt it
+// yet, or removed it here) learns the manifest from the asker, CID-checked,
+// and fetches the chunk instead of answering "not found", which sent the
+// asker to the origin too.
+func TestClusterDesignatedLearnsManifest(t *testing.T) {
+	t.Parallel()
+	data, _ := mockImage(1<<20, 13)
+	srv := newRangeServer(t, data)
+	cl := startMockCluster(t, 2, nil)
+	res := addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/learn.raw", Name: "learn", Lazy: true, Chunking: "fixed"})
+	waitFor(t, "node 1 to learn the image from the catalog", func() bool {
+		_, err := cl[1].Store().Resolve(t.Context(), "learn")
+		return err == nil
+	})
+	if _, err := cl[1].RemoveImage(t.Context(), "learn", false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cl[1].Store().GetManifest(t.Context(), res.Manifest); !errors.Is(err, chunkstore.ErrNotFound) {
+		t.Fatalf("node 1 still has the manifest after rm: %v", err)
+	}
+	m, err := cl[0].Store().GetManifest(t.Context(), res.Manifest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := m.Entries[1]
+	if e.Zero {
+		t.Fatal("entry 1 is a hole")
+	}
+	before := srv.bytes.Load()
+	var got []byte
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	_, err = cl[0].P2P().Fetch(ctx, cl[1].P2P().ID(), res.Manifest, []p2p.Want{{Index: 1, ID: e.ID}}, true, func(c p2p.Chunk) error {
+		got = c.Data
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("designated fetch from a node that did not know the image: %v", err)
+	}
+	if !bytes.Equal(got, data[e.Offset:e.Offset+int64(e.Length)]) {
+		t.Fatalf("designated fetch: got %d bytes, not the chunk's", len(got))
+	}
+	if d := srv.bytes.Load() - before; d != int64(e.Length) {
+		t.Errorf("the designated node read %d origin bytes for a %d-byte chunk", d, e.Length)
+	}
+	if _, err := cl[1].Store().Resolve(t.Context(), "learn"); err == nil {
+		t.Error("learning the manifest as a designated fetcher gave back the name removed here")
+	}
+}
+
 // TestClusterNameConflict: two nodes import different images under one name.
 // A third node refuses the name, naming both manifests and how to choose,
 // instead of taking whichever provider answers first; it can pull either by

@@ -62,11 +62,15 @@
 // Config.P2P.ViewTTL) name the peers that hold it, and p2p.FetchFrom gets it
 // from one (least loaded, connected first, hedged). When none holds it, the
 // chunk's designated fetcher is p2p.Designated over the cluster's members as
-// this node sees them: every peer that answered its Have (holding chunks of
-// the image, knowing it without chunks, or not knowing it yet), every peer
-// connected since, and this node. If that is this node, it goes to the origin;
-// if another, it is asked with the fetch flag (again while it answers that it
-// has not learnt the image yet) and runs this same read path, and after
+// this node sees them: the live nodes it heard a NodeInfo from (gossiped on
+// /hoard/nodes/1, and asked of every peer on connect), its connected peers,
+// the peers its view knows to serve the image, and this node; less the peers
+// that misbehaved or just stalled a fetch. Membership, not the answers to
+// Have requests, so that a node that just learnt the image, or whose Have
+// requests timed out under load, designates the peer the others do. If that
+// is this node, it goes to the origin; if another, it is asked with the fetch
+// flag and runs this same read path (a member that has not learnt the image
+// yet fetches its manifest from the asker first, CID-checked), and after
 // Config.P2P.DesignatedTimeout this node goes to the origin itself. As
 // the designated peer always has a higher rendezvous score than the asker,
 // askers whose views differ still climb to the same peer and never loop: one

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
 )
 
 // Error codes, the first byte of a msgError body.
@@ -69,6 +70,17 @@ func (fw *frameWriter) write(m *message, flush bool) error {
 	return fw.err
 }
 
+// requesterKey carries, in the context of a Backend call, the peer whose
+// request it serves.
+type requesterKey struct{}
+
+// Requester returns the peer whose request a Backend call serves (ok false
+// outside one).
+func Requester(ctx context.Context) (id peer.ID, ok bool) {
+	id, ok = ctx.Value(requesterKey{}).(peer.ID)
+	return id, ok
+}
+
 func (p *Peer) handleStream(s network.Stream) {
 	remote := s.Conn().RemotePeer()
 	if !p.serving(s) {
@@ -80,7 +92,7 @@ func (p *Peer) handleStream(s network.Stream) {
 		return
 	}
 	defer p.unserve(s)
-	ctx, cancel := context.WithCancel(p.ctx)
+	ctx, cancel := context.WithCancel(context.WithValue(p.ctx, requesterKey{}, remote))
 	defer cancel()
 	r := bufio.NewReaderSize(s, 32<<10)
 	fw := &frameWriter{s: s, w: bufio.NewWriterSize(s, 256<<10), timeout: p.writeTimeout}

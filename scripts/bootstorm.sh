@@ -6,7 +6,7 @@
 # the first daemon alone; the others start and the storm begins before the
 # cluster settled). Prints, per run, the bytes the origin served as a
 # multiple of the image's non-zero bytes (1.0 = each needed chunk fetched
-# once); fails when a run is above 1.1x (joining does today: 1.24-2.00x). HOARD_STORM_MODE=meshed (or
+# once); fails when a run is above 1.1x. HOARD_STORM_MODE=meshed (or
 # joining) runs one mode only.
 #
 #   scripts/bootstorm.sh [RUNS]    (default 20)

@@ -57,11 +57,7 @@ func TestBootStorm(t *testing.T) {
 	}
 	mode := os.Getenv("HOARD_STORM_MODE")
 	if mode == "" {
-		// Joining mode (the storm starts while nodes still join) is over
-		// 1.1x on this code: the designated-fetcher change that fixed it
-		// made the 50-node mocknet test flaky and was taken back; run it
-		// with HOARD_STORM_MODE=joining (scripts/bootstorm.sh does both).
-		mode = "meshed"
+		mode = "meshed,joining"
 	}
 	org := newStormOrigin(t, stormRate)
 	for _, m := range strings.Split(mode, ",") {

@@ -34,7 +34,12 @@ type Options struct {
 	// OnFallback is called each time a designated fetcher did not deliver in
 	// time, so that the caller goes to the origin itself.
 	OnFallback func()
-	Log        *slog.Logger
+	// Members returns the cluster's live nodes as this node knows them
+	// (NodeInfo announcements): with the connected peers and the peers
+	// known to serve an image, the set a chunk's designated fetcher is
+	// chosen from. Nil: connected peers and the image's peers only.
+	Members func() []peer.ID
+	Log     *slog.Logger
 }
 
 // New is the cluster side of peer p over store st.
@@ -120,6 +125,9 @@ const (
 	// read for the whole Have timeout (3 s, then 5 s). The refresh goes on
 	// and its complete view replaces this one.
 	viewGrace = 500 * time.Millisecond
+	// designatedViewWait bounds how long a designated fetcher waits for a
+	// first view of the image before it designates (itself, most often).
+	designatedViewWait = time.Second
 	// resolveTimeout bounds the shared work of resolving an unknown image
 	// name through the cluster.
 	resolveTimeout = 30 * time.Second
@@ -130,7 +138,8 @@ const (
 // (Fetcher) with cluster-wide origin coalescing.
 //
 // Coalescing: for a chunk no peer holds, the designated fetcher is
-// p2p.Designated over the peers known to serve the image plus this node. When
+// p2p.Designated over the cluster's members as this node knows them (see
+// members) plus this node. When
 // that is another peer it is asked with the fetch flag and runs this same
 // read path; since the designated peer has the highest rendezvous score of
 // the asker's view, a request only ever moves to a higher score, so a chain
@@ -148,6 +157,49 @@ type Cluster struct {
 	closing    bool
 	wg         sync.WaitGroup     // view refreshes
 	sf         singleflight.Group // remote resolves, by name
+	// failed holds the designated fetchers that did not deliver lately:
+	// no members for failedTTL (see markFailed).
+	failed map[peer.ID]failure
+}
+
+// failure is a designated fetcher's failure to deliver.
+type failure struct {
+	at        time.Time
+	connected bool // still connected then: stopped, or overloaded
+}
+
+// failedTTL is how long a designated fetcher that did not deliver is left out
+// of designation: a stopped node stays a member until its NodeInfo expires,
+// and without this its askers would wait or fall back for each chunk.
+const failedTTL = 30 * time.Second
+
+// markFailed records that designated fetcher id did not deliver.
+func (c *Cluster) markFailed(id peer.ID) {
+	connected := c.p.Host().Network().Connectedness(id) == network.Connected
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	for p, f := range c.failed {
+		if now.Sub(f.at) > failedTTL {
+			delete(c.failed, p)
+		}
+	}
+	if c.failed == nil {
+		c.failed = map[peer.ID]failure{}
+	}
+	c.failed[id] = failure{at: now, connected: connected}
+}
+
+// designatable reports whether id may be designated: it did not fail to
+// deliver lately, or it could not be reached then and is connected again.
+func (c *Cluster) designatable(id peer.ID) bool {
+	c.mu.Lock()
+	f, ok := c.failed[id]
+	c.mu.Unlock()
+	if !ok || time.Since(f.at) > failedTTL {
+		return true
+	}
+	return !f.connected && c.p.Host().Network().Connectedness(id) == network.Connected
 }
 
 // view is what this node knows of an image's peers: their have-bitmaps.
@@ -155,9 +207,9 @@ type view struct {
 	at    time.Time
 	used  time.Time              // last read that used it (under cluster.mu)
 	haves map[peer.ID]p2p.Bitmap // peers that know the manifest (bitmap not empty)
-	// complete is nil for a complete view; for a partial one (slow peers not
-	// in yet) it is closed when the complete view replaces it.
-	complete chan struct{}
+	// partial marks a first view published while slow peers were still
+	// being waited for; the complete one replaces it.
+	partial bool
 }
 
 // putView stores v as manifest's view and drops views unused for viewIdle,
@@ -272,7 +324,6 @@ func (c *Cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
 		return nil
 	}
 	ch := make(chan struct{})
-	complete := make(chan struct{})
 	c.refreshing[manifest] = ch
 	c.wg.Add(1)
 	go func() {
@@ -280,7 +331,7 @@ func (c *Cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
 		var once sync.Once
 		published := func() { once.Do(func() { close(ch) }) }
 		nv := c.refresh(c.baseCtxOr(context.Background()), manifest, func(partial *view) {
-			partial.complete = complete
+			partial.partial = true
 			c.mu.Lock()
 			if c.views[manifest] == nil { // a first view only: never replace a complete one
 				c.putView(manifest, partial, time.Now())
@@ -292,31 +343,9 @@ func (c *Cluster) startRefresh(manifest chunkstore.ID) <-chan struct{} {
 		c.putView(manifest, nv, time.Now())
 		delete(c.refreshing, manifest)
 		c.mu.Unlock()
-		close(complete)
 		published()
 	}()
 	return ch
-}
-
-// completeView waits (at most maxWait) for the complete view when v is
-// partial, and returns the view to use.
-func (c *Cluster) completeView(ctx context.Context, manifest chunkstore.ID, v *view, maxWait time.Duration) *view {
-	if v.complete == nil {
-		return v
-	}
-	timer := time.NewTimer(maxWait)
-	defer timer.Stop()
-	select {
-	case <-v.complete:
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if nv := c.views[manifest]; nv != nil {
-			return nv
-		}
-	case <-ctx.Done():
-	case <-timer.C:
-	}
-	return v
 }
 
 // Stop waits for background view refreshes; none starts afterwards.
@@ -430,7 +459,10 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	designated := ctx.Value(designatedKey{}) != nil
 	maxWait := time.Duration(math.MaxInt64)
 	if designated {
-		maxWait = c.o.DesignatedTimeout / 2
+		// The asker found no holder in its view; this node's view only
+		// helps if it knows a holder the asker did not. Its askers are on a
+		// timer, and choosing the next designated fetcher needs no view.
+		maxWait = min(c.o.DesignatedTimeout/2, designatedViewWait)
 	}
 	v := c.peerView(ctx, manifest, maxWait)
 	want := []p2p.Want{{Index: index, ID: id}}
@@ -469,20 +501,7 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 			return got, gotStored, nil
 		}
 	}
-	// The designated fetcher is chosen from the complete view only: nodes
-	// whose views differ choose differently, and the origin pays.
-	v = c.completeView(ctx, manifest, v, maxWait)
-	live := make([]peer.ID, 0, len(v.haves)+1)
-	live = append(live, c.p.ID())
-	for pid := range v.haves {
-		// A peer that just stalled a fetch (stopped?) is no designated
-		// fetcher: its askers would wait DesignatedTimeout for nothing.
-		if !c.p.Bad(pid) && !c.p.Slow(pid) {
-			live = append(live, pid)
-		}
-	}
-	slices.Sort(live)
-	d := p2p.Designated(id, live)
+	d := p2p.Designated(id, c.members(v))
 	if d == c.p.ID() {
 		return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: this node is its designated fetcher: %w", id, chunkstore.ErrNotFound)
 	}
@@ -493,13 +512,109 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 		return got, gotStored, nil
 	}
 	if ctx.Err() != nil {
+		if c.o.OnFallback != nil && context.Cause(ctx) != context.Canceled {
+			// The fetch's budget for peers ran out while the designated
+			// fetcher worked: the caller goes to the origin too.
+			c.o.OnFallback()
+		}
 		return nil, chunkstore.Stored{}, ctx.Err()
 	}
+	c.markFailed(d)
 	if c.o.OnFallback != nil {
 		c.o.OnFallback()
 	}
 	c.log.Debug("designated fetcher did not deliver; going to the origin", "chunk_id", id.String(), "peer_id", d.String(), "err", err)
 	return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: designated fetcher %s did not deliver (%v): %w", id, d, err, chunkstore.ErrNotFound)
+}
+
+// members is the set a chunk's designated fetcher is chosen from: this node,
+// the peers v knows to serve the image, the connected peers and the live
+// members of the cluster (Options.Members), less the peers that misbehaved or
+// just stalled a fetch (stopped?), whose askers would wait
+// DesignatedTimeout for nothing. A member that does not know the image yet
+// learns its manifest from the asker (ResolveFrom) when asked.
+//
+// Designating over cluster membership rather than over the peers that
+// answered a Have request keeps nodes' choices the same while their views of
+// an image differ: a node that just learnt the image, or whose Have requests
+// timed out under load, still designates the peer every other node does.
+// Where memberships differ the choice still climbs (see Cluster).
+func (c *Cluster) members(v *view) []peer.ID {
+	self := c.p.ID()
+	seen := map[peer.ID]bool{self: true}
+	out := []peer.ID{self}
+	add := func(id peer.ID) {
+		if seen[id] {
+			return
+		}
+		seen[id] = true
+		if !c.p.Bad(id) && c.designatable(id) {
+			out = append(out, id)
+		}
+	}
+	for id := range v.haves {
+		add(id)
+	}
+	for _, id := range c.p.Host().Network().Peers() {
+		add(id)
+	}
+	if c.o.Members != nil {
+		for _, id := range c.o.Members() {
+			add(id)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// ResolveFrom registers manifest id, fetched from peer from (which asked
+// this node for one of its chunks as their designated fetcher, so it holds
+// the manifest) and checked against its CID, without a name: the catalog
+// names it when its entry arrives. Concurrent callers share one fetch.
+func (c *Cluster) ResolveFrom(ctx context.Context, from peer.ID, id chunkstore.ID) error {
+	if _, err := c.st.GetManifest(ctx, id); err == nil {
+		return nil
+	}
+	ch := c.sf.DoChan("manifest:"+id.String(), func() (any, error) {
+		c.mu.Lock()
+		if c.closing {
+			c.mu.Unlock()
+			return nil, errors.New("node is shutting down")
+		}
+		c.wg.Add(1)
+		c.mu.Unlock()
+		defer c.wg.Done()
+		mctx, cancel := context.WithTimeout(c.baseCtxOr(context.WithoutCancel(ctx)), 10*time.Second)
+		defer cancel()
+		enc, err := c.p.Manifest(mctx, from, id)
+		if err != nil {
+			return nil, fmt.Errorf("manifest %s from %s: %w", id, from, err)
+		}
+		if chunkstore.Sum(enc) != id {
+			c.p.ReportBad(from, fmt.Errorf("manifest %s: the bytes sent hash to %s", id, chunkstore.Sum(enc)))
+			return nil, fmt.Errorf("manifest %s from %s: %w", id, from, chunkstore.ErrMismatch)
+		}
+		m, err := chunkstore.DecodeManifest(enc)
+		if err != nil {
+			c.p.ReportBad(from, fmt.Errorf("manifest %s: %w", id, err))
+			return nil, fmt.Errorf("manifest %s from %s: %w", id, from, err)
+		}
+		got, err := c.st.PutManifest(mctx, m)
+		if err != nil {
+			return nil, err
+		}
+		if got != id {
+			return nil, fmt.Errorf("manifest %s from %s re-encodes to %s", id, from, got)
+		}
+		c.log.Debug("manifest learnt from a peer that designated this node", "manifest", id.String(), "peer_id", from.String())
+		return nil, nil
+	})
+	select {
+	case r := <-ch:
+		return r.Err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // designatedKey marks the context of a fetch this node runs as a peer's

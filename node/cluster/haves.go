@@ -22,7 +22,7 @@ func (c *Cluster) Haves(manifest chunkstore.ID) (haves map[peer.ID]p2p.Bitmap, f
 		v.used = time.Now()
 	}
 	c.mu.Unlock()
-	fresh = v != nil && v.complete == nil && time.Since(v.at) < c.o.ViewTTL
+	fresh = v != nil && !v.partial && time.Since(v.at) < c.o.ViewTTL
 	if !fresh {
 		c.startRefresh(manifest)
 	}
