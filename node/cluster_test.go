@@ -151,10 +151,36 @@ func TestClusterCoalescesOriginReads(t *testing.T) {
 		defer x.Close()
 	}
 	start := time.Now()
-	errs := make(chan error, nodes)
+	readAllAtOnce(t, exps, data)
+	var peerBytes, originBytes, fallbacks, fetchers int64
+	for _, tn := range cl {
+		c := tn.counters(t)
+		peerBytes += c.ReadBytes["peer"]
+		originBytes += c.OriginBytes
+		fallbacks += c.DesignatedFallbacks
+		if c.OriginBytes > 0 {
+			fetchers++
+		}
+	}
+	got := srv.bytes.Load() - importBytes
+	t.Logf("%d nodes read %d non-zero bytes each in %v: origin served %d bytes (%.2fx the image's non-zero bytes; nodes counted %d, %d nodes fetched, %d designated fallbacks), peers %d",
+		nodes, nonZero, time.Since(start).Round(time.Millisecond), got, float64(got)/float64(nonZero), originBytes, fetchers, fallbacks, peerBytes)
+	if float64(got) > 1.1*float64(nonZero) {
+		t.Errorf("origin served %d bytes for %d nodes reading %d non-zero bytes: want <= 1.1x", got, nodes, nonZero)
+	}
+	if peerBytes == 0 {
+		t.Error("no chunk came from a peer")
+	}
+}
+
+// readAllAtOnce has every export read all of data at once, in 256 KiB reads,
+// each starting at a different place, and checks the bytes.
+func readAllAtOnce(t *testing.T, exps []nbd.Export, data []byte) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(exps))
 	for i, x := range exps {
 		wg.Go(func() {
-			// Every node reads it all, each starting at a different place.
 			const step = 256 << 10
 			k := len(data) / step
 			for j := range k {
@@ -175,25 +201,6 @@ func TestClusterCoalescesOriginReads(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
-	}
-	var peerBytes, originBytes, fallbacks, fetchers int64
-	for _, tn := range cl {
-		c := tn.counters(t)
-		peerBytes += c.ReadBytes["peer"]
-		originBytes += c.OriginBytes
-		fallbacks += c.DesignatedFallbacks
-		if c.OriginBytes > 0 {
-			fetchers++
-		}
-	}
-	got := srv.bytes.Load() - importBytes
-	t.Logf("%d nodes read %d non-zero bytes each in %v: origin served %d bytes (%.2fx the image's non-zero bytes; nodes counted %d, %d nodes fetched, %d designated fallbacks), peers %d",
-		nodes, nonZero, time.Since(start).Round(time.Millisecond), got, float64(got)/float64(nonZero), originBytes, fetchers, fallbacks, peerBytes)
-	if float64(got) > 1.1*float64(nonZero) {
-		t.Errorf("origin served %d bytes for %d nodes reading %d non-zero bytes: want <= 1.1x", got, nodes, nonZero)
-	}
-	if peerBytes == 0 {
-		t.Error("no chunk came from a peer")
 	}
 }
 
@@ -259,31 +266,7 @@ func TestClusterCoalescesWithStaleViews(t *testing.T) {
 		}
 	}
 	before := srv.bytes.Load()
-	var wg sync.WaitGroup
-	errs := make(chan error, nodes)
-	for i, x := range exps {
-		wg.Go(func() {
-			const step = 256 << 10
-			k := len(data) / step
-			for j := range k {
-				off := int64((j+i)%k) * step
-				p := make([]byte, step)
-				if err := x.ReadAt(t.Context(), p, off); err != nil {
-					errs <- fmt.Errorf("node %d: read at %d: %w", i, off, err)
-					return
-				}
-				if !bytes.Equal(p, data[off:off+step]) {
-					errs <- fmt.Errorf("node %d: wrong bytes at %d", i, off)
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
+	readAllAtOnce(t, exps, data)
 	var fetchers, fallbacks int64
 	for _, tn := range cl {
 		c := tn.counters(t)

@@ -567,6 +567,18 @@ func (c *Cluster) members(v *view) []peer.ID {
 	return out
 }
 
+// enter counts shared background work that Stop waits for; it fails once
+// the cluster is closing.
+func (c *Cluster) enter() (leave func(), err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
+		return nil, errors.New("node is shutting down")
+	}
+	c.wg.Add(1)
+	return c.wg.Done, nil
+}
+
 // ResolveFrom registers manifest id, fetched from peer from (which asked
 // this node for one of its chunks as their designated fetcher, so it holds
 // the manifest) and checked against its CID, without a name: the catalog
@@ -576,14 +588,11 @@ func (c *Cluster) ResolveFrom(ctx context.Context, from peer.ID, id chunkstore.I
 		return nil
 	}
 	ch := c.sf.DoChan("manifest:"+id.String(), func() (any, error) {
-		c.mu.Lock()
-		if c.closing {
-			c.mu.Unlock()
-			return nil, errors.New("node is shutting down")
+		leave, err := c.enter()
+		if err != nil {
+			return nil, err
 		}
-		c.wg.Add(1)
-		c.mu.Unlock()
-		defer c.wg.Done()
+		defer leave()
 		mctx, cancel := context.WithTimeout(c.baseCtxOr(context.WithoutCancel(ctx)), 10*time.Second)
 		defer cancel()
 		enc, err := c.p.Manifest(mctx, from, id)
@@ -629,14 +638,11 @@ type designatedKey struct{}
 // gives up stops waiting without failing the others.
 func (c *Cluster) Resolve(ctx context.Context, name string) (chunkstore.ID, error) {
 	ch := c.sf.DoChan("name:"+name, func() (any, error) {
-		c.mu.Lock()
-		if c.closing {
-			c.mu.Unlock()
-			return nil, errors.New("node is shutting down")
+		leave, err := c.enter()
+		if err != nil {
+			return nil, err
 		}
-		c.wg.Add(1)
-		c.mu.Unlock()
-		defer c.wg.Done()
+		defer leave()
 		base := c.baseCtx()
 		if base == nil {
 			base = context.WithoutCancel(ctx)
