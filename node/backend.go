@@ -184,11 +184,14 @@ func (b backend) Chunk(ctx context.Context, manifest chunkstore.ID, index int, f
 		return chunkstore.Stored{}, err
 	}
 	img, err := n.image(ctx, manifest)
-	if errors.Is(err, chunkstore.ErrNotFound) && fetch && n.cl != nil {
+	if errors.Is(err, chunkstore.ErrNotFound) && fetch && n.cl != nil && n.cat != nil && n.cat.Live(manifest) {
 		// Designated over cluster membership, this node may be asked for an
-		// image it has not learnt yet: the asker has its manifest.
+		// image its catalog knows but it has not registered yet: the asker
+		// has the manifest. Only then: a peer must not make this node store
+		// manifests the cluster does not list, or bring back one removed here.
 		if from, ok := p2p.Requester(ctx); ok {
 			if rerr := n.cl.ResolveFrom(ctx, from, manifest); rerr != nil {
+				n.log.Debug("asked as designated fetcher for an image not registered here; could not learn its manifest from the asker", "manifest", manifest.String(), "peer_id", from.String(), "err", rerr)
 				return chunkstore.Stored{}, fmt.Errorf("entry %d of %s: this node does not know the image and could not learn it from the asker: %v: %w", index, manifest, rerr, chunkstore.ErrNotFound)
 			}
 			img, err = n.image(ctx, manifest)

@@ -679,3 +679,18 @@ func writeFileAtomic(path string, b []byte) error {
 	}
 	return os.Rename(tmp.Name(), path)
 }
+
+// Live reports whether the catalog holds a live entry for manifest that
+// this node has not removed since: an image the cluster wants served here.
+func (c *Catalog) Live(manifest chunkstore.ID) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.entries[manifest]
+	if !ok || e.Removed {
+		return false
+	}
+	if v, ok := c.dropped[manifest]; ok && e.Version <= v {
+		return false
+	}
+	return true
+}

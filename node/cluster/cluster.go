@@ -47,7 +47,7 @@ func New(p *p2p.Peer, st *chunkstore.Store, o Options) *Cluster {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Cluster{p: p, st: st, o: o, log: o.Log, views: map[chunkstore.ID]*view{}, refreshing: map[chunkstore.ID]chan struct{}{}}
+	return &Cluster{p: p, st: st, o: o, log: o.Log, views: map[chunkstore.ID]*view{}, refreshing: map[chunkstore.ID]chan struct{}{}, learnSem: make(chan struct{}, maxLearning)}
 }
 
 // Peer is the p2p peer.
@@ -160,7 +160,12 @@ type Cluster struct {
 	// failed holds the designated fetchers that did not deliver lately:
 	// no members for failedTTL (see markFailed).
 	failed map[peer.ID]failure
+	// learnSem bounds the manifests ResolveFrom fetches at once.
+	learnSem chan struct{}
 }
+
+// maxLearning bounds the manifests learnt from askers at once.
+const maxLearning = 2
 
 // failure is a designated fetcher's failure to deliver.
 type failure struct {
@@ -505,9 +510,16 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 	if d == c.p.ID() {
 		return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: this node is its designated fetcher: %w", id, chunkstore.ErrNotFound)
 	}
-	dctx, cancel := context.WithTimeout(ctx, c.o.DesignatedTimeout)
+	wait := c.o.DesignatedTimeout
+	if designated {
+		// This node serves an asker that waits DesignatedTimeout for it:
+		// give up on the next one in time to fetch the chunk itself, and
+		// leave the blame with the one that did not deliver.
+		wait /= 2
+	}
+	dctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	_, err := c.p.Fetch(dctx, d, manifest, want, true, keep)
+	notFound, err := c.p.Fetch(dctx, d, manifest, want, true, keep)
 	if got != nil {
 		return got, gotStored, nil
 	}
@@ -519,7 +531,11 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 		}
 		return nil, chunkstore.Stored{}, ctx.Err()
 	}
-	c.markFailed(d)
+	if err != nil || len(notFound) == 0 {
+		// It did not answer in time. One that answered "not found" (it has
+		// not learnt the image yet, or its origin failed) stays a member.
+		c.markFailed(d)
+	}
 	if c.o.OnFallback != nil {
 		c.o.OnFallback()
 	}
@@ -595,6 +611,12 @@ func (c *Cluster) ResolveFrom(ctx context.Context, from peer.ID, id chunkstore.I
 		defer leave()
 		mctx, cancel := context.WithTimeout(c.baseCtxOr(context.WithoutCancel(ctx)), 10*time.Second)
 		defer cancel()
+		select { // manifests can be large: a few at a time
+		case c.learnSem <- struct{}{}:
+			defer func() { <-c.learnSem }()
+		case <-mctx.Done():
+			return nil, fmt.Errorf("manifest %s: too many being learnt at once: %w", id, mctx.Err())
+		}
 		enc, err := c.p.Manifest(mctx, from, id)
 		if err != nil {
 			return nil, fmt.Errorf("manifest %s from %s: %w", id, from, err)
