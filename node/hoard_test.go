@@ -1,12 +1,19 @@
 package node_test
 
 import (
+	"bytes"
+	"context"
+	"errors"
 	"fmt"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/hoardvm/hoard/chunkstore"
 	"github.com/hoardvm/hoard/node"
 	"github.com/hoardvm/hoard/node/api"
+	"github.com/hoardvm/hoard/node/cluster"
 	"github.com/hoardvm/hoard/p2p"
 )
 
@@ -191,5 +198,54 @@ func TestPrefetchCluster(t *testing.T) {
 	}
 	if _, p := held(cl[2]); p != 0 {
 		t.Fatalf("%d chunks still pinned after image rm", p)
+	}
+}
+
+// slowDesignated is a Fetcher whose designated fetcher never delivers in
+// time (a peer under load).
+type slowDesignated struct{ asked atomic.Int64 }
+
+func (f *slowDesignated) Fetch(context.Context, chunkstore.ID, int, chunkstore.ID) ([]byte, error) {
+	f.asked.Add(1)
+	return nil, fmt.Errorf("chunk: designated fetcher busy: %w", cluster.ErrNotDelivered)
+}
+
+// TestHoardNeverFallsBackToOrigin: a hoard fetch whose designated fetcher
+// did not deliver leaves the chunk for a later pass instead of going to the
+// origin beside it (under load every node's hoarder did: 2x the working sets
+// at 100 nodes). A VM read of the same chunk still falls back and is served.
+func TestHoardNeverFallsBackToOrigin(t *testing.T) {
+	t.Parallel()
+	data, _ := mockImage(1<<20, 15)
+	srv := newRangeServer(t, data)
+	f := &slowDesignated{}
+	tn := startNode(t, node.Config{MemCache: -1, Readahead: -1, NoProfilePrefetch: true, HotCache: -1, Fetcher: f})
+	res := addImage(t, tn, api.ImportRequest{Source: srv.URL + "/h.raw", Name: "h", Lazy: true, Chunking: "fixed"})
+	before := srv.bytes.Load()
+	if _, err := tn.Prefetch(t.Context(), "h", true, false, nil); err == nil {
+		t.Fatal("prefetch succeeded although no chunk could be fetched from peers")
+	} else if !errors.Is(err, cluster.ErrNotDelivered) && !strings.Contains(err.Error(), "designated") {
+		t.Logf("prefetch error: %v", err)
+	}
+	if d := srv.bytes.Load() - before; d != 0 {
+		t.Fatalf("hoarding read %d origin bytes beside a designated fetcher that was still at work", d)
+	}
+	if f.asked.Load() == 0 {
+		t.Fatal("the hoarder never asked the peers")
+	}
+	x, err := tn.Open(t.Context(), "h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	p := make([]byte, res.Size)
+	if err := x.ReadAt(t.Context(), p, 0); err != nil {
+		t.Fatalf("a VM read after the designated fetcher failed: %v", err)
+	}
+	if !bytes.Equal(p, data) {
+		t.Fatal("wrong bytes")
+	}
+	if srv.bytes.Load() == before {
+		t.Fatal("the VM read did not go to the origin")
 	}
 }

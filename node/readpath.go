@@ -288,24 +288,31 @@ func (n *Node) chunk1(ctx context.Context, img *image, idx int, why int) ([]byte
 	}
 	// One fetch per chunk, whoever asks; it runs on the node's context so that
 	// a reader that goes away does not cancel it for the others.
-	ch := n.flights.DoChan(e.ID.String(), func() (any, error) {
-		// Counted, so that Run closes the store only after the fetch
-		// (which stores what it got) has ended.
-		if !n.fetches.enter() {
-			return nil, errStopping
+	for {
+		ch := n.flights.DoChan(e.ID.String(), func() (any, error) {
+			// Counted, so that Run closes the store only after the fetch
+			// (which stores what it got) has ended.
+			if !n.fetches.enter() {
+				return nil, errStopping
+			}
+			defer n.fetches.leave()
+			return n.fetch(img, idx, why)
+		})
+		select {
+		case r := <-ch:
+			if r.Err != nil {
+				if why != forHoard && errors.Is(r.Err, cluster.ErrNotDelivered) {
+					// Joined the hoarder's flight, which left the chunk for
+					// later: this reader cannot wait, it flies on its own.
+					continue
+				}
+				return nil, 0, r.Err
+			}
+			f := r.Val.(fetched)
+			return f.b, f.from, nil
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
 		}
-		defer n.fetches.leave()
-		return n.fetch(img, idx, why)
-	})
-	select {
-	case r := <-ch:
-		if r.Err != nil {
-			return nil, 0, r.Err
-		}
-		f := r.Val.(fetched)
-		return f.b, f.from, nil
-	case <-ctx.Done():
-		return nil, 0, ctx.Err()
 	}
 }
 
@@ -383,6 +390,12 @@ func (n *Node) fetch(img *image, idx int, why int) (f fetched, err error) {
 			b, err = f.Fetch(fctx, img.id, idx, e.ID)
 		}
 		pcancel()
+		if err != nil && why == forHoard && errors.Is(err, cluster.ErrNotDelivered) {
+			// Hoarding is never urgent: it does not send the node to the
+			// origin beside a designated fetcher that is slow (under load,
+			// each would), the next pass gets the chunk from it.
+			return fetched{}, fmt.Errorf("hoard chunk %d of %s: %w; left for the hoarder's next pass", idx, img.id, err)
+		}
 		switch {
 		case err == nil && (verified || e.ID.Verify(b)):
 			n.m.fetchSeconds.WithLabelValues("peer").Observe(time.Since(start).Seconds())

@@ -524,12 +524,15 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 		return got, gotStored, nil
 	}
 	if ctx.Err() != nil {
-		if c.o.OnFallback != nil && context.Cause(ctx) != context.Canceled {
-			// The fetch's budget for peers ran out while the designated
-			// fetcher worked: the caller goes to the origin too.
+		if context.Cause(ctx) == context.Canceled {
+			return nil, chunkstore.Stored{}, ctx.Err()
+		}
+		// The fetch's budget for peers ran out while the designated fetcher
+		// worked: the caller goes to the origin too.
+		if c.o.OnFallback != nil {
 			c.o.OnFallback()
 		}
-		return nil, chunkstore.Stored{}, ctx.Err()
+		return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: designated fetcher %s did not deliver within the peers' budget: %w", id, d, ErrNotDelivered)
 	}
 	if err != nil || len(notFound) == 0 {
 		// It did not answer in time. One that answered "not found" (it has
@@ -540,8 +543,14 @@ func (c *Cluster) FetchStored(ctx context.Context, manifest chunkstore.ID, index
 		c.o.OnFallback()
 	}
 	c.log.Debug("designated fetcher did not deliver; going to the origin", "chunk_id", id.String(), "peer_id", d.String(), "err", err)
-	return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: designated fetcher %s did not deliver (%v): %w", id, d, err, chunkstore.ErrNotFound)
+	return nil, chunkstore.Stored{}, fmt.Errorf("chunk %s: designated fetcher %s did not deliver (%v): %w", id, d, err, ErrNotDelivered)
 }
+
+// ErrNotDelivered is the error of a fetch whose designated fetcher did not
+// deliver: the caller may go to the origin itself (a VM waits) or leave the
+// chunk for later (background work: the designated fetcher's own fetch goes
+// on and stores it). It wraps chunkstore.ErrNotFound.
+var ErrNotDelivered = fmt.Errorf("the designated fetcher did not deliver: %w", chunkstore.ErrNotFound)
 
 // members is the set a chunk's designated fetcher is chosen from: this node,
 // the peers v knows to serve the image, the connected peers and the live
