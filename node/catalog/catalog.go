@@ -68,6 +68,10 @@ type Peer interface {
 	ReportBad(id peer.ID, why error)
 	PublishCatalog(ctx context.Context, e p2p.CatalogEntry) error
 	PublishProfile(ctx context.Context, e p2p.ProfileEntry) error
+	// SignCatalog and SignProfile sign this node's own entries (what it
+	// records, and serves by sync, before it publishes them).
+	SignCatalog(e p2p.CatalogEntry) (p2p.CatalogEntry, error)
+	SignProfile(e p2p.ProfileEntry) (p2p.ProfileEntry, error)
 }
 
 // Options configure a Catalog.
@@ -168,11 +172,42 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	return c, nil
 }
 
-// Attach gives the catalog its peer, once the cluster is on.
+// Attach gives the catalog its peer, once the cluster is on. It signs this
+// node's own entries that are not signed yet (changes made standalone, or
+// kept from before entries were signed): peers refuse unsigned entries, and
+// this node serves only signed ones.
 func (c *Catalog) Attach(p Peer) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.p, c.self = p, p.ID()
-	c.mu.Unlock()
+	signed := 0
+	for id, e := range c.entries {
+		if len(e.Sig) > 0 || (e.Publisher != "" && e.Publisher != c.self) {
+			continue
+		}
+		e.Publisher = c.self
+		if s, err := p.SignCatalog(e); err != nil {
+			c.o.Log.Warn("catalog: cannot sign this node's entry; peers will not learn it from here", "manifest", id.String(), "err", err)
+		} else {
+			c.entries[id] = s
+			signed++
+		}
+	}
+	for _, e := range c.profiles {
+		own, ok := e[c.self]
+		if !ok || len(own.Sig) > 0 {
+			continue
+		}
+		if s, err := p.SignProfile(own); err != nil {
+			c.o.Log.Warn("catalog: cannot sign this node's profile; peers will not learn it from here", "manifest", own.Manifest.String(), "err", err)
+		} else {
+			e[c.self] = s
+			signed++
+		}
+	}
+	if signed > 0 {
+		c.dirty = true
+	}
 }
 
 // Run does the catalog's pending work (manifest fetches, deferred
@@ -244,6 +279,12 @@ func (c *Catalog) LearnCatalog(from peer.ID, e p2p.CatalogEntry) {
 	c.mu.Lock()
 	old, ok := c.entries[e.Manifest]
 	if ok && !e.Supersedes(old) {
+		if len(old.Sig) == 0 && len(e.Sig) > 0 && e.SameChange(old) {
+			// The signed copy of an entry kept unsigned: this node can
+			// serve it now.
+			c.entries[e.Manifest] = e
+			c.dirty = true
+		}
 		c.mu.Unlock()
 		return
 	}
@@ -284,6 +325,9 @@ func (c *Catalog) putProfile(e p2p.ProfileEntry) bool {
 		c.profiles[e.Manifest] = byNode
 	}
 	if old, ok := byNode[e.Node]; ok && !e.Supersedes(old) {
+		if len(old.Sig) == 0 && len(e.Sig) > 0 && e.SameChange(old) {
+			byNode[e.Node] = e // its signed copy, which this node can serve
+		}
 		return false
 	}
 	byNode[e.Node] = e
@@ -344,6 +388,13 @@ func (c *Catalog) publishEntry(ctx context.Context, e p2p.CatalogEntry) {
 	c.mu.Lock()
 	old := c.entries[manifest]
 	e.Version, e.Publisher = p2p.NextVersion(old.Version, time.Now()), c.self
+	if c.p != nil {
+		if s, err := c.p.SignCatalog(e); err != nil {
+			c.o.Log.Warn("catalog: cannot sign the entry; peers will not learn it from here", "manifest", manifest.String(), "err", err)
+		} else {
+			e = s
+		}
+	}
 	c.entries[manifest] = e
 	delete(c.dropped, manifest)
 	delete(c.pending, manifest)
@@ -372,6 +423,11 @@ func (c *Catalog) ProfileSaved(ctx context.Context, manifest chunkstore.ID, prof
 	}
 	old := c.profiles[manifest][self]
 	e := p2p.ProfileEntry{Manifest: manifest, Node: self, Profile: prof, Version: p2p.NextVersion(old.Version, time.Now())}
+	if s, err := p.SignProfile(e); err != nil {
+		c.o.Log.Warn("catalog: cannot sign the boot profile; peers will not learn it from here", "manifest", manifest.String(), "err", err)
+	} else {
+		e = s
+	}
 	c.putProfile(e)
 	c.dirty = true
 	c.mu.Unlock()

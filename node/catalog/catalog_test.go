@@ -67,6 +67,29 @@ func (f *fakePeer) PublishProfile(_ context.Context, e p2p.ProfileEntry) error {
 	return nil
 }
 
+// SignCatalog and SignProfile mark the entry as signed by f (the catalog
+// does not check signatures: p2p does, before LearnCatalog).
+func (f *fakePeer) SignCatalog(e p2p.CatalogEntry) (p2p.CatalogEntry, error) {
+	if e.Publisher == "" {
+		e.Publisher = f.id
+	}
+	if e.Publisher != f.id {
+		return e, fmt.Errorf("entry of %s signed by %s", e.Publisher, f.id)
+	}
+	e.Sig = []byte("signed by " + f.id)
+	return e, nil
+}
+func (f *fakePeer) SignProfile(e p2p.ProfileEntry) (p2p.ProfileEntry, error) {
+	if e.Node == "" {
+		e.Node = f.id
+	}
+	if e.Node != f.id {
+		return e, fmt.Errorf("profile of %s signed by %s", e.Node, f.id)
+	}
+	e.Sig = []byte("signed by " + f.id)
+	return e, nil
+}
+
 // pid returns a real peer ID for name (peer IDs round-trip through the
 // catalog file only when they are real).
 func pid(t *testing.T, name string) peer.ID {
@@ -305,4 +328,43 @@ func TestChangedAfterRegistrationAndRemoval(t *testing.T) {
 	inUse.Store(false)
 	c.poke()
 	eventually(t, "Changed called once the tombstone is applied", sawGone.Load)
+}
+
+// This node's own entries are signed: those made standalone when the node
+// joins a cluster (Attach), the others when they are made; an unsigned entry
+// kept from before gives way to its signed copy.
+func TestOwnEntriesSigned(t *testing.T) {
+	t.Parallel()
+	_, _, id := testManifest(t, 5)
+	_, _, id2 := testManifest(t, 6)
+	_, _, id3 := testManifest(t, 7)
+	fp := &fakePeer{id: pid(t, "self")}
+	c, _ := newCatalog(t, "", Options{})
+	c.Added(t.Context(), id, []string{"standalone"})
+	if e, _ := c.Entry(id); len(e.Sig) != 0 || e.Publisher != "" {
+		t.Fatalf("standalone entry %+v", e)
+	}
+	other := p2p.CatalogEntry{Manifest: id3, Names: []string{"x"}, Version: 3, Publisher: pid(t, "other")}
+	c.LearnCatalog(pid(t, "other"), other) // kept from before signatures
+	c.Attach(fp)
+	if e, _ := c.Entry(id); len(e.Sig) == 0 || e.Publisher != fp.id {
+		t.Fatalf("Attach left this node's entry unsigned: %+v", e)
+	}
+	if e, _ := c.Entry(id3); len(e.Sig) != 0 {
+		t.Fatalf("Attach signed another publisher's entry: %+v", e)
+	}
+	c.Added(t.Context(), id2, []string{"joined"})
+	e, _ := c.Entry(id2)
+	if len(e.Sig) == 0 || len(fp.pubs) != 1 || !bytes.Equal(fp.pubs[0].Sig, e.Sig) {
+		t.Fatalf("entry %+v recorded, %+v published: want both signed alike", e, fp.pubs)
+	}
+	c.ProfileSaved(t.Context(), id2, chunkstore.Profile{Boots: 1, Chunks: []int{1}})
+	if len(fp.prof) != 1 || len(fp.prof[0].Sig) == 0 {
+		t.Fatalf("own profile published unsigned: %+v", fp.prof)
+	}
+	other.Sig = []byte("signed by other")
+	c.LearnCatalog(pid(t, "other"), other)
+	if e, _ := c.Entry(id3); !bytes.Equal(e.Sig, other.Sig) {
+		t.Fatalf("the signed copy of an unsigned entry was not kept: %+v", e)
+	}
 }
