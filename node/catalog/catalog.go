@@ -23,6 +23,10 @@
 //     node's own, so every node that knows the same profiles computes the
 //     same working set.
 //
+// The catalog is bounded (MaxEntries in all, MaxEntriesPerPublisher of one
+// publisher, and as many profiles): a flood evicts the oldest tombstones and
+// entries of images not here, never the images named here.
+//
 // Everything the catalog knows is kept in one file (Options.Path), written
 // atomically after changes, so a restart does not forget tombstones.
 package catalog
@@ -60,6 +64,36 @@ const (
 	// maxPending bounds the registrations waiting for a manifest.
 	maxPending = 4096
 )
+
+// Catalog bounds. A node keeps at most MaxEntries catalog entries, at most
+// MaxEntriesPerPublisher of them from one publisher (a quarter: one peer
+// flooding the catalog cannot crowd out the others), and as many profiles,
+// MaxProfilesPerNode of one node. This node's own entries and profiles are
+// never evicted nor counted against a share. When a bound is reached the
+// catalog evicts, oldest version first, down to 15/16 of it (so a flood costs
+// one pass per bound/16 entries):
+//
+//  1. tombstones (a node offline for longer than the flood took may then
+//     miss a removal);
+//  2. live entries of images not named in this node's store (never
+//     registered: their manifest could not be had, or removed here);
+//
+// and refuses the new entry when nothing is left to evict: images named
+// here stay. Profiles go likewise: first those of manifests with no live
+// entry, then the oldest.
+const (
+	MaxEntries             = 1 << 16
+	MaxEntriesPerPublisher = MaxEntries / 4
+	MaxProfiles            = 1 << 16
+	MaxProfilesPerNode     = MaxProfiles / 4
+)
+
+// limits are a Catalog's bounds (the constants above; tests lower them).
+type limits struct {
+	entries, perPublisher, profiles, perNode int
+}
+
+var defaultLimits = limits{MaxEntries, MaxEntriesPerPublisher, MaxProfiles, MaxProfilesPerNode}
 
 // Peer is what the catalog needs of the p2p layer (*p2p.Peer).
 type Peer interface {
@@ -118,6 +152,15 @@ type Catalog struct {
 	learned map[string]chunkstore.ID
 	dirty   bool
 	wake    chan struct{}
+
+	lim limits
+	// byPublisher counts entries per publisher and byNode profiles per
+	// node, for the bounds; nProfiles counts every profile.
+	byPublisher map[peer.ID]int
+	byNode      map[peer.ID]int
+	nProfiles   int
+	// refused counts entries and profiles refused for want of room.
+	refused int
 }
 
 // file is the catalog's on-disk form.
@@ -137,7 +180,8 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	}
 	c := &Catalog{st: st, o: o, entries: map[chunkstore.ID]p2p.CatalogEntry{},
 		profiles: map[chunkstore.ID]map[peer.ID]p2p.ProfileEntry{}, dropped: map[chunkstore.ID]uint64{},
-		pending: map[chunkstore.ID][]peer.ID{}, learned: map[string]chunkstore.ID{}, wake: make(chan struct{}, 1)}
+		pending: map[chunkstore.ID][]peer.ID{}, learned: map[string]chunkstore.ID{}, wake: make(chan struct{}, 1),
+		lim: defaultLimits, byPublisher: map[peer.ID]int{}, byNode: map[peer.ID]int{}}
 	if o.Path == "" {
 		return c, nil
 	}
@@ -157,7 +201,7 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	}
 	for _, e := range f.Entries {
 		if old, ok := c.entries[e.Manifest]; !ok || e.Supersedes(old) {
-			c.entries[e.Manifest] = e
+			c.setEntry(e)
 		}
 	}
 	for _, e := range f.Profiles {
@@ -189,7 +233,7 @@ func (c *Catalog) Attach(p Peer) {
 		if s, err := p.SignCatalog(e); err != nil {
 			c.o.Log.Warn("catalog: cannot sign this node's entry; peers will not learn it from here", "manifest", id.String(), "err", err)
 		} else {
-			c.entries[id] = s
+			c.setEntry(s)
 			signed++
 		}
 	}
@@ -288,7 +332,13 @@ func (c *Catalog) LearnCatalog(from peer.ID, e p2p.CatalogEntry) {
 		c.mu.Unlock()
 		return
 	}
-	c.entries[e.Manifest] = e
+	if !c.roomFor(e, old, ok) {
+		c.refused++
+		c.mu.Unlock()
+		c.o.Log.Debug("catalog full: entry refused", "manifest", e.Manifest.String(), "publisher", e.Publisher.String(), "refused", c.refused)
+		return
+	}
+	c.setEntry(e)
 	c.dirty = true
 	if len(c.pending) < maxPending || e.Removed {
 		asks := []peer.ID{}
@@ -317,18 +367,28 @@ func (c *Catalog) LearnProfile(_ peer.ID, e p2p.ProfileEntry) {
 	}
 }
 
-// putProfile keeps e when it wins for its (manifest, node). c.mu is held.
+// putProfile keeps e when it wins for its (manifest, node) and there is
+// room. c.mu is held.
 func (c *Catalog) putProfile(e p2p.ProfileEntry) bool {
 	byNode := c.profiles[e.Manifest]
-	if byNode == nil {
-		byNode = map[peer.ID]p2p.ProfileEntry{}
-		c.profiles[e.Manifest] = byNode
-	}
-	if old, ok := byNode[e.Node]; ok && !e.Supersedes(old) {
+	old, ok := byNode[e.Node]
+	if ok && !e.Supersedes(old) {
 		if len(old.Sig) == 0 && len(e.Sig) > 0 && e.SameChange(old) {
 			byNode[e.Node] = e // its signed copy, which this node can serve
 		}
 		return false
+	}
+	if !ok && !c.profileRoomFor(e.Node) {
+		c.refused++
+		return false
+	}
+	if byNode = c.profiles[e.Manifest]; byNode == nil { // makeProfileRoom may have removed it
+		byNode = map[peer.ID]p2p.ProfileEntry{}
+		c.profiles[e.Manifest] = byNode
+	}
+	if !ok {
+		c.nProfiles++
+		c.byNode[e.Node]++
 	}
 	byNode[e.Node] = e
 	return true
@@ -395,7 +455,7 @@ func (c *Catalog) publishEntry(ctx context.Context, e p2p.CatalogEntry) {
 			e = s
 		}
 	}
-	c.entries[manifest] = e
+	c.setEntry(e)
 	delete(c.dropped, manifest)
 	delete(c.pending, manifest)
 	c.dirty = true
