@@ -48,6 +48,7 @@ import (
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/hoardvm/hoard/planner"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"golang.org/x/sync/errgroup"
 )
 
 // MaxWorkingSet bounds a merged working set, in chunks.
@@ -63,6 +64,9 @@ const (
 	saveEvery = time.Second
 	// maxPending bounds the registrations waiting for a manifest.
 	maxPending = 4096
+	// maxRegistrations bounds the registrations and removals under way at
+	// once (manifest fetches from peers, each from one peer at a time).
+	maxRegistrations = 8
 )
 
 // Catalog bounds. A node keeps at most MaxEntries catalog entries, at most
@@ -124,7 +128,7 @@ type Options struct {
 	// Changed is called (not under any lock) after the catalog or the
 	// profiles changed: the hoarder plans again.
 	Changed func()
-	// Pinned is called (from Run's goroutine; it should hand the work off)
+	// Pinned is called (from a registration's goroutine; it should hand the work off)
 	// when an entry asks every node to fetch and pin an image (hoard image
 	// prefetch --cluster): its working set, or all of it with full.
 	Pinned func(manifest chunkstore.ID, full bool)
@@ -161,6 +165,18 @@ type Catalog struct {
 	nProfiles   int
 	// refused counts entries and profiles refused for want of room.
 	refused int
+
+	// jobs runs the registrations and removals (work), at most
+	// maxRegistrations at once; inflight holds their manifests, failed
+	// those that failed since the last retry; jobDone is signalled when one
+	// ends. nameMu serializes the jobs' changes to the store's names (the
+	// manifest fetches run in parallel), so that two images claiming one
+	// name are decided as if one at a time.
+	jobs     errgroup.Group
+	inflight map[chunkstore.ID]struct{}
+	failed   map[chunkstore.ID]struct{}
+	jobDone  chan struct{}
+	nameMu   sync.Mutex
 }
 
 // file is the catalog's on-disk form.
@@ -181,7 +197,9 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	c := &Catalog{st: st, o: o, entries: map[chunkstore.ID]p2p.CatalogEntry{},
 		profiles: map[chunkstore.ID]map[peer.ID]p2p.ProfileEntry{}, dropped: map[chunkstore.ID]uint64{},
 		pending: map[chunkstore.ID][]peer.ID{}, learned: map[string]chunkstore.ID{}, wake: make(chan struct{}, 1),
-		lim: defaultLimits, byPublisher: map[peer.ID]int{}, byNode: map[peer.ID]int{}}
+		lim: defaultLimits, byPublisher: map[peer.ID]int{}, byNode: map[peer.ID]int{},
+		inflight: map[chunkstore.ID]struct{}{}, failed: map[chunkstore.ID]struct{}{}, jobDone: make(chan struct{}, 1)}
+	c.jobs.SetLimit(maxRegistrations)
 	if o.Path == "" {
 		return c, nil
 	}
@@ -274,12 +292,15 @@ func (c *Catalog) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
+			c.jobs.Wait() // they end with ctx
 			c.save()
 			return nil
 		case <-c.wake:
-			c.work(ctx)
+			c.work(ctx, true)
 		case <-retry.C:
-			c.work(ctx)
+			c.work(ctx, true)
+		case <-c.jobDone:
+			c.work(ctx, false)
 		case <-save.C:
 			c.save()
 		}
@@ -532,49 +553,66 @@ func (c *Catalog) Entry(manifest chunkstore.ID) (p2p.CatalogEntry, bool) {
 	return e, ok
 }
 
-// work does the pending registrations and removals. When one changed the
-// images here (a name set or taken back, an image removed), Changed is
-// called once at the end: LearnCatalog's own call came before the manifest
-// was fetched, when the hoarder could not yet see the image.
-func (c *Catalog) work(ctx context.Context) {
+// work starts the pending registrations and removals, at most
+// maxRegistrations at a time and one at a time per manifest (an add and then
+// a remove of one image apply in order: the second waits for the first and
+// runs after it, the entry having changed meanwhile). retry: also those that
+// failed since the last retry (a wake from LearnCatalog or the retry tick);
+// else only the others (a job finished: room for one more). Run's goroutine
+// calls it.
+func (c *Catalog) work(ctx context.Context, retry bool) {
 	c.mu.Lock()
-	type job struct {
-		e    p2p.CatalogEntry
-		asks []peer.ID
-	}
-	var jobs []job
-	for id, asks := range c.pending {
-		jobs = append(jobs, job{c.entries[id], asks})
+	defer c.mu.Unlock()
+	if retry {
+		clear(c.failed)
 	}
 	p := c.p
-	c.mu.Unlock()
-	changed := false
-	defer func() {
-		if changed {
-			c.changed()
-		}
-	}()
-	for _, j := range jobs {
-		if ctx.Err() != nil {
+	for id, asks := range c.pending {
+		if len(c.inflight) >= maxRegistrations || ctx.Err() != nil {
 			return
 		}
-		var done, ch bool
-		if j.e.Removed {
-			done, ch = c.remove(ctx, j.e)
-		} else {
-			done, ch = c.register(ctx, p, j.e, j.asks)
-			if done && j.e.Pin && c.o.Pinned != nil {
-				c.o.Pinned(j.e.Manifest, j.e.Full)
-			}
+		if _, busy := c.inflight[id]; busy {
+			continue
 		}
-		changed = changed || ch
-		if done {
-			c.mu.Lock()
-			if cur := c.entries[j.e.Manifest]; cur.Version == j.e.Version && cur.Publisher == j.e.Publisher {
-				delete(c.pending, j.e.Manifest)
-			}
-			c.mu.Unlock()
+		if _, failed := c.failed[id]; failed {
+			continue
 		}
+		e := c.entries[id]
+		if !c.jobs.TryGo(func() error { c.job(ctx, p, e, asks); return nil }) {
+			return // a job still leaving; it signals jobDone
+		}
+		c.inflight[id] = struct{}{}
+	}
+}
+
+// job does one registration or removal. When it changed the images here (a
+// name set or taken back, an image removed), Changed is called: LearnCatalog's
+// own call came before the manifest was fetched, when the hoarder could not
+// yet see the image.
+func (c *Catalog) job(ctx context.Context, p Peer, e p2p.CatalogEntry, asks []peer.ID) {
+	var done, changed bool
+	if e.Removed {
+		done, changed = c.remove(ctx, e)
+	} else {
+		done, changed = c.register(ctx, p, e, asks)
+		if done && e.Pin && c.o.Pinned != nil {
+			c.o.Pinned(e.Manifest, e.Full)
+		}
+	}
+	c.mu.Lock()
+	delete(c.inflight, e.Manifest)
+	if cur := c.entries[e.Manifest]; done && cur.Version == e.Version && cur.Publisher == e.Publisher {
+		delete(c.pending, e.Manifest)
+	} else if !done {
+		c.failed[e.Manifest] = struct{}{}
+	}
+	c.mu.Unlock()
+	if changed {
+		c.changed()
+	}
+	select {
+	case c.jobDone <- struct{}{}:
+	default:
 	}
 }
 
@@ -601,6 +639,16 @@ func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks
 			return false, false
 		}
 		changed = true // the image is known by its CID now
+	}
+	// The names one job at a time (see Catalog.nameMu); a local rm while the
+	// manifest was fetched wins.
+	c.nameMu.Lock()
+	defer c.nameMu.Unlock()
+	c.mu.Lock()
+	v, dropped := c.dropped[e.Manifest]
+	c.mu.Unlock()
+	if dropped && e.Version <= v {
+		return true, changed
 	}
 	for _, name := range e.Names {
 		id, err := c.st.Resolve(ctx, name)
@@ -720,6 +768,8 @@ func (c *Catalog) remove(ctx context.Context, e p2p.CatalogEntry) (done, changed
 	if c.o.InUse != nil && c.o.InUse(e.Manifest) {
 		return false, false
 	}
+	c.nameMu.Lock()
+	defer c.nameMu.Unlock()
 	names, err := c.st.Names(ctx)
 	if err != nil {
 		return false, false

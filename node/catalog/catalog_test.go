@@ -30,14 +30,23 @@ type fakePeer struct {
 	asks atomic.Int64
 	// gate, when set, holds every Manifest call until it is closed.
 	gate chan struct{}
+	// delay is every Manifest call's latency (a slow peer); inflight and
+	// maxInflight count the calls under way at once.
+	delay                 time.Duration
+	inflight, maxInflight atomic.Int64
 }
 
 func (f *fakePeer) ID() peer.ID { return f.id }
 func (f *fakePeer) Manifest(_ context.Context, _ peer.ID, id chunkstore.ID) ([]byte, error) {
 	f.asks.Add(1)
+	n := f.inflight.Add(1)
+	defer f.inflight.Add(-1)
+	for m := f.maxInflight.Load(); n > m && !f.maxInflight.CompareAndSwap(m, n); m = f.maxInflight.Load() {
+	}
 	if f.gate != nil {
 		<-f.gate
 	}
+	time.Sleep(f.delay)
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	b, ok := f.mfs[id]
