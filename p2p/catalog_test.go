@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
-	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -399,30 +398,8 @@ func TestCatalogRejects(t *testing.T) {
 	})
 	runPeers(t, peers...)
 	waitGossipReady(t, peers...)
-	// Both sides' gossipsub runs before they connect, so each opens its
-	// stream to the other at once.
-	psCtx, psCancel := context.WithCancel(ctx)
-	defer psCancel()
-	ps, err := pubsub.NewGossipSub(psCtx, h, pubsub.WithMaxMessageSize(4<<20))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cat, err := ps.Join(TopicCatalog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	profs, err := ps.Join(TopicProfiles)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range peers {
-		if err := h.Connect(ctx, peer.AddrInfo{ID: p.ID(), Addrs: p.Host().Addrs()}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitUntil(t, 15*time.Second, "the rogue found no topic peers", func() bool {
-		return len(cat.ListPeers()) == 3 && len(profs.ListPeers()) == 3
-	})
+	topics := rogueGossip(t, ctx, h, peers, TopicCatalog, TopicProfiles)
+	cat, profs := topics[0], topics[1]
 	// Signed by the rogue, so that only the checks under test reject them
 	// (an entry whose signature is false demotes the rogue: see
 	// TestCatalogGossipForgedSignature).

@@ -9,6 +9,7 @@ import (
 	"github.com/hoardvm/hoard/chunkstore"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -105,20 +106,7 @@ func TestCatalogGossipForgedSignature(t *testing.T) {
 	defer cancel()
 	runPeers(t, peers...)
 	waitGossipReady(t, peers...)
-	ps, err := pubsub.NewGossipSub(ctx, h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cat, err := ps.Join(TopicCatalog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range peers {
-		if err := h.Connect(ctx, peer.AddrInfo{ID: p.ID(), Addrs: p.Host().Addrs()}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitUntil(t, 15*time.Second, "the rogue found no topic peers", func() bool { return len(cat.ListPeers()) == 2 })
+	cat := rogueGossip(t, ctx, h, peers, TopicCatalog)[0]
 	other, _ := keyForTest(t)
 	e := testEntry("forged-sig", h.ID(), 1, "evil")
 	if err := cat.Publish(ctx, forgeEntry(t, other, e)); err != nil {
@@ -213,6 +201,40 @@ func TestVerifyCatalogEntry(t *testing.T) {
 	if err := VerifyProfileEntry(pe); !errors.Is(err, ErrBadCatalogEntry) {
 		t.Errorf("an altered profile verified: %v", err)
 	}
+}
+
+// rogueGossip starts a raw gossipsub on h, with no validation, joins
+// topics, connects h to every peer and waits until each topic has them all.
+// The peers' gossipsub runs before they connect, so each side opens its
+// stream to the other at once.
+func rogueGossip(t *testing.T, ctx context.Context, h host.Host, peers []*Peer, topics ...string) []*pubsub.Topic {
+	t.Helper()
+	ps, err := pubsub.NewGossipSub(ctx, h, pubsub.WithMaxMessageSize(4<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*pubsub.Topic
+	for _, name := range topics {
+		topic, err := ps.Join(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, topic)
+	}
+	for _, p := range peers {
+		if err := h.Connect(ctx, peer.AddrInfo{ID: p.ID(), Addrs: p.Host().Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitUntil(t, 15*time.Second, "the rogue found no topic peers", func() bool {
+		for _, topic := range out {
+			if len(topic.ListPeers()) != len(peers) {
+				return false
+			}
+		}
+		return true
+	})
+	return out
 }
 
 // signedEntry is e signed by p (what a node records before it publishes).

@@ -79,24 +79,25 @@ func (f *fakePeer) PublishProfile(_ context.Context, e p2p.ProfileEntry) error {
 // SignCatalog and SignProfile mark the entry as signed by f (the catalog
 // does not check signatures: p2p does, before LearnCatalog).
 func (f *fakePeer) SignCatalog(e p2p.CatalogEntry) (p2p.CatalogEntry, error) {
-	if e.Publisher == "" {
-		e.Publisher = f.id
-	}
-	if e.Publisher != f.id {
-		return e, fmt.Errorf("entry of %s signed by %s", e.Publisher, f.id)
-	}
-	e.Sig = []byte("signed by " + f.id)
-	return e, nil
+	var err error
+	e.Sig, err = f.sign(&e.Publisher)
+	return e, err
 }
 func (f *fakePeer) SignProfile(e p2p.ProfileEntry) (p2p.ProfileEntry, error) {
-	if e.Node == "" {
-		e.Node = f.id
+	var err error
+	e.Sig, err = f.sign(&e.Node)
+	return e, err
+}
+
+// sign fills *who in when empty and returns a signature, if *who is f.
+func (f *fakePeer) sign(who *peer.ID) ([]byte, error) {
+	if *who == "" {
+		*who = f.id
 	}
-	if e.Node != f.id {
-		return e, fmt.Errorf("profile of %s signed by %s", e.Node, f.id)
+	if *who != f.id {
+		return nil, fmt.Errorf("entry of %s signed by %s", *who, f.id)
 	}
-	e.Sig = []byte("signed by " + f.id)
-	return e, nil
+	return []byte("signed by " + f.id), nil
 }
 
 // pid returns a real peer ID for name (peer IDs round-trip through the
