@@ -78,8 +78,9 @@ type CatalogBackend interface {
 	// Profiles returns every profile entry this node knows, as Catalog.
 	Profiles(ctx context.Context) ([]ProfileEntry, error)
 	// LearnCatalog is called with each entry received from a peer, live by
-	// pubsub or by sync; from is the peer it came from (for pubsub the relay,
-	// while e.Publisher is the verified signer). Entries may be old, repeated,
+	// pubsub or by sync, once its signature checked (VerifyCatalogEntry: the
+	// change is e.Publisher's); from is the peer it came from (for pubsub
+	// the relay). Entries may be old, repeated,
 	// or this node's own: keep the one that Supersedes. Calls of LearnCatalog
 	// and LearnProfile are serialized (one goroutine) and should return
 	// quickly: pubsub entries arriving while the queue is full are dropped
