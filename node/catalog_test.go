@@ -1,7 +1,9 @@
 package node_test
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -11,6 +13,9 @@ import (
 	"github.com/hoardvm/hoard/node"
 	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/p2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
 )
 
 // TestCatalogReachesEveryNode (scatter hoarding, part 1): an image added on
@@ -103,6 +108,76 @@ func TestCatalogReachesEveryNode(t *testing.T) {
 		t.Fatal("node 3 lost the image while it was down: the test tests nothing")
 	}
 	waitFor(t, "node 3 to learn the removal when it is back", func() bool { return gone(n3) })
+}
+
+// TestCatalogForgedTombstoneBySync: a peer with the swarm key that serves,
+// by catalog sync, a tombstone forged in the name of the node that added an
+// image (carrying that node's real public key, signed with its own) removes
+// the image on no node, and every node demotes it.
+func TestCatalogForgedTombstoneBySync(t *testing.T) {
+	t.Parallel()
+	data, _ := mockImage(1<<20, 23)
+	srv := newRangeServer(t, data)
+	cl, mn := startMockNet(t, 3, func(_ int, c *node.Config) {
+		c.P2P.Options = append(c.P2P.Options, p2p.WithCatalogSyncInterval(2*time.Second))
+	})
+	res := addImage(t, cl[0], api.ImportRequest{Source: srv.URL + "/img.raw", Name: "img", Lazy: true, Chunking: "fixed"})
+	known := func(tn *testNode) bool {
+		id, err := tn.Store().Resolve(t.Context(), "img")
+		return err == nil && id == res.Manifest
+	}
+	for i, tn := range cl {
+		waitFor(t, fmt.Sprint("node ", i, " to learn the image"), func() bool { return known(tn) })
+	}
+	rogue, err := mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mn.LinkAll(); err != nil {
+		t.Fatal(err)
+	}
+	victim := cl[0].P2P()
+	victimKey, err := crypto.MarshalPublicKey(victim.Host().Peerstore().PubKey(victim.ID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The rogue signs the tombstone as itself, then puts it in node 0's
+	// name; its version (an hour ahead) supersedes the image's entry.
+	forged, err := p2p.SignCatalogEntry(rogue.Peerstore().PrivKey(rogue.ID()),
+		p2p.CatalogEntry{Manifest: res.Manifest, Removed: true, Version: p2p.NextVersion(0, time.Now().Add(time.Hour))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged.Publisher, forged.Key = victim.ID(), victimKey
+	body, err := p2p.AppendCatalogEntry(nil, forged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A sync reply (p2p/doc.go): the entry's frame, then END (0x11, flags 0).
+	reply := binary.AppendUvarint(nil, uint64(len(body)))
+	reply = append(reply, body...)
+	reply = append(reply, 2, 0x11, 0)
+	rogue.SetStreamHandler(p2p.ProtocolCatalogSync, func(s network.Stream) {
+		defer s.Close()
+		s.Write(reply)
+	})
+	for _, tn := range cl {
+		if err := rogue.Connect(t.Context(), peer.AddrInfo{ID: tn.P2P().ID(), Addrs: tn.P2P().Host().Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, tn := range cl {
+		waitFor(t, fmt.Sprint("node ", i, " to demote the rogue or lose the image"), func() bool { return tn.P2P().Bad(rogue.ID()) || !known(tn) })
+	}
+	time.Sleep(3 * time.Second) // a sync interval and more: nodes sync with one another
+	for i, tn := range cl {
+		if !known(tn) {
+			t.Errorf("node %d lost the image to a forged tombstone", i)
+		}
+		if !tn.P2P().Bad(rogue.ID()) {
+			t.Errorf("node %d did not demote the peer that served the forged tombstone", i)
+		}
+	}
 }
 
 // shortDir is a temp dir with a short path (unix socket paths are limited).

@@ -13,7 +13,9 @@ import (
 	"unicode/utf8"
 
 	"github.com/hoardvm/hoard/chunkstore"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
+	mh "github.com/multiformats/go-multihash"
 )
 
 // CatalogEntry is one image of the cluster-wide catalog as one node last
@@ -37,6 +39,14 @@ type CatalogEntry struct {
 	// Publisher is the peer that made the change. Over pubsub it is checked
 	// against the message's signer; PublishCatalog fills it in when empty.
 	Publisher peer.ID
+	// Sig is Publisher's signature of the entry (SignCatalogEntry), checked
+	// on every path it arrives by (VerifyCatalogEntry): whoever relays or
+	// serves an entry cannot change it.
+	Sig []byte `json:",omitempty"`
+	// Key is Publisher's public key (libp2p's marshalled form) when its peer
+	// ID does not embed it (ed25519 IDs do: then Key is empty); an entry
+	// whose publisher's key cannot be had is refused.
+	Key []byte `json:",omitempty"`
 }
 
 // ProfileEntry is one node's boot profile (working set) of an image. Per
@@ -50,6 +60,10 @@ type ProfileEntry struct {
 	// Profile holds at most MaxProfileChunks distinct chunk indices.
 	Profile chunkstore.Profile
 	Version uint64
+	// Sig is Node's signature of the entry and Key its public key when its
+	// peer ID does not embed it, as in CatalogEntry.
+	Sig []byte `json:",omitempty"`
+	Key []byte `json:",omitempty"`
 }
 
 // CatalogBackend is the optional half of a Backend that keeps the catalog and
@@ -64,8 +78,9 @@ type CatalogBackend interface {
 	// Profiles returns every profile entry this node knows, as Catalog.
 	Profiles(ctx context.Context) ([]ProfileEntry, error)
 	// LearnCatalog is called with each entry received from a peer, live by
-	// pubsub or by sync; from is the peer it came from (for pubsub the relay,
-	// while e.Publisher is the verified signer). Entries may be old, repeated,
+	// pubsub or by sync, once its signature checked (VerifyCatalogEntry: the
+	// change is e.Publisher's); from is the peer it came from (for pubsub
+	// the relay). Entries may be old, repeated,
 	// or this node's own: keep the one that Supersedes. Calls of LearnCatalog
 	// and LearnProfile are serialized (one goroutine) and should return
 	// quickly: pubsub entries arriving while the queue is full are dropped
@@ -90,6 +105,17 @@ const (
 	// frame body.
 	MaxCatalogEntrySize = 1 << 20
 	maxPeerIDLen        = 128
+	// maxSigLen bounds a signature (ed25519: 64 bytes; RSA-4096: 512) and
+	// maxKeyLen a public key carried in an entry.
+	maxSigLen = 512
+	maxKeyLen = 1024
+)
+
+// Signing domains: what a publisher signs is the domain, then the entry's
+// encoding without its signature.
+const (
+	catalogSigDomain = "hoard catalog entry v1\x00"
+	profileSigDomain = "hoard profile entry v1\x00"
 )
 
 // Catalog entry encodings: the first byte of a pubsub message or a sync frame.
@@ -120,20 +146,37 @@ func (e CatalogEntry) Supersedes(old CatalogEntry) bool {
 	if e.Publisher != old.Publisher {
 		return e.Publisher > old.Publisher
 	}
-	a, _ := AppendCatalogEntry(nil, e)
-	b, _ := AppendCatalogEntry(nil, old)
+	a, _ := appendCatalogBody(nil, e)
+	b, _ := appendCatalogBody(nil, old)
 	return bytes.Compare(a, b) > 0
 }
 
 // Supersedes reports whether e wins over old, an entry for the same manifest
-// and node: a greater Version wins, then the greater encoding.
+// and node: a greater Version wins, then the greater encoding (signatures
+// left out: an entry and its signed copy are the same change).
 func (e ProfileEntry) Supersedes(old ProfileEntry) bool {
 	if e.Version != old.Version {
 		return e.Version > old.Version
 	}
-	a, _ := AppendProfileEntry(nil, e)
-	b, _ := AppendProfileEntry(nil, old)
+	a, _ := appendProfileBody(nil, e)
+	b, _ := appendProfileBody(nil, old)
 	return bytes.Compare(a, b) > 0
+}
+
+// SameChange reports whether e and o are the same change, signatures left
+// out.
+func (e CatalogEntry) SameChange(o CatalogEntry) bool {
+	a, errA := appendCatalogBody(nil, e)
+	b, errB := appendCatalogBody(nil, o)
+	return errA == nil && errB == nil && bytes.Equal(a, b)
+}
+
+// SameChange reports whether e and o are the same profile, signatures left
+// out.
+func (e ProfileEntry) SameChange(o ProfileEntry) bool {
+	a, errA := appendProfileBody(nil, e)
+	b, errB := appendProfileBody(nil, o)
+	return errA == nil && errB == nil && bytes.Equal(a, b)
 }
 
 // NextVersion returns the version for a new change to an entry whose greatest
@@ -149,8 +192,50 @@ func NextVersion(known uint64, now time.Time) uint64 {
 }
 
 // AppendCatalogEntry appends e's encoding (see doc.go) to b, or returns an
-// error, without appending, when e is out of bounds.
+// error, without appending, when e is out of bounds or not signed.
 func AppendCatalogEntry(b []byte, e CatalogEntry) ([]byte, error) {
+	if err := checkSigned(e.Publisher, e.Sig, e.Key); err != nil {
+		return b, err
+	}
+	start := len(b)
+	b, err := appendCatalogBody(b, e)
+	if err != nil {
+		return b[:start], err
+	}
+	return appendSig(b, e.Sig, e.Key), nil
+}
+
+// checkSigned checks the bounds of a signature and of the key that goes
+// with it: present exactly when id does not embed its key.
+func checkSigned(id peer.ID, sig, key []byte) error {
+	if len(sig) == 0 || len(sig) > maxSigLen {
+		return badEntry("signature of %d bytes: want 1 to %d (sign the entry: SignCatalogEntry)", len(sig), maxSigLen)
+	}
+	if len(key) > maxKeyLen {
+		return badEntry("public key of %d bytes (max %d)", len(key), maxKeyLen)
+	}
+	if len(key) > 0 && embedsKey(id) {
+		return badEntry("public key given while the peer ID %s embeds it", id)
+	}
+	return nil
+}
+
+// embedsKey reports whether id is an identity multihash of its public key
+// (ed25519 and secp256k1 IDs), whose key ExtractPublicKey returns.
+func embedsKey(id peer.ID) bool {
+	d, err := mh.Decode([]byte(id))
+	return err == nil && d.Code == mh.IDENTITY
+}
+
+func appendSig(b, sig, key []byte) []byte {
+	b = binary.AppendUvarint(b, uint64(len(sig)))
+	b = append(b, sig...)
+	b = binary.AppendUvarint(b, uint64(len(key)))
+	return append(b, key...)
+}
+
+// appendCatalogBody appends e's encoding without its signature.
+func appendCatalogBody(b []byte, e CatalogEntry) ([]byte, error) {
 	if err := checkCatalogEntry(e); err != nil {
 		return b, err
 	}
@@ -221,8 +306,20 @@ func checkPeerID(id peer.ID, what string) error {
 }
 
 // AppendProfileEntry appends e's encoding (see doc.go) to b, or returns an
-// error, without appending, when e is out of bounds.
+// error, without appending, when e is out of bounds or not signed.
 func AppendProfileEntry(b []byte, e ProfileEntry) ([]byte, error) {
+	if err := checkSigned(e.Node, e.Sig, e.Key); err != nil {
+		return b, err
+	}
+	return appendProfile(b, e, true)
+}
+
+// appendProfileBody appends e's encoding without its signature.
+func appendProfileBody(b []byte, e ProfileEntry) ([]byte, error) {
+	return appendProfile(b, e, false)
+}
+
+func appendProfile(b []byte, e ProfileEntry, signed bool) ([]byte, error) {
 	if !e.Manifest.Defined() {
 		return b, badEntry("no manifest")
 	}
@@ -252,6 +349,9 @@ func AppendProfileEntry(b []byte, e ProfileEntry) ([]byte, error) {
 	b = binary.AppendUvarint(b, e.Version)
 	b = binary.AppendUvarint(b, uint64(len(e.Node)))
 	b = append(b, e.Node...)
+	if signed {
+		b = appendSig(b, e.Sig, e.Key)
+	}
 	b = append(b, e.Profile.Encode()...)
 	if len(b)-start > MaxCatalogEntrySize {
 		return b[:start], badEntry("profile of %d bytes encoded (max %d); trim the profile", len(b)-start, MaxCatalogEntrySize)
@@ -286,6 +386,32 @@ func (d *entryDecoder) manifest() (chunkstore.ID, error) {
 		return chunkstore.ID{}, err
 	}
 	return chunkstore.IDFromDigest([sha256.Size]byte(v)), nil
+}
+
+// sig reads a signature and the public key that goes with it.
+func (d *entryDecoder) sig() (sig, key []byte, err error) {
+	n, err := d.uvarint("signature length", maxSigLen)
+	if err != nil {
+		return nil, nil, err
+	}
+	if n == 0 {
+		return nil, nil, badEntry("not signed")
+	}
+	v, err := d.bytes(int(n), "signature")
+	if err != nil {
+		return nil, nil, err
+	}
+	sig = bytes.Clone(v)
+	if n, err = d.uvarint("public key length", maxKeyLen); err != nil {
+		return nil, nil, err
+	}
+	if n > 0 {
+		if v, err = d.bytes(int(n), "public key"); err != nil {
+			return nil, nil, err
+		}
+		key = bytes.Clone(v)
+	}
+	return sig, key, nil
 }
 
 func (d *entryDecoder) peerID(what string) (peer.ID, error) {
@@ -348,6 +474,9 @@ func DecodeCatalogEntry(b []byte) (CatalogEntry, error) {
 		}
 		e.Names = append(e.Names, string(v))
 	}
+	if e.Sig, e.Key, err = d.sig(); err != nil {
+		return e, err
+	}
 	if len(d.b) != 0 {
 		return e, badEntry("%d trailing bytes", len(d.b))
 	}
@@ -385,6 +514,12 @@ func DecodeProfileEntry(b []byte) (ProfileEntry, error) {
 	if err := checkPeerID(e.Node, "node"); err != nil {
 		return ProfileEntry{}, err
 	}
+	if e.Sig, e.Key, err = d.sig(); err != nil {
+		return ProfileEntry{}, err
+	}
+	if err := checkSigned(e.Node, e.Sig, e.Key); err != nil {
+		return ProfileEntry{}, err
+	}
 	// DecodeProfile checks that its count fits the data, so the allocation
 	// is bounded by len(b).
 	prof, err := chunkstore.DecodeProfile(d.b, maxProfileIndex)
@@ -399,4 +534,108 @@ func DecodeProfileEntry(b []byte) (ProfileEntry, error) {
 	}
 	e.Profile = *prof
 	return e, nil
+}
+
+// SignCatalogEntry returns e signed with priv, the key of e.Publisher (filled
+// in from priv when empty).
+func SignCatalogEntry(priv crypto.PrivKey, e CatalogEntry) (CatalogEntry, error) {
+	id, key, err := signer(priv, &e.Publisher)
+	if err != nil {
+		return e, fmt.Errorf("sign catalog entry of %s: %w", e.Manifest, err)
+	}
+	e.Key = key
+	body, err := appendCatalogBody([]byte(catalogSigDomain), e)
+	if err != nil {
+		return e, fmt.Errorf("sign catalog entry of %s: %w", e.Manifest, err)
+	}
+	if e.Sig, err = priv.Sign(body); err != nil {
+		return e, fmt.Errorf("sign catalog entry of %s as %s: %w", e.Manifest, id, err)
+	}
+	return e, nil
+}
+
+// SignProfileEntry returns e signed with priv, the key of e.Node (filled in
+// from priv when empty).
+func SignProfileEntry(priv crypto.PrivKey, e ProfileEntry) (ProfileEntry, error) {
+	id, key, err := signer(priv, &e.Node)
+	if err != nil {
+		return e, fmt.Errorf("sign profile of %s: %w", e.Manifest, err)
+	}
+	e.Key = key
+	body, err := appendProfileBody([]byte(profileSigDomain), e)
+	if err != nil {
+		return e, fmt.Errorf("sign profile of %s: %w", e.Manifest, err)
+	}
+	if e.Sig, err = priv.Sign(body); err != nil {
+		return e, fmt.Errorf("sign profile of %s as %s: %w", e.Manifest, id, err)
+	}
+	return e, nil
+}
+
+// signer checks that priv is the key of *who, filling *who in when empty,
+// and returns the public key an entry must carry (nil when the ID embeds it).
+func signer(priv crypto.PrivKey, who *peer.ID) (peer.ID, []byte, error) {
+	if priv == nil {
+		return "", nil, errors.New("no private key: the node's identity key is not in its peerstore")
+	}
+	id, err := peer.IDFromPrivateKey(priv)
+	if err != nil {
+		return "", nil, err
+	}
+	if *who == "" {
+		*who = id
+	}
+	if *who != id {
+		return "", nil, fmt.Errorf("entry of %s cannot be signed by %s: a node signs only its own changes", *who, id)
+	}
+	if embedsKey(id) {
+		return id, nil, nil
+	}
+	key, err := crypto.MarshalPublicKey(priv.GetPublic())
+	if err != nil {
+		return "", nil, err
+	}
+	return id, key, nil
+}
+
+// VerifyCatalogEntry checks e.Sig against e.Publisher's public key, taken
+// from its peer ID. An error wraps ErrBadCatalogEntry: the entry is false
+// (or its publisher's key cannot be had) and must be dropped.
+func VerifyCatalogEntry(e CatalogEntry) error {
+	body, err := appendCatalogBody([]byte(catalogSigDomain), e)
+	if err != nil {
+		return err
+	}
+	return verifySig(e.Publisher, body, e.Sig, e.Key, "catalog entry of "+e.Manifest.String())
+}
+
+// VerifyProfileEntry checks e.Sig against e.Node's public key, as
+// VerifyCatalogEntry.
+func VerifyProfileEntry(e ProfileEntry) error {
+	body, err := appendProfileBody([]byte(profileSigDomain), e)
+	if err != nil {
+		return err
+	}
+	return verifySig(e.Node, body, e.Sig, e.Key, "profile of "+e.Manifest.String())
+}
+
+func verifySig(id peer.ID, body, sig, key []byte, what string) error {
+	if err := checkSigned(id, sig, key); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	var pub crypto.PubKey
+	var err error
+	if len(key) == 0 {
+		pub, err = id.ExtractPublicKey()
+	} else if pub, err = crypto.UnmarshalPublicKey(key); err == nil && !id.MatchesPublicKey(pub) {
+		err = errors.New("the key carried is not the peer ID's")
+	}
+	if err != nil {
+		return badEntry("%s: no public key of %s (%v): its publisher must sign it with its identity key (SignCatalogEntry)", what, id, err)
+	}
+	ok, err := pub.Verify(body, sig)
+	if err != nil || !ok {
+		return badEntry("%s: signature is not %s's", what, id)
+	}
+	return nil
 }

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/hoardvm/hoard/chunkstore"
-	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -307,19 +306,19 @@ func TestCatalogSyncLateJoiner(t *testing.T) {
 	gone := testEntry("centos", peers[0].ID(), 20, "centos-7")
 	gone.Removed = true
 	for _, e := range []CatalogEntry{live, gone} {
-		bs[0].put(e)
+		bs[0].put(signedEntry(t, peers[0], e))
 		if err := peers[0].PublishCatalog(ctx, e); err != nil {
 			t.Fatal(err)
 		}
 	}
 	prof := ProfileEntry{Manifest: live.Manifest, Node: peers[1].ID(), Version: 3, Profile: chunkstore.Profile{Boots: 1, Chunks: []int{4, 2}}}
-	bs[1].putProfile(prof)
+	bs[1].putProfile(signedProfile(t, peers[1], prof))
 	if err := peers[1].PublishProfile(ctx, prof); err != nil {
 		t.Fatal(err)
 	}
 	// Known to peer 2 only (learned by it earlier, say): only sync carries it.
 	quiet := testEntry("alpine", peers[2].ID(), 7, "alpine-3")
-	bs[2].put(quiet)
+	bs[2].put(signedEntry(t, peers[2], quiet))
 	waitUntil(t, 10*time.Second, "the cluster did not learn the announcements", func() bool {
 		_, ok := bs[2].entry(gone.Manifest)
 		_, ok2 := bs[0].profile(prof.Manifest, prof.Node)
@@ -338,7 +337,7 @@ func TestCatalogSyncLateJoiner(t *testing.T) {
 	}
 	t.Cleanup(func() { late.Close() })
 	own := testEntry("fedora", late.ID(), 1, "fedora-40")
-	bs[3].put(own)
+	bs[3].put(signedEntry(t, late, own))
 	if err := mn.LinkAll(); err != nil {
 		t.Fatal(err)
 	}
@@ -399,33 +398,15 @@ func TestCatalogRejects(t *testing.T) {
 	})
 	runPeers(t, peers...)
 	waitGossipReady(t, peers...)
-	// Both sides' gossipsub runs before they connect, so each opens its
-	// stream to the other at once.
-	psCtx, psCancel := context.WithCancel(ctx)
-	defer psCancel()
-	ps, err := pubsub.NewGossipSub(psCtx, h, pubsub.WithMaxMessageSize(4<<20))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cat, err := ps.Join(TopicCatalog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	profs, err := ps.Join(TopicProfiles)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range peers {
-		if err := h.Connect(ctx, peer.AddrInfo{ID: p.ID(), Addrs: p.Host().Addrs()}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitUntil(t, 15*time.Second, "the rogue found no topic peers", func() bool {
-		return len(cat.ListPeers()) == 3 && len(profs.ListPeers()) == 3
-	})
-	good, _ := AppendCatalogEntry(nil, testEntry("good", h.ID(), 1, "good"))
-	forged, _ := AppendCatalogEntry(nil, testEntry("forged", peers[1].ID(), 1, "evil"))
-	forgedProf, _ := AppendProfileEntry(nil, ProfileEntry{Manifest: chunkstore.Sum([]byte("p")), Node: peers[2].ID(), Version: 1})
+	topics := rogueGossip(t, ctx, h, peers, TopicCatalog, TopicProfiles)
+	cat, profs := topics[0], topics[1]
+	// Signed by the rogue, so that only the checks under test reject them
+	// (an entry whose signature is false demotes the rogue: see
+	// TestCatalogGossipForgedSignature).
+	key := h.Peerstore().PrivKey(h.ID())
+	good := forgeEntry(t, key, testEntry("good", h.ID(), 1, "good"))
+	forged := forgeEntry(t, key, testEntry("forged", peers[1].ID(), 1, "evil"))
+	forgedProf := forgeProfile(t, key, ProfileEntry{Manifest: chunkstore.Sum([]byte("p")), Node: peers[2].ID(), Version: 1})
 	oversized := append(slices.Clone(good), make([]byte, MaxCatalogEntrySize)...)
 	bad := [][]byte{
 		{0xff, 0x00},
@@ -515,7 +496,7 @@ func TestCatalogCloseStops(t *testing.T) {
 	peers, bs, mn := catCluster(t, 3, WithCatalogSyncInterval(200*time.Millisecond))
 	stop := runPeers(t, peers...)
 	waitGossipReady(t, peers...)
-	bs[0].put(testEntry("a", peers[0].ID(), 1, "a"))
+	bs[0].put(signedEntry(t, peers[0], testEntry("a", peers[0].ID(), 1, "a")))
 	if err := peers[0].PublishCatalog(t.Context(), testEntry("a", "", 1, "a")); err != nil {
 		t.Fatal(err)
 	}
@@ -542,7 +523,7 @@ func TestCatalogCloseStops(t *testing.T) {
 func TestCatalogReportBad(t *testing.T) {
 	t.Parallel()
 	peers, bs, _ := catCluster(t, 2, WithCatalogSyncInterval(time.Hour))
-	bs[1].put(testEntry("x", peers[1].ID(), 1, "x"))
+	bs[1].put(signedEntry(t, peers[1], testEntry("x", peers[1].ID(), 1, "x")))
 	peers[0].ReportBad(peers[1].ID(), errors.New("manifest does not match its CID"))
 	if !peers[0].Bad(peers[1].ID()) {
 		t.Fatal("ReportBad did not mark the peer bad")
@@ -577,26 +558,39 @@ func TestCatalogReportBad(t *testing.T) {
 
 func TestCatalogEntryCodec(t *testing.T) {
 	t.Parallel()
-	pid := peerIDForTest(t)
-	e := CatalogEntry{Manifest: chunkstore.Sum([]byte("m")), Names: []string{"a", "débian"}, Removed: true, Version: 1 << 60, Publisher: pid}
+	key, pid := keyForTest(t)
+	sign := func(e CatalogEntry) CatalogEntry {
+		e, err := SignCatalogEntry(key, e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	e := sign(CatalogEntry{Manifest: chunkstore.Sum([]byte("m")), Names: []string{"a", "débian"}, Removed: true, Version: 1 << 60, Publisher: pid})
 	b, err := AppendCatalogEntry(nil, e)
 	if err != nil {
 		t.Fatal(err)
 	}
 	got, err := DecodeCatalogEntry(b)
-	if err != nil || got.Manifest != e.Manifest || !slices.Equal(got.Names, e.Names) || got.Removed != e.Removed || got.Version != e.Version || got.Publisher != e.Publisher {
+	if err != nil || got.Manifest != e.Manifest || !slices.Equal(got.Names, e.Names) || got.Removed != e.Removed || got.Version != e.Version || got.Publisher != e.Publisher || !bytes.Equal(got.Sig, e.Sig) {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
-	pin := CatalogEntry{Manifest: e.Manifest, Names: []string{"a"}, Pin: true, Full: true, Version: 2, Publisher: pid}
+	if err := VerifyCatalogEntry(got); err != nil {
+		t.Fatalf("a signed entry does not verify after a round trip: %v", err)
+	}
+	pin := sign(CatalogEntry{Manifest: e.Manifest, Names: []string{"a"}, Pin: true, Full: true, Version: 2, Publisher: pid})
 	if pb, err := AppendCatalogEntry(nil, pin); err != nil {
 		t.Fatal(err)
 	} else if got, err := DecodeCatalogEntry(pb); err != nil || !got.Pin || !got.Full || got.Removed {
 		t.Fatalf("pinned entry round trip: %+v, %v", got, err)
 	}
-	if _, err := AppendCatalogEntry(nil, CatalogEntry{Manifest: e.Manifest, Removed: true, Pin: true, Version: 3, Publisher: pid}); err == nil {
+	if _, err := AppendCatalogEntry(nil, CatalogEntry{Manifest: e.Manifest, Removed: true, Pin: true, Version: 3, Publisher: pid, Sig: []byte{1}}); err == nil {
 		t.Fatal("a pinned tombstone encoded")
 	}
-	pe := ProfileEntry{Manifest: e.Manifest, Node: pid, Version: 9, Profile: chunkstore.Profile{Boots: 3, Chunks: []int{5, 1, 1 << 30}}}
+	pe, err := SignProfileEntry(key, ProfileEntry{Manifest: e.Manifest, Node: pid, Version: 9, Profile: chunkstore.Profile{Boots: 3, Chunks: []int{5, 1, 1 << 30}}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	pb, err := AppendProfileEntry(nil, pe)
 	if err != nil {
 		t.Fatal(err)
@@ -604,6 +598,9 @@ func TestCatalogEntryCodec(t *testing.T) {
 	gp, err := DecodeProfileEntry(pb)
 	if err != nil || gp.Node != pid || gp.Version != 9 || gp.Profile.Boots != 3 || !slices.Equal(gp.Profile.Chunks, pe.Profile.Chunks) {
 		t.Fatalf("profile round trip: %+v, %v", gp, err)
+	}
+	if err := VerifyProfileEntry(gp); err != nil {
+		t.Fatalf("a signed profile does not verify after a round trip: %v", err)
 	}
 
 	many := make([]string, MaxCatalogNames+1)
@@ -619,7 +616,12 @@ func TestCatalogEntryCodec(t *testing.T) {
 		"empty name":   {Manifest: e.Manifest, Publisher: pid, Names: []string{""}},
 		"repeated":     {Manifest: e.Manifest, Publisher: pid, Names: []string{"a", "a"}},
 		"not utf-8":    {Manifest: e.Manifest, Publisher: pid, Names: []string{"\xff"}},
+		"unsigned":     {Manifest: e.Manifest, Publisher: pid, Names: []string{"a"}, Sig: []byte{}},
+		"long sig":     {Manifest: e.Manifest, Publisher: pid, Names: []string{"a"}, Sig: make([]byte, maxSigLen+1)},
 	} {
+		if bad.Sig == nil {
+			bad.Sig = []byte{1} // so that the bound under test is what fails
+		}
 		if out, err := AppendCatalogEntry([]byte{9}, bad); !errors.Is(err, ErrBadCatalogEntry) || !bytes.Equal(out, []byte{9}) {
 			t.Errorf("%s: AppendCatalogEntry = %x, %v", name, out, err)
 		}
@@ -633,7 +635,11 @@ func TestCatalogEntryCodec(t *testing.T) {
 		"repeated":    {Manifest: e.Manifest, Node: pid, Profile: chunkstore.Profile{Chunks: []int{1, 1}}},
 		"negative":    {Manifest: e.Manifest, Node: pid, Profile: chunkstore.Profile{Chunks: []int{-1}}},
 		"no node":     {Manifest: e.Manifest, Profile: chunkstore.Profile{Chunks: []int{1}}},
+		"unsigned":    {Manifest: e.Manifest, Node: pid, Profile: chunkstore.Profile{Chunks: []int{1}}, Sig: []byte{}},
 	} {
+		if bad.Sig == nil {
+			bad.Sig = []byte{1}
+		}
 		if _, err := AppendProfileEntry(nil, bad); !errors.Is(err, ErrBadCatalogEntry) {
 			t.Errorf("%s: AppendProfileEntry: %v", name, err)
 		}
@@ -648,6 +654,8 @@ func TestCatalogEntryCodec(t *testing.T) {
 		"full no pin": slices.Concat(b[:33], []byte{4}, b[34:]),
 		"non-minimal": nonMinimal,
 		"huge":        make([]byte, MaxCatalogEntrySize+1),
+		"unsigned":    slices.Concat(b[:len(b)-len(e.Sig)-1], []byte{0}),
+		"short sig":   b[:len(b)-1],
 	} {
 		if _, err := DecodeCatalogEntry(in); !errors.Is(err, ErrBadCatalogEntry) {
 			t.Errorf("%s: DecodeCatalogEntry accepted %d bytes (%v)", name, len(in), err)
@@ -713,14 +721,24 @@ func TestCatalogSupersedes(t *testing.T) {
 }
 
 func FuzzDecodeCatalog(f *testing.F) {
-	pid := peerIDForTest(f)
-	e, _ := AppendCatalogEntry(nil, CatalogEntry{Manifest: chunkstore.Sum([]byte("m")), Names: []string{"a", "b"}, Version: 3, Publisher: pid})
-	r, _ := AppendCatalogEntry(nil, CatalogEntry{Manifest: chunkstore.Sum([]byte("m")), Removed: true, Version: 4, Publisher: pid})
-	p, _ := AppendProfileEntry(nil, ProfileEntry{Manifest: chunkstore.Sum([]byte("m")), Node: pid, Version: 1, Profile: chunkstore.Profile{Boots: 1, Chunks: []int{3, 1, 2}}})
-	for _, b := range [][]byte{e, r, p, {entryCatalog}, {entryProfile}, {syncEnd, 0}} {
+	// A fixed key: the fuzzing workers, other processes, make the same seeds.
+	key, _, err := crypto.GenerateEd25519Key(bytes.NewReader(bytes.Repeat([]byte{7}, 64)))
+	if err != nil {
+		f.Fatal(err)
+	}
+	pid, err := peer.IDFromPrivateKey(key)
+	if err != nil {
+		f.Fatal(err)
+	}
+	e := forgeEntry(f, key, CatalogEntry{Manifest: chunkstore.Sum([]byte("m")), Names: []string{"a", "b"}, Version: 3, Publisher: pid})
+	r := forgeEntry(f, key, CatalogEntry{Manifest: chunkstore.Sum([]byte("m")), Removed: true, Version: 4, Publisher: pid})
+	p := forgeProfile(f, key, ProfileEntry{Manifest: chunkstore.Sum([]byte("m")), Node: pid, Version: 1, Profile: chunkstore.Profile{Boots: 1, Chunks: []int{3, 1, 2}}})
+	seeds := [][]byte{e, r, p, {entryCatalog}, {entryProfile}, {syncEnd, 0}}
+	for _, b := range seeds {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
+		seed := slices.ContainsFunc(seeds[:3], func(s []byte) bool { return bytes.Equal(s, b) })
 		if e, err := DecodeCatalogEntry(b); err == nil {
 			again, err := AppendCatalogEntry(nil, e)
 			if err != nil || !bytes.Equal(again, b) {
@@ -728,6 +746,11 @@ func FuzzDecodeCatalog(f *testing.F) {
 			}
 			if e.Supersedes(e) {
 				t.Fatal("an entry supersedes itself")
+			}
+			// Only the signed seeds verify: anything else the fuzzer
+			// makes of them is an entry the publisher did not sign.
+			if err := VerifyCatalogEntry(e); (err == nil) != seed {
+				t.Fatalf("VerifyCatalogEntry = %v (a seed: %v)", err, seed)
 			}
 		}
 		if e, err := DecodeProfileEntry(b); err == nil {
@@ -737,6 +760,9 @@ func FuzzDecodeCatalog(f *testing.F) {
 			}
 			if len(e.Profile.Chunks) > MaxProfileChunks {
 				t.Fatal("profile over the bound")
+			}
+			if err := VerifyProfileEntry(e); (err == nil) != seed {
+				t.Fatalf("VerifyProfileEntry = %v (a seed: %v)", err, seed)
 			}
 		}
 	})
@@ -749,7 +775,7 @@ func TestRealCatalog(t *testing.T) {
 	ba, bb := newCatBackend(), newCatBackend()
 	a := realPeer(t, WithSwarmKey(key), WithBackend(ba))
 	old := testEntry("old", a.ID(), 1, "old")
-	ba.put(old)
+	ba.put(signedEntry(t, a, old))
 	b := realPeer(t, WithSwarmKey(key), WithBackend(bb), WithBootstrap([]string{a.Addrs()[0].String()}))
 	runPeers(t, a, b)
 	waitUntil(t, 15*time.Second, "b did not sync a's entry", func() bool { _, ok := bb.entry(old.Manifest); return ok })

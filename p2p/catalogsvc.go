@@ -3,6 +3,7 @@ package p2p
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -74,6 +75,60 @@ type catalogState struct {
 	lastSync map[peer.ID]time.Time // when each peer was last asked (rate limit)
 	syncing  map[peer.ID]bool
 	serving  int // syncs being served
+	verified verifiedSet
+}
+
+// verifiedSet remembers the encodings (by hash) of entries whose signature
+// checked, so that a sync, which sends a peer's whole catalog every minute,
+// costs a signature check only for what is new. It holds two generations of
+// at most verifiedGen hashes each: bounded, and what is still synced stays.
+type verifiedSet struct {
+	mu        sync.Mutex
+	cur, prev map[[sha256.Size]byte]struct{}
+}
+
+// verifiedGen bounds one generation of verifiedSet (two: 8 MiB at most).
+const verifiedGen = 1 << 17
+
+func (v *verifiedSet) has(h [sha256.Size]byte) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if _, ok := v.cur[h]; ok {
+		return true
+	}
+	_, ok := v.prev[h]
+	return ok
+}
+
+func (v *verifiedSet) add(h [sha256.Size]byte) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if len(v.cur) >= verifiedGen || v.cur == nil {
+		v.prev, v.cur = v.cur, make(map[[sha256.Size]byte]struct{})
+	}
+	v.cur[h] = struct{}{}
+}
+
+// verifyEncoded checks the signature of a decoded entry (e a *CatalogEntry
+// or *ProfileEntry) whose encoding is b, unless b checked before.
+func (p *Peer) verifyEncoded(b []byte, e any) error {
+	h := sha256.Sum256(b)
+	if p.cat.verified.has(h) {
+		return nil
+	}
+	var err error
+	switch e := e.(type) {
+	case *CatalogEntry:
+		err = VerifyCatalogEntry(*e)
+	case *ProfileEntry:
+		err = VerifyProfileEntry(*e)
+	default:
+		err = fmt.Errorf("verify %T: not a catalog entry", e)
+	}
+	if err == nil {
+		p.cat.verified.add(h)
+	}
+	return err
 }
 
 // gossip is the node's GossipSub and its two topics.
@@ -256,6 +311,9 @@ func (p *Peer) validateEntry(_ context.Context, from peer.ID, m *pubsub.Message)
 		if e.Publisher != m.GetFrom() {
 			return reject(kind, fmt.Errorf("entry published by %s signed by %s", e.Publisher, m.GetFrom()))
 		}
+		if err := p.verifyEncoded(m.Data, &e); err != nil {
+			return p.rejectForged(local, m.GetFrom(), reject(kind, err), err)
+		}
 		m.ValidatorData = &e
 	case "node":
 		e, err := DecodeNodeInfo(m.Data)
@@ -274,12 +332,24 @@ func (p *Peer) validateEntry(_ context.Context, from peer.ID, m *pubsub.Message)
 		if e.Node != m.GetFrom() {
 			return reject(kind, fmt.Errorf("profile of node %s signed by %s", e.Node, m.GetFrom()))
 		}
+		if err := p.verifyEncoded(m.Data, &e); err != nil {
+			return p.rejectForged(local, m.GetFrom(), reject(kind, err), err)
+		}
 		m.ValidatorData = &e
 	}
 	if !local {
 		p.metrics.catalogMsgs.WithLabelValues(kind, "accepted").Inc()
 	}
 	return pubsub.ValidationAccept
+}
+
+// rejectForged demotes the author of a message (pubsub checked that it
+// signed the message) whose entry carries a false signature, and returns r.
+func (p *Peer) rejectForged(local bool, author peer.ID, r pubsub.ValidationResult, why error) pubsub.ValidationResult {
+	if !local {
+		p.markBad(author, fmt.Errorf("announced a catalog entry with a false signature: %w", why))
+	}
+	return r
 }
 
 // readTopic hands every validated message of sub from another peer to the
@@ -358,6 +428,10 @@ func (p *Peer) PublishCatalog(ctx context.Context, e CatalogEntry) error {
 	if e.Publisher != p.host.ID() {
 		return fmt.Errorf("publish catalog entry of %s: publisher %s is not this node; only the publisher announces a change (peers learn others' entries by sync)", e.Manifest, e.Publisher)
 	}
+	e, err := p.SignCatalog(e)
+	if err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
 	b, err := AppendCatalogEntry(nil, e)
 	if err != nil {
 		return fmt.Errorf("publish catalog entry of %s: %w", e.Manifest, err)
@@ -381,6 +455,10 @@ func (p *Peer) PublishProfile(ctx context.Context, e ProfileEntry) error {
 	if e.Node != p.host.ID() {
 		return fmt.Errorf("publish profile of %s: node %s is not this node; only a profile's node announces it", e.Manifest, e.Node)
 	}
+	e, err := p.SignProfile(e)
+	if err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
 	b, err := AppendProfileEntry(nil, e)
 	if err != nil {
 		return fmt.Errorf("publish profile of %s: %w", e.Manifest, err)
@@ -393,6 +471,18 @@ func (p *Peer) PublishProfile(ctx context.Context, e ProfileEntry) error {
 		return fmt.Errorf("publish profile of %s: %w", e.Manifest, err)
 	}
 	return nil
+}
+
+// SignCatalog returns e signed with this node's identity key: what the node
+// records before it publishes (PublishCatalog signs again, to the same
+// signature) and serves by sync. e.Publisher must be this node or empty.
+func (p *Peer) SignCatalog(e CatalogEntry) (CatalogEntry, error) {
+	return SignCatalogEntry(p.host.Peerstore().PrivKey(p.host.ID()), e)
+}
+
+// SignProfile is SignCatalog for a profile; e.Node must be this node or empty.
+func (p *Peer) SignProfile(e ProfileEntry) (ProfileEntry, error) {
+	return SignProfileEntry(p.host.Peerstore().PrivKey(p.host.ID()), e)
 }
 
 // ReportBad demotes id, as a peer that sent bytes failing verification: the
@@ -560,11 +650,17 @@ func (p *Peer) syncCatalog(ctx context.Context, id peer.ID, queue chan<- learnIt
 			if err != nil {
 				return n, fmt.Errorf("catalog sync with %s: %w", id, err)
 			}
+			if err := p.verifyEncoded(frame, &e); err != nil {
+				return n, p.forgedInSync(id, err)
+			}
 			it.cat = &e
 		case entryProfile:
 			e, err := DecodeProfileEntry(frame)
 			if err != nil {
 				return n, fmt.Errorf("catalog sync with %s: %w", id, err)
+			}
+			if err := p.verifyEncoded(frame, &e); err != nil {
+				return n, p.forgedInSync(id, err)
 			}
 			it.profile = &e
 		default:
@@ -577,6 +673,15 @@ func (p *Peer) syncCatalog(ctx context.Context, id peer.ID, queue chan<- learnIt
 			return n, fmt.Errorf("catalog sync with %s: %w", id, ctx.Err())
 		}
 	}
+}
+
+// forgedInSync demotes id, which served an entry whose signature is false
+// (forged, or altered on its way), and returns the sync's error.
+func (p *Peer) forgedInSync(id peer.ID, why error) error {
+	err := fmt.Errorf("catalog sync with %s: served a false entry, peer demoted: %w", id, why)
+	p.markBad(id, err)
+	p.metrics.catalogMsgs.WithLabelValues("sync", "rejected").Inc()
+	return err
 }
 
 // appendFrame appends uvarint(len(body)) body to b.
@@ -661,7 +766,17 @@ func (p *Peer) serveCatalog(ctx context.Context, s network.Stream) error {
 			n++
 			return true, write(b)
 		}
+		unsigned := 0
+		defer func() {
+			if unsigned > 0 {
+				p.log.Debug("not syncing unsigned entries (learned before entries were signed; their publishers serve them signed)", "entries", unsigned)
+			}
+		}()
 		for _, e := range cat {
+			if len(e.Sig) == 0 {
+				unsigned++
+				continue
+			}
 			body, err = AppendCatalogEntry(body[:0], e)
 			if more, err := next(body, err, e.Manifest.String()); err != nil {
 				return err
@@ -672,6 +787,10 @@ func (p *Peer) serveCatalog(ctx context.Context, s network.Stream) error {
 		for _, e := range profs {
 			if truncated != 0 {
 				break
+			}
+			if len(e.Sig) == 0 {
+				unsigned++
+				continue
 			}
 			body, err = AppendProfileEntry(body[:0], e)
 			if more, err := next(body, err, "profile of "+e.Manifest.String()); err != nil {

@@ -139,11 +139,22 @@
 //     nor a peer marked bad, at most 4 syncs at a time (and at most 16
 //     served at a time; more are reset). So a node that was
 //     offline learns every image and tombstone it missed, from any node that
-//     has them. Sync entries carry no signature: their Publisher is what the
-//     serving peer says, and LearnCatalog's from names that peer; a node that
-//     finds an entry false (its manifest does not match its CID) calls
-//     ReportBad, which leaves the peer out of selection and of syncs, both
-//     ways, and ignores its announcements, for the bad-peer TTL.
+//     has them. LearnCatalog's from names the serving peer; a node that finds
+//     an entry false (its manifest does not match its CID) calls ReportBad,
+//     which leaves the peer out of selection and of syncs, both ways, and
+//     ignores its announcements, for the bad-peer TTL.
+//   - Signatures: every entry carries its Publisher's (Node's) signature of
+//     its encoding without the signature, prefixed by a domain string
+//     (SignCatalogEntry, SignProfileEntry), and, when the peer ID does not
+//     embed the public key (ed25519 IDs do), that key. Both paths check it
+//     (VerifyCatalogEntry): whoever relays or serves an entry cannot forge or
+//     alter one of another publisher. A sync that serves an entry whose
+//     signature is false fails and its server is marked bad (as ReportBad);
+//     so is the author of such an announcement. Checked encodings are
+//     remembered (by hash, 2 × 2^17 at most), so a periodic sync of an
+//     unchanged catalog costs no signature checks. A node serves only signed
+//     entries (an entry kept from before signatures is skipped; its
+//     publisher signs it again when it joins).
 //
 // The sync stream uses the chunk protocol's frames (uvarint(length) body,
 // length <= MaxMessageSize). The client sends one request and closes its side:
@@ -162,8 +173,14 @@
 //	catalog: 0x01 digest(32) flags(1: bit 0 removed, bit 1 pin, bit 2 full) uvarint(version)
 //	         uvarint(len) publisher peer ID
 //	         uvarint(n) n × (uvarint(len) name)
+//	         signature
 //	profile: 0x02 digest(32) uvarint(version) uvarint(len) node peer ID
+//	         signature
 //	         chunkstore profile ("HOARDPF" 1 uvarint(boots) uvarint(n) n × uvarint(index))
+//	signature: uvarint(len 1..512) signature, uvarint(len 0..1024) public key
+//
+// What is signed is "hoard catalog entry v1\x00" (or "hoard profile entry
+// v1\x00") followed by the entry's encoding without its signature field.
 //
 // Bounds: at most MaxCatalogNames (64) names of 1 to MaxCatalogNameLen (1024)
 // bytes of UTF-8, distinct; peer IDs of at most 128 bytes that parse;

@@ -23,6 +23,10 @@
 //     node's own, so every node that knows the same profiles computes the
 //     same working set.
 //
+// The catalog is bounded (MaxEntries in all, MaxEntriesPerPublisher of one
+// publisher, and as many profiles): a flood evicts the oldest tombstones and
+// entries of images not here, never the images named here.
+//
 // Everything the catalog knows is kept in one file (Options.Path), written
 // atomically after changes, so a restart does not forget tombstones.
 package catalog
@@ -44,6 +48,7 @@ import (
 	"github.com/hoardvm/hoard/p2p"
 	"github.com/hoardvm/hoard/planner"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"golang.org/x/sync/errgroup"
 )
 
 // MaxWorkingSet bounds a merged working set, in chunks.
@@ -59,7 +64,40 @@ const (
 	saveEvery = time.Second
 	// maxPending bounds the registrations waiting for a manifest.
 	maxPending = 4096
+	// maxRegistrations bounds the registrations and removals under way at
+	// once (manifest fetches from peers, each from one peer at a time).
+	maxRegistrations = 8
 )
+
+// Catalog bounds. A node keeps at most MaxEntries catalog entries, at most
+// MaxEntriesPerPublisher of them from one publisher (a quarter: one peer
+// flooding the catalog cannot crowd out the others), and as many profiles,
+// MaxProfilesPerNode of one node. This node's own entries and profiles are
+// never evicted nor counted against a share. When a bound is reached the
+// catalog evicts, oldest version first, down to 15/16 of it (so a flood costs
+// one pass per bound/16 entries):
+//
+//  1. tombstones (a node offline for longer than the flood took may then
+//     miss a removal);
+//  2. live entries of images not named in this node's store (never
+//     registered: their manifest could not be had, or removed here);
+//
+// and refuses the new entry when nothing is left to evict: images named
+// here stay. Profiles go likewise: first those of manifests with no live
+// entry, then the oldest.
+const (
+	MaxEntries             = 1 << 16
+	MaxEntriesPerPublisher = MaxEntries / 4
+	MaxProfiles            = 1 << 16
+	MaxProfilesPerNode     = MaxProfiles / 4
+)
+
+// limits are a Catalog's bounds (the constants above; tests lower them).
+type limits struct {
+	entries, perPublisher, profiles, perNode int
+}
+
+var defaultLimits = limits{MaxEntries, MaxEntriesPerPublisher, MaxProfiles, MaxProfilesPerNode}
 
 // Peer is what the catalog needs of the p2p layer (*p2p.Peer).
 type Peer interface {
@@ -68,6 +106,10 @@ type Peer interface {
 	ReportBad(id peer.ID, why error)
 	PublishCatalog(ctx context.Context, e p2p.CatalogEntry) error
 	PublishProfile(ctx context.Context, e p2p.ProfileEntry) error
+	// SignCatalog and SignProfile sign this node's own entries (what it
+	// records, and serves by sync, before it publishes them).
+	SignCatalog(e p2p.CatalogEntry) (p2p.CatalogEntry, error)
+	SignProfile(e p2p.ProfileEntry) (p2p.ProfileEntry, error)
 }
 
 // Options configure a Catalog.
@@ -86,7 +128,7 @@ type Options struct {
 	// Changed is called (not under any lock) after the catalog or the
 	// profiles changed: the hoarder plans again.
 	Changed func()
-	// Pinned is called (from Run's goroutine; it should hand the work off)
+	// Pinned is called (from a registration's goroutine; it should hand the work off)
 	// when an entry asks every node to fetch and pin an image (hoard image
 	// prefetch --cluster): its working set, or all of it with full.
 	Pinned func(manifest chunkstore.ID, full bool)
@@ -114,6 +156,27 @@ type Catalog struct {
 	learned map[string]chunkstore.ID
 	dirty   bool
 	wake    chan struct{}
+
+	lim limits
+	// byPublisher counts entries per publisher and byNode profiles per
+	// node, for the bounds; nProfiles counts every profile.
+	byPublisher map[peer.ID]int
+	byNode      map[peer.ID]int
+	nProfiles   int
+	// refused counts entries and profiles refused for want of room.
+	refused int
+
+	// jobs runs the registrations and removals (work), at most
+	// maxRegistrations at once; inflight holds their manifests, failed
+	// those that failed since the last retry; jobDone is signalled when one
+	// ends. nameMu serializes the jobs' changes to the store's names (the
+	// manifest fetches run in parallel), so that two images claiming one
+	// name are decided as if one at a time.
+	jobs     errgroup.Group
+	inflight map[chunkstore.ID]struct{}
+	failed   map[chunkstore.ID]struct{}
+	jobDone  chan struct{}
+	nameMu   sync.Mutex
 }
 
 // file is the catalog's on-disk form.
@@ -133,7 +196,10 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	}
 	c := &Catalog{st: st, o: o, entries: map[chunkstore.ID]p2p.CatalogEntry{},
 		profiles: map[chunkstore.ID]map[peer.ID]p2p.ProfileEntry{}, dropped: map[chunkstore.ID]uint64{},
-		pending: map[chunkstore.ID][]peer.ID{}, learned: map[string]chunkstore.ID{}, wake: make(chan struct{}, 1)}
+		pending: map[chunkstore.ID][]peer.ID{}, learned: map[string]chunkstore.ID{}, wake: make(chan struct{}, 1),
+		lim: defaultLimits, byPublisher: map[peer.ID]int{}, byNode: map[peer.ID]int{},
+		inflight: map[chunkstore.ID]struct{}{}, failed: map[chunkstore.ID]struct{}{}, jobDone: make(chan struct{}, 1)}
+	c.jobs.SetLimit(maxRegistrations)
 	if o.Path == "" {
 		return c, nil
 	}
@@ -153,7 +219,7 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	}
 	for _, e := range f.Entries {
 		if old, ok := c.entries[e.Manifest]; !ok || e.Supersedes(old) {
-			c.entries[e.Manifest] = e
+			c.setEntry(e)
 		}
 	}
 	for _, e := range f.Profiles {
@@ -168,11 +234,42 @@ func Open(st *chunkstore.Store, o Options) (*Catalog, error) {
 	return c, nil
 }
 
-// Attach gives the catalog its peer, once the cluster is on.
+// Attach gives the catalog its peer, once the cluster is on. It signs this
+// node's own entries that are not signed yet (changes made standalone, or
+// kept from before entries were signed): peers refuse unsigned entries, and
+// this node serves only signed ones.
 func (c *Catalog) Attach(p Peer) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.p, c.self = p, p.ID()
-	c.mu.Unlock()
+	signed := 0
+	for id, e := range c.entries {
+		if len(e.Sig) > 0 || (e.Publisher != "" && e.Publisher != c.self) {
+			continue
+		}
+		e.Publisher = c.self
+		if s, err := p.SignCatalog(e); err != nil {
+			c.o.Log.Warn("catalog: cannot sign this node's entry; peers will not learn it from here", "manifest", id.String(), "err", err)
+		} else {
+			c.setEntry(s)
+			signed++
+		}
+	}
+	for _, e := range c.profiles {
+		own, ok := e[c.self]
+		if !ok || len(own.Sig) > 0 {
+			continue
+		}
+		if s, err := p.SignProfile(own); err != nil {
+			c.o.Log.Warn("catalog: cannot sign this node's profile; peers will not learn it from here", "manifest", own.Manifest.String(), "err", err)
+		} else {
+			e[c.self] = s
+			signed++
+		}
+	}
+	if signed > 0 {
+		c.dirty = true
+	}
 }
 
 // Run does the catalog's pending work (manifest fetches, deferred
@@ -195,12 +292,15 @@ func (c *Catalog) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
+			c.jobs.Wait() // they end with ctx
 			c.save()
 			return nil
 		case <-c.wake:
-			c.work(ctx)
+			c.work(ctx, true)
 		case <-retry.C:
-			c.work(ctx)
+			c.work(ctx, true)
+		case <-c.jobDone:
+			c.work(ctx, false)
 		case <-save.C:
 			c.save()
 		}
@@ -244,10 +344,22 @@ func (c *Catalog) LearnCatalog(from peer.ID, e p2p.CatalogEntry) {
 	c.mu.Lock()
 	old, ok := c.entries[e.Manifest]
 	if ok && !e.Supersedes(old) {
+		if len(old.Sig) == 0 && len(e.Sig) > 0 && e.SameChange(old) {
+			// The signed copy of an entry kept unsigned: this node can
+			// serve it now.
+			c.entries[e.Manifest] = e
+			c.dirty = true
+		}
 		c.mu.Unlock()
 		return
 	}
-	c.entries[e.Manifest] = e
+	if !c.roomFor(e, old, ok) {
+		c.refused++
+		c.mu.Unlock()
+		c.o.Log.Debug("catalog full: entry refused", "manifest", e.Manifest.String(), "publisher", e.Publisher.String(), "refused", c.refused)
+		return
+	}
+	c.setEntry(e)
 	c.dirty = true
 	if len(c.pending) < maxPending || e.Removed {
 		asks := []peer.ID{}
@@ -276,15 +388,28 @@ func (c *Catalog) LearnProfile(_ peer.ID, e p2p.ProfileEntry) {
 	}
 }
 
-// putProfile keeps e when it wins for its (manifest, node). c.mu is held.
+// putProfile keeps e when it wins for its (manifest, node) and there is
+// room. c.mu is held.
 func (c *Catalog) putProfile(e p2p.ProfileEntry) bool {
 	byNode := c.profiles[e.Manifest]
-	if byNode == nil {
+	old, ok := byNode[e.Node]
+	if ok && !e.Supersedes(old) {
+		if len(old.Sig) == 0 && len(e.Sig) > 0 && e.SameChange(old) {
+			byNode[e.Node] = e // its signed copy, which this node can serve
+		}
+		return false
+	}
+	if !ok && !c.profileRoomFor(e.Node) {
+		c.refused++
+		return false
+	}
+	if byNode = c.profiles[e.Manifest]; byNode == nil { // makeProfileRoom may have removed it
 		byNode = map[peer.ID]p2p.ProfileEntry{}
 		c.profiles[e.Manifest] = byNode
 	}
-	if old, ok := byNode[e.Node]; ok && !e.Supersedes(old) {
-		return false
+	if !ok {
+		c.nProfiles++
+		c.byNode[e.Node]++
 	}
 	byNode[e.Node] = e
 	return true
@@ -344,7 +469,14 @@ func (c *Catalog) publishEntry(ctx context.Context, e p2p.CatalogEntry) {
 	c.mu.Lock()
 	old := c.entries[manifest]
 	e.Version, e.Publisher = p2p.NextVersion(old.Version, time.Now()), c.self
-	c.entries[manifest] = e
+	if c.p != nil {
+		if s, err := c.p.SignCatalog(e); err != nil {
+			c.o.Log.Warn("catalog: cannot sign the entry; peers will not learn it from here", "manifest", manifest.String(), "err", err)
+		} else {
+			e = s
+		}
+	}
+	c.setEntry(e)
 	delete(c.dropped, manifest)
 	delete(c.pending, manifest)
 	c.dirty = true
@@ -372,6 +504,11 @@ func (c *Catalog) ProfileSaved(ctx context.Context, manifest chunkstore.ID, prof
 	}
 	old := c.profiles[manifest][self]
 	e := p2p.ProfileEntry{Manifest: manifest, Node: self, Profile: prof, Version: p2p.NextVersion(old.Version, time.Now())}
+	if s, err := p.SignProfile(e); err != nil {
+		c.o.Log.Warn("catalog: cannot sign the boot profile; peers will not learn it from here", "manifest", manifest.String(), "err", err)
+	} else {
+		e = s
+	}
 	c.putProfile(e)
 	c.dirty = true
 	c.mu.Unlock()
@@ -416,49 +553,66 @@ func (c *Catalog) Entry(manifest chunkstore.ID) (p2p.CatalogEntry, bool) {
 	return e, ok
 }
 
-// work does the pending registrations and removals. When one changed the
-// images here (a name set or taken back, an image removed), Changed is
-// called once at the end: LearnCatalog's own call came before the manifest
-// was fetched, when the hoarder could not yet see the image.
-func (c *Catalog) work(ctx context.Context) {
+// work starts the pending registrations and removals, at most
+// maxRegistrations at a time and one at a time per manifest (an add and then
+// a remove of one image apply in order: the second waits for the first and
+// runs after it, the entry having changed meanwhile). retry: also those that
+// failed since the last retry (a wake from LearnCatalog or the retry tick);
+// else only the others (a job finished: room for one more). Run's goroutine
+// calls it.
+func (c *Catalog) work(ctx context.Context, retry bool) {
 	c.mu.Lock()
-	type job struct {
-		e    p2p.CatalogEntry
-		asks []peer.ID
-	}
-	var jobs []job
-	for id, asks := range c.pending {
-		jobs = append(jobs, job{c.entries[id], asks})
+	defer c.mu.Unlock()
+	if retry {
+		clear(c.failed)
 	}
 	p := c.p
-	c.mu.Unlock()
-	changed := false
-	defer func() {
-		if changed {
-			c.changed()
-		}
-	}()
-	for _, j := range jobs {
-		if ctx.Err() != nil {
+	for id, asks := range c.pending {
+		if len(c.inflight) >= maxRegistrations || ctx.Err() != nil {
 			return
 		}
-		var done, ch bool
-		if j.e.Removed {
-			done, ch = c.remove(ctx, j.e)
-		} else {
-			done, ch = c.register(ctx, p, j.e, j.asks)
-			if done && j.e.Pin && c.o.Pinned != nil {
-				c.o.Pinned(j.e.Manifest, j.e.Full)
-			}
+		if _, busy := c.inflight[id]; busy {
+			continue
 		}
-		changed = changed || ch
-		if done {
-			c.mu.Lock()
-			if cur := c.entries[j.e.Manifest]; cur.Version == j.e.Version && cur.Publisher == j.e.Publisher {
-				delete(c.pending, j.e.Manifest)
-			}
-			c.mu.Unlock()
+		if _, failed := c.failed[id]; failed {
+			continue
 		}
+		e := c.entries[id]
+		if !c.jobs.TryGo(func() error { c.job(ctx, p, e, asks); return nil }) {
+			return // a job still leaving; it signals jobDone
+		}
+		c.inflight[id] = struct{}{}
+	}
+}
+
+// job does one registration or removal. When it changed the images here (a
+// name set or taken back, an image removed), Changed is called: LearnCatalog's
+// own call came before the manifest was fetched, when the hoarder could not
+// yet see the image.
+func (c *Catalog) job(ctx context.Context, p Peer, e p2p.CatalogEntry, asks []peer.ID) {
+	var done, changed bool
+	if e.Removed {
+		done, changed = c.remove(ctx, e)
+	} else {
+		done, changed = c.register(ctx, p, e, asks)
+		if done && e.Pin && c.o.Pinned != nil {
+			c.o.Pinned(e.Manifest, e.Full)
+		}
+	}
+	c.mu.Lock()
+	delete(c.inflight, e.Manifest)
+	if cur := c.entries[e.Manifest]; done && cur.Version == e.Version && cur.Publisher == e.Publisher {
+		delete(c.pending, e.Manifest)
+	} else if !done {
+		c.failed[e.Manifest] = struct{}{}
+	}
+	c.mu.Unlock()
+	if changed {
+		c.changed()
+	}
+	select {
+	case c.jobDone <- struct{}{}:
+	default:
 	}
 }
 
@@ -485,6 +639,16 @@ func (c *Catalog) register(ctx context.Context, p Peer, e p2p.CatalogEntry, asks
 			return false, false
 		}
 		changed = true // the image is known by its CID now
+	}
+	// The names one job at a time (see Catalog.nameMu); a local rm while the
+	// manifest was fetched wins.
+	c.nameMu.Lock()
+	defer c.nameMu.Unlock()
+	c.mu.Lock()
+	v, dropped := c.dropped[e.Manifest]
+	c.mu.Unlock()
+	if dropped && e.Version <= v {
+		return true, changed
 	}
 	for _, name := range e.Names {
 		id, err := c.st.Resolve(ctx, name)
@@ -604,6 +768,8 @@ func (c *Catalog) remove(ctx context.Context, e p2p.CatalogEntry) (done, changed
 	if c.o.InUse != nil && c.o.InUse(e.Manifest) {
 		return false, false
 	}
+	c.nameMu.Lock()
+	defer c.nameMu.Unlock()
 	names, err := c.st.Names(ctx)
 	if err != nil {
 		return false, false

@@ -30,14 +30,23 @@ type fakePeer struct {
 	asks atomic.Int64
 	// gate, when set, holds every Manifest call until it is closed.
 	gate chan struct{}
+	// delay is every Manifest call's latency (a slow peer); inflight and
+	// maxInflight count the calls under way at once.
+	delay                 time.Duration
+	inflight, maxInflight atomic.Int64
 }
 
 func (f *fakePeer) ID() peer.ID { return f.id }
 func (f *fakePeer) Manifest(_ context.Context, _ peer.ID, id chunkstore.ID) ([]byte, error) {
 	f.asks.Add(1)
+	n := f.inflight.Add(1)
+	defer f.inflight.Add(-1)
+	for m := f.maxInflight.Load(); n > m && !f.maxInflight.CompareAndSwap(m, n); m = f.maxInflight.Load() {
+	}
 	if f.gate != nil {
 		<-f.gate
 	}
+	time.Sleep(f.delay)
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	b, ok := f.mfs[id]
@@ -65,6 +74,30 @@ func (f *fakePeer) PublishProfile(_ context.Context, e p2p.ProfileEntry) error {
 	f.prof = append(f.prof, e)
 	f.mu.Unlock()
 	return nil
+}
+
+// SignCatalog and SignProfile mark the entry as signed by f (the catalog
+// does not check signatures: p2p does, before LearnCatalog).
+func (f *fakePeer) SignCatalog(e p2p.CatalogEntry) (p2p.CatalogEntry, error) {
+	var err error
+	e.Sig, err = f.sign(&e.Publisher)
+	return e, err
+}
+func (f *fakePeer) SignProfile(e p2p.ProfileEntry) (p2p.ProfileEntry, error) {
+	var err error
+	e.Sig, err = f.sign(&e.Node)
+	return e, err
+}
+
+// sign fills *who in when empty and returns a signature, if *who is f.
+func (f *fakePeer) sign(who *peer.ID) ([]byte, error) {
+	if *who == "" {
+		*who = f.id
+	}
+	if *who != f.id {
+		return nil, fmt.Errorf("entry of %s signed by %s", *who, f.id)
+	}
+	return []byte("signed by " + f.id), nil
 }
 
 // pid returns a real peer ID for name (peer IDs round-trip through the
@@ -305,4 +338,43 @@ func TestChangedAfterRegistrationAndRemoval(t *testing.T) {
 	inUse.Store(false)
 	c.poke()
 	eventually(t, "Changed called once the tombstone is applied", sawGone.Load)
+}
+
+// This node's own entries are signed: those made standalone when the node
+// joins a cluster (Attach), the others when they are made; an unsigned entry
+// kept from before gives way to its signed copy.
+func TestOwnEntriesSigned(t *testing.T) {
+	t.Parallel()
+	_, _, id := testManifest(t, 5)
+	_, _, id2 := testManifest(t, 6)
+	_, _, id3 := testManifest(t, 7)
+	fp := &fakePeer{id: pid(t, "self")}
+	c, _ := newCatalog(t, "", Options{})
+	c.Added(t.Context(), id, []string{"standalone"})
+	if e, _ := c.Entry(id); len(e.Sig) != 0 || e.Publisher != "" {
+		t.Fatalf("standalone entry %+v", e)
+	}
+	other := p2p.CatalogEntry{Manifest: id3, Names: []string{"x"}, Version: 3, Publisher: pid(t, "other")}
+	c.LearnCatalog(pid(t, "other"), other) // kept from before signatures
+	c.Attach(fp)
+	if e, _ := c.Entry(id); len(e.Sig) == 0 || e.Publisher != fp.id {
+		t.Fatalf("Attach left this node's entry unsigned: %+v", e)
+	}
+	if e, _ := c.Entry(id3); len(e.Sig) != 0 {
+		t.Fatalf("Attach signed another publisher's entry: %+v", e)
+	}
+	c.Added(t.Context(), id2, []string{"joined"})
+	e, _ := c.Entry(id2)
+	if len(e.Sig) == 0 || len(fp.pubs) != 1 || !bytes.Equal(fp.pubs[0].Sig, e.Sig) {
+		t.Fatalf("entry %+v recorded, %+v published: want both signed alike", e, fp.pubs)
+	}
+	c.ProfileSaved(t.Context(), id2, chunkstore.Profile{Boots: 1, Chunks: []int{1}})
+	if len(fp.prof) != 1 || len(fp.prof[0].Sig) == 0 {
+		t.Fatalf("own profile published unsigned: %+v", fp.prof)
+	}
+	other.Sig = []byte("signed by other")
+	c.LearnCatalog(pid(t, "other"), other)
+	if e, _ := c.Entry(id3); !bytes.Equal(e.Sig, other.Sig) {
+		t.Fatalf("the signed copy of an unsigned entry was not kept: %+v", e)
+	}
 }
