@@ -23,6 +23,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
+	"golang.org/x/sync/errgroup"
 )
 
 // mockImage is a raw image with zero runs: random 64 KiB blocks, every
@@ -64,8 +65,8 @@ func startMockNet(t *testing.T, n int, cfg func(i int, c *node.Config)) ([]*test
 	}
 	boot := hosts[0].Addrs()[0].String() + "/p2p/" + hosts[0].ID().String()
 	nodes := make([]*testNode, n)
-	var wg sync.WaitGroup
-	var mu sync.Mutex
+	var g errgroup.Group
+	g.SetLimit(8) // 100 nodes at once on two cores miss their readiness bound
 	for i, h := range hosts {
 		c := node.Config{MemCache: -1, Readahead: -1, NoProfilePrefetch: true, APIListen: "127.0.0.1:0"}
 		c.P2P.Host = h
@@ -75,23 +76,27 @@ func startMockNet(t *testing.T, n int, cfg func(i int, c *node.Config)) ([]*test
 		if cfg != nil {
 			cfg(i, &c)
 		}
-		wg.Go(func() {
-			tn := startNode(t, c)
-			mu.Lock()
-			nodes[i] = tn
-			mu.Unlock()
+		g.Go(func() error {
+			tn, err := tryStartNode(t, c)
+			if err != nil {
+				return fmt.Errorf("node %d: %w", i, err)
+			}
+			nodes[i] = tn // each goroutine writes its own element
+			return nil
 		})
 	}
-	wg.Wait()
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
 	// Until every node has joined (its routing table is not empty).
-	waitFor(t, "every node to join the cluster", func() bool {
+	eventually(t, 2*time.Minute, func() bool {
 		for _, tn := range nodes {
 			if len(tn.P2P().Peers()) == 0 {
 				return false
 			}
 		}
 		return true
-	})
+	}, "every node to join the cluster")
 	return nodes, mn
 }
 

@@ -2,12 +2,10 @@ package node_test
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -18,9 +16,6 @@ import (
 	"github.com/hoardvm/hoard/node/api"
 	"github.com/hoardvm/hoard/node/hoarder"
 	"github.com/hoardvm/hoard/p2p"
-	"github.com/libp2p/go-libp2p/core/host"
-	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
-	"golang.org/x/sync/errgroup"
 )
 
 // scaleBlock is the chunk size of the scale test's images: they are
@@ -179,7 +174,7 @@ func runHoardingScale(t *testing.T, sh scaleShape) {
 		return n
 	}
 	start := time.Now()
-	cl := startScaleCluster(t, sh.nodes, func(i int, cfg *node.Config) {
+	cl := startMockCluster(t, sh.nodes, func(i int, cfg *node.Config) {
 		cfg.P2P.Options = append(cfg.P2P.Options, p2p.WithCatalogSyncInterval(sh.sync))
 		cfg.HoardInterval = sh.interval
 		cfg.P2P.DesignatedTimeout = 30 * time.Second
@@ -419,90 +414,4 @@ func runHoardingScale(t *testing.T, sh scaleShape) {
 	if float64(got) > 1.1*float64(c.union) {
 		t.Errorf("origin sent %d bytes for a union of working sets of %d: more than 1.1x", got, c.union)
 	}
-}
-
-// startScaleCluster is startMockCluster starting at most 8 nodes at a time,
-// each given a minute to be ready: a hundred nodes under -race on a loaded
-// machine miss startNode's 10 s readiness bound.
-func startScaleCluster(t *testing.T, n int, cfg func(i int, c *node.Config)) []*testNode {
-	t.Helper()
-	mn := mocknet.New()
-	t.Cleanup(func() { mn.Close() })
-	hosts := make([]host.Host, n)
-	for i := range n {
-		h, err := mn.GenPeer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		hosts[i] = h
-	}
-	if err := mn.LinkAll(); err != nil {
-		t.Fatal(err)
-	}
-	boot := hosts[0].Addrs()[0].String() + "/p2p/" + hosts[0].ID().String()
-	nodes := make([]*testNode, n)
-	var g errgroup.Group
-	g.SetLimit(8)
-	for i, h := range hosts {
-		c := node.Config{MemCache: -1, Readahead: -1, NoProfilePrefetch: true, APIListen: "127.0.0.1:0"}
-		c.P2P.Host = h
-		if i > 0 {
-			c.P2P.Bootstrap = []string{boot}
-		}
-		cfg(i, &c)
-		g.Go(func() error {
-			nodes[i] = startScaleNode(t, c) // each goroutine writes its own element
-			return nil
-		})
-	}
-	_ = g.Wait()
-	for i, tn := range nodes {
-		if tn == nil {
-			t.Fatalf("node %d did not start", i)
-		}
-	}
-	eventually(t, 2*time.Minute, func() bool {
-		for _, tn := range nodes {
-			if len(tn.P2P().Peers()) == 0 {
-				return false
-			}
-		}
-		return true
-	}, "every node to join the cluster")
-	return nodes
-}
-
-// startScaleNode is startNode with a readiness bound of a minute.
-func startScaleNode(t *testing.T, cfg node.Config) *testNode {
-	t.Helper()
-	cfg.DataDir = t.TempDir()
-	sockDir, err := os.MkdirTemp("", "hoard-sock") // unix socket paths are short
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	cfg.NBDSocket = filepath.Join(sockDir, "nbd.sock")
-	n, err := node.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- n.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	select {
-	case <-n.Ready():
-	case err := <-done:
-		t.Errorf("Run: %v", err)
-		return nil
-	case <-time.After(time.Minute):
-		t.Error("node not ready after a minute")
-		return nil
-	}
-	return &testNode{Node: n, dir: cfg.DataDir, client: api.NewClient(n.APIAddr().String(), n.APIToken())}
 }

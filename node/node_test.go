@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -53,13 +54,24 @@ type testNode struct {
 
 func startNode(t *testing.T, cfg node.Config) *testNode {
 	t.Helper()
+	tn, err := tryStartNode(t, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tn
+}
+
+// tryStartNode is startNode that returns its error instead of failing the
+// test, so that it may run in a goroutine of its own.
+func tryStartNode(t *testing.T, cfg node.Config) (*testNode, error) {
+	t.Helper()
 	if cfg.DataDir == "" {
 		cfg.DataDir = t.TempDir()
 	}
 	// Unix socket paths are limited to 108 bytes: keep it short.
 	sockDir, err := os.MkdirTemp("", "hoard-sock")
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	cfg.NBDSocket = filepath.Join(sockDir, "nbd.sock")
@@ -68,7 +80,7 @@ func startNode(t *testing.T, cfg node.Config) *testNode {
 	}
 	n, err := node.New(cfg, nil)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -82,11 +94,12 @@ func startNode(t *testing.T, cfg node.Config) *testNode {
 	select {
 	case <-n.Ready():
 	case err := <-done:
-		t.Fatalf("Run: %v", err)
+		done <- err // for the cleanup
+		return nil, fmt.Errorf("Run: %w", err)
 	case <-time.After(60 * time.Second): // 50 nodes under -race on 2 busy cores start slowly
-		t.Fatal("node not ready after 60s")
+		return nil, errors.New("node not ready after 60s")
 	}
-	return &testNode{Node: n, dir: cfg.DataDir, client: api.NewClient(n.APIAddr().String(), n.APIToken())}
+	return &testNode{Node: n, dir: cfg.DataDir, client: api.NewClient(n.APIAddr().String(), n.APIToken())}, nil
 }
 
 func (tn *testNode) uri(export string) string {
