@@ -336,7 +336,7 @@ func (mi *mirrorImages) registerHere(ctx context.Context, meta glancemirror.Meta
 		return nil, err
 	}
 	if pr != nil {
-		return &streamCounter{PipeReader: pr, n: &mi.n.stats.mirrorBytes[mirrorStream], verifies: r.verifies}, nil
+		return &streamCounter{lagPipe: pr, n: &mi.n.stats.mirrorBytes[mirrorStream], verifies: r.verifies}, nil
 	}
 	select {
 	case <-r.done:
@@ -386,8 +386,9 @@ func (b backend) RegisterGlance(ctx context.Context, from peer.ID, id string, pr
 // start joins this node's registration of meta.ID under way, or starts one:
 // the image streamed from Glance with hoard's credentials into the store,
 // as its file bytes. A registration started here with tee set also streams
-// the bytes to the returned reader (nil when the registration was joined).
-func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee bool) (*mirrorReg, *io.PipeReader, error) {
+// the bytes to the returned reader (nil when the registration was joined):
+// a reader more than MaxClientLag behind fails, the registration goes on.
+func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee bool) (*mirrorReg, *lagPipe, error) {
 	n := mi.n
 	mi.mu.Lock()
 	if r := mi.regs[meta.ID]; r != nil {
@@ -404,7 +405,7 @@ func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee b
 		r.manifest, r.name, r.err = m, name, err
 		close(r.done)
 	}
-	fail := func(err error) (*mirrorReg, *io.PipeReader, error) {
+	fail := func(err error) (*mirrorReg, *lagPipe, error) {
 		finish(chunkstore.ID{}, "", err)
 		return nil, nil, err
 	}
@@ -429,10 +430,9 @@ func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee b
 	if sum := strings.ToLower(src.Ref().Checksum); sum != "" && glanceChecksums(meta)[sum] {
 		r.verifies = true
 	}
-	var pr *io.PipeReader
-	var pw *io.PipeWriter
+	var pw *lagPipe
 	if tee {
-		pr, pw = io.Pipe()
+		pw = newLagPipe(MaxClientLag)
 	}
 	ts := &teeSource{Source: src, w: pw}
 	runCtx := n.runCtx
@@ -465,12 +465,102 @@ func (mi *mirrorImages) start(ctx context.Context, meta glancemirror.Meta, tee b
 		}
 		finish(m, name, err)
 	}()
-	return r, pr, nil
+	return r, pw, nil
+}
+
+// MaxClientLag bounds how far the client of a registration's stream may
+// fall behind the stream from Glance: beyond it, its download fails and the
+// registration goes on without it.
+const MaxClientLag = 8 << 20
+
+// errClientLag is what a client that fell MaxClientLag behind reads.
+var errClientLag = fmt.Errorf("the client fell more than %d MiB behind the image's registration stream from Glance, which goes on without it; download the image again (it is served from hoard once registered)", MaxClientLag>>20)
+
+// lagPipe is the registration stream to its client: Write never blocks (the
+// import must not wait for a client); it buffers up to max bytes the client
+// has not read yet, and fails the client's reads with errClientLag when it
+// falls further behind.
+type lagPipe struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	buf    []byte
+	max    int
+	err    error // the writer's end: io.EOF, its error, or errClientLag
+	closed bool  // the reader closed its end
+}
+
+func newLagPipe(limit int) *lagPipe {
+	p := &lagPipe{max: limit}
+	p.cond = sync.NewCond(&p.mu)
+	return p
+}
+
+// Write buffers b for the reader; it fails once the reader is gone or fell
+// too far behind (the caller then stops writing).
+func (p *lagPipe) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.closed:
+		return 0, io.ErrClosedPipe
+	case p.err != nil:
+		return 0, p.err
+	case len(p.buf)+len(b) > p.max:
+		p.err, p.buf = errClientLag, nil
+		p.cond.Broadcast()
+		return 0, p.err
+	}
+	p.buf = append(p.buf, b...)
+	p.cond.Broadcast()
+	return len(b), nil
+}
+
+// CloseWithError ends the stream: the reader reads what is buffered, then
+// err (io.EOF when nil).
+func (p *lagPipe) CloseWithError(err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err == nil {
+		err = io.EOF
+	}
+	if p.err == nil {
+		p.err = err
+	}
+	p.cond.Broadcast()
+}
+
+func (p *lagPipe) Read(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for len(p.buf) == 0 && p.err == nil && !p.closed {
+		p.cond.Wait()
+	}
+	if p.closed {
+		return 0, io.ErrClosedPipe
+	}
+	if errors.Is(p.err, errClientLag) || len(p.buf) == 0 {
+		return 0, p.err
+	}
+	n := copy(b, p.buf)
+	p.buf = p.buf[n:]
+	if len(p.buf) == 0 {
+		p.buf = nil // let the drained buffer go
+	}
+	return n, nil
+}
+
+// Close ends the reader's end: the writer's next Write fails.
+func (p *lagPipe) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed, p.buf = true, nil
+	p.cond.Broadcast()
+	return nil
 }
 
 // streamCounter counts the bytes of a registration stream read by a client.
 type streamCounter struct {
-	*io.PipeReader
+	*lagPipe
 	n        *atomic.Int64
 	verifies bool
 }
@@ -481,16 +571,17 @@ type streamCounter struct {
 func (c *streamCounter) Verifies() bool { return c.verifies }
 
 func (c *streamCounter) Read(p []byte) (int, error) {
-	k, err := c.PipeReader.Read(p)
+	k, err := c.lagPipe.Read(p)
 	c.n.Add(int64(k))
 	return k, err
 }
 
 // teeSource is an origin.Source whose stream also goes to w, as long as w
-// takes it (a client that went away stops the copy, not the import).
+// takes it (a client that went away or fell behind stops the copy, not the
+// import).
 type teeSource struct {
 	origin.Source
-	w *io.PipeWriter
+	w *lagPipe
 }
 
 func (t *teeSource) Format() string {
@@ -510,7 +601,7 @@ func (t *teeSource) Stream(ctx context.Context) (io.ReadCloser, error) {
 
 type teeReader struct {
 	rc      io.ReadCloser
-	w       *io.PipeWriter
+	w       *lagPipe
 	stopped bool
 }
 
@@ -547,7 +638,13 @@ func (n *Node) serveGlanceMirror(ctx context.Context, g *errgroup.Group, ln net.
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		return hs.Shutdown(sctx)
+		if err := hs.Shutdown(sctx); err != nil {
+			// Downloads still under way (a client that stopped reading):
+			// cut them, so that Run does not wait for them.
+			n.log.Warn("glance mirror: downloads still under way after 5s of shutdown; closing their connections", "err", err)
+			return hs.Close()
+		}
+		return nil
 	})
 	n.log.Info("serving the Glance mirror", "addr", ln.Addr().String(), "glance", origin.Redact(n.cfg.Origin.GlanceURL),
 		"nova_conf", "[glance] endpoint_override = http://"+ln.Addr().String())

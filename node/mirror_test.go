@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -699,5 +700,64 @@ func TestGlanceMirrorRegistrarFails(t *testing.T) {
 	}
 	if _, err := nodes[0].Store().Resolve(ctx, id); err != nil {
 		t.Errorf("the asking node did not register the image: %v", err)
+	}
+}
+
+// TestGlanceMirrorStalledClient: the client of the first download of an
+// unregistered image stops reading. The registration it started goes on
+// without it: a second download (which joins the registration) completes,
+// the image is registered, and the daemon shuts down promptly.
+func TestGlanceMirrorStalledClient(t *testing.T) {
+	t.Parallel()
+	const id = "66666666-0000-4000-8000-000000000001"
+	// Larger than the loopback socket buffers plus the mirror's lag bound.
+	data := writeImage(t, filepath.Join(t.TempDir(), "img.raw"), 48<<20+5, 21)
+	sent, glanceURL := fakeGlanceServer(t, id, data, md5Hex(data), sha512Hex(data))
+	tn := startNode(t, node.Config{GlanceListen: "127.0.0.1:0",
+		Origin: origin.Config{GlanceURL: glanceURL, GlanceHeaders: map[string]string{"X-Project-Id": "a"}}})
+	addr := tn.GlanceAddr().String()
+	path := "/v2/images/" + id + "/file"
+
+	// The stalled client: it sends its request and never reads.
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.(*net.TCPConn).SetReadBuffer(4 << 10)
+	if _, err := fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nX-Project-Id: a\r\n\r\n", path, addr); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for sent.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled client's download did not start a registration within 30s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	start := time.Now()
+	st, body, _, err := mirrorGet(ctx, addr, path, map[string]string{"X-Project-Id": "a"})
+	if err != nil || st != 200 || !bytes.Equal(body, data) {
+		t.Fatalf("second download while the first client stalls: HTTP %d, %d of %d bytes, %v (after %v)", st, len(body), len(data), err, time.Since(start).Round(time.Millisecond))
+	}
+	t.Logf("second download of %d bytes while the first client stalls: %v; Glance sent %d bytes", len(data), time.Since(start).Round(time.Millisecond), sent.Load())
+	if _, err := tn.Store().Resolve(ctx, id); err != nil {
+		t.Errorf("the image was not registered: %v", err)
+	}
+
+	stopped := make(chan error, 1)
+	start = time.Now()
+	go func() { stopped <- tn.stop() }()
+	select {
+	case err := <-stopped:
+		t.Logf("the daemon stopped in %v with a client stalled", time.Since(start).Round(time.Millisecond))
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Errorf("the daemon did not stop within 20s while a mirror client stalls")
 	}
 }

@@ -50,6 +50,9 @@ type testNode struct {
 	*node.Node
 	dir    string
 	client *api.Client
+	// stop stops the daemon and returns Run's error (the cleanup does so
+	// when it was not called).
+	stop func() error
 }
 
 func startNode(t *testing.T, cfg node.Config) *testNode {
@@ -85,9 +88,17 @@ func tryStartNode(t *testing.T, cfg node.Config) (*testNode, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- n.Run(ctx) }()
+	var stopOnce sync.Once
+	var runErr error
+	stop := func() error {
+		stopOnce.Do(func() {
+			cancel()
+			runErr = <-done
+		})
+		return runErr
+	}
 	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
+		if err := stop(); err != nil {
 			t.Errorf("Run: %v", err)
 		}
 	})
@@ -99,7 +110,7 @@ func tryStartNode(t *testing.T, cfg node.Config) (*testNode, error) {
 	case <-time.After(60 * time.Second): // 50 nodes under -race on 2 busy cores start slowly
 		return nil, errors.New("node not ready after 60s")
 	}
-	return &testNode{Node: n, dir: cfg.DataDir, client: api.NewClient(n.APIAddr().String(), n.APIToken())}, nil
+	return &testNode{Node: n, dir: cfg.DataDir, client: api.NewClient(n.APIAddr().String(), n.APIToken()), stop: stop}, nil
 }
 
 func (tn *testNode) uri(export string) string {

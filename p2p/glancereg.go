@@ -218,8 +218,8 @@ func (p *Peer) handleGlanceRegister(s network.Stream) {
 
 // AskGlanceRegister asks peer to to register Glance image id now (see
 // GlanceBackend) and waits for its answer: the manifest and name it
-// registered. It gives up when to sends nothing (no progress) for stall, or
-// when ctx ends. progress, if not nil, is called with each progress report.
+// registered. It gives up when to reports no progress for stall (sends
+// nothing, or progress frames whose done does not grow), or when ctx ends. progress, if not nil, is called with each progress report.
 // An error wraps ErrGlanceRegisterOff when to does not serve the protocol.
 func (p *Peer) AskGlanceRegister(ctx context.Context, to peer.ID, id string, stall time.Duration, progress func(done, total int64)) (chunkstore.ID, string, error) {
 	if err := checkGlanceID(id); err != nil {
@@ -245,8 +245,10 @@ func (p *Peer) AskGlanceRegister(ctx context.Context, to peer.ID, id string, sta
 	}
 	s.CloseWrite()
 	r := bufio.NewReaderSize(s, 512)
+	// The last time done grew (or the request was sent), and its value.
+	grew, lastDone := time.Now(), int64(-1)
 	for {
-		s.SetReadDeadline(time.Now().Add(stall))
+		s.SetReadDeadline(grew.Add(stall))
 		frame, err := readGlanceRegFrame(r)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -261,6 +263,12 @@ func (p *Peer) AskGlanceRegister(ctx context.Context, to peer.ID, id string, sta
 			total, err2 := d.uvarint("total", 1<<63-1)
 			if err := errors.Join(err1, err2); err != nil || len(d.b) != 0 {
 				return chunkstore.ID{}, "", p.glanceRegBad(to, id, "a bad progress frame")
+			}
+			if int64(done) > lastDone {
+				grew, lastDone = time.Now(), int64(done)
+			} else if time.Since(grew) >= stall {
+				return chunkstore.ID{}, "", fmt.Errorf("ask %s to register glance image %s: its registration read no more of the image from Glance for %v (stuck at %d of %d bytes)",
+					to, id, stall, done, total)
 			}
 			if progress != nil {
 				progress(int64(done), int64(total))

@@ -14,10 +14,12 @@ import (
 )
 
 // glanceBackend is a fakeBackend that registers Glance images: it takes
-// took, reporting progress, and answers manifest/name or err.
+// took, reporting progress (growing, or stuck at one value when stuck is
+// set), and answers manifest/name or err.
 type glanceBackend struct {
 	*fakeBackend
 	took     time.Duration
+	stuck    bool
 	manifest chunkstore.ID
 	name     string
 	err      error
@@ -28,9 +30,14 @@ type glanceBackend struct {
 func (b *glanceBackend) RegisterGlance(ctx context.Context, from peer.ID, id string, progress func(done, total int64)) (chunkstore.ID, string, error) {
 	b.calls.Add(1)
 	b.from.Store(from)
-	end := time.Now().Add(b.took)
+	begin := time.Now()
+	end := begin.Add(b.took)
 	for time.Now().Before(end) {
-		progress(int64(time.Until(end)), 100)
+		done := int64(time.Since(begin) / time.Millisecond)
+		if b.stuck {
+			done = 42
+		}
+		progress(done, int64(b.took/time.Millisecond))
 		select {
 		case <-ctx.Done():
 			return chunkstore.ID{}, "", ctx.Err()
@@ -41,8 +48,10 @@ func (b *glanceBackend) RegisterGlance(ctx context.Context, from peer.ID, id str
 }
 
 // TestGlanceRegister: a registrar answers the manifest and name after a
-// registration longer than the asker's stall bound (progress frames keep it
-// waiting), or its error; a peer without a GlanceBackend is
+// registration longer than the asker's stall bound (progress frames whose
+// done grows keep it waiting), or its error; an asker whose registrar
+// reports progress that does not grow gives up after the stall bound; a peer
+// without a GlanceBackend is
 // ErrGlanceRegisterOff; bad IDs are refused before anything is sent; a
 // registrar that answers garbage is marked bad.
 func TestGlanceRegister(t *testing.T) {
@@ -50,12 +59,15 @@ func TestGlanceRegister(t *testing.T) {
 	img := newTestImage(t, 2, 1024, 7)
 	ok := &glanceBackend{fakeBackend: &fakeBackend{img: img}, took: 5 * time.Second, manifest: img.id, name: "glance-file:abc"}
 	failing := &glanceBackend{fakeBackend: &fakeBackend{img: img}, err: errors.New("glance said 404: check origin.glance.token")}
-	peers, _ := mockCluster(t, 4, func(i int) Backend {
+	stuck := &glanceBackend{fakeBackend: &fakeBackend{img: img}, took: 20 * time.Second, stuck: true, manifest: img.id, name: "glance-file:abc"}
+	peers, _ := mockCluster(t, 5, func(i int) Backend {
 		switch i {
 		case 1:
 			return ok
 		case 2:
 			return failing
+		case 4:
+			return stuck
 		}
 		return &fakeBackend{img: img}
 	})
@@ -74,6 +86,15 @@ func TestGlanceRegister(t *testing.T) {
 	}
 	if from, _ := ok.from.Load().(peer.ID); from != peers[0].ID() {
 		t.Errorf("the backend was told the request came from %s, want %s", from, peers[0].ID())
+	}
+
+	// Progress frames keep coming, but done does not grow: a stall.
+	start = time.Now()
+	_, _, err = peers[0].AskGlanceRegister(ctx, peers[4].ID(), id, 3*time.Second, nil)
+	took := time.Since(start)
+	t.Logf("a registrar stuck at one progress value: the asker gave up after %v: %v", took.Round(time.Millisecond), err)
+	if err == nil || took > 10*time.Second {
+		t.Errorf("a registrar whose progress does not grow: %v after %v, want an error within about 3s", err, took)
 	}
 
 	if _, _, err := peers[0].AskGlanceRegister(ctx, peers[2].ID(), id, 3*time.Second, nil); err == nil || !strings.Contains(err.Error(), "check origin.glance.token") {

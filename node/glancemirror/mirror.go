@@ -88,6 +88,10 @@ type Config struct {
 	Client *http.Client
 	// AuthTimeout bounds the authorization request to Glance. Default 30s.
 	AuthTimeout time.Duration
+	// WriteTimeout bounds the write of each block (1 MiB) of a download to
+	// its client: a client that takes longer has its download cut.
+	// Default DefaultWriteTimeout.
+	WriteTimeout time.Duration
 	// Log, default slog.Default().
 	Log *slog.Logger
 	// Registerer, if set, gets the mirror's metrics
@@ -95,14 +99,18 @@ type Config struct {
 	Registerer prometheus.Registerer
 }
 
+// DefaultWriteTimeout is the default of Config.WriteTimeout.
+const DefaultWriteTimeout = time.Minute
+
 // Handler is the mirror's http.Handler.
 type Handler struct {
-	base   string
-	images Images
-	client *http.Client
-	authTO time.Duration
-	log    *slog.Logger
-	m      *metrics
+	base    string
+	images  Images
+	client  *http.Client
+	authTO  time.Duration
+	writeTO time.Duration
+	log     *slog.Logger
+	m       *metrics
 }
 
 // New returns the mirror's handler for c.
@@ -119,7 +127,7 @@ func New(c Config) (*Handler, error) {
 	if err != nil {
 		return nil, fmt.Errorf("glance mirror: register metrics: %w", err)
 	}
-	h := &Handler{base: base, images: c.Images, client: c.Client, authTO: c.AuthTimeout, log: c.Log, m: m}
+	h := &Handler{base: base, images: c.Images, client: c.Client, authTO: c.AuthTimeout, writeTO: c.WriteTimeout, log: c.Log, m: m}
 	if h.client == nil {
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.ResponseHeaderTimeout = 30 * time.Second
@@ -127,6 +135,9 @@ func New(c Config) (*Handler, error) {
 	}
 	if h.authTO <= 0 {
 		h.authTO = 30 * time.Second
+	}
+	if h.writeTO <= 0 {
+		h.writeTO = DefaultWriteTimeout
 	}
 	if h.log == nil {
 		h.log = slog.Default()
@@ -351,13 +362,15 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request, id string) {
 	ar := newAheadReader(r.Context(), img, lo, hi, ReadAhead)
 	defer ar.Close()
 	buf := make([]byte, blockSize)
+	rc := http.NewResponseController(w)
 	for off := lo; off < hi; {
 		n, err := io.ReadFull(ar, buf[:min(int64(len(buf)), hi-off)])
 		if err != nil {
 			log.Warn("glance mirror: read failed; aborting the response", "offset", off, "err", err)
 			panic(http.ErrAbortHandler)
 		}
-		if _, err := w.Write(buf[:n]); err != nil {
+		if err := h.writeBlock(rc, w, buf[:n]); err != nil {
+			log.Info("glance mirror: the client does not take the range; giving up on it", "offset", off, "err", err)
 			return
 		}
 		off += int64(n)
@@ -366,6 +379,15 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request, id string) {
 
 // blockSize is how much the mirror reads and writes at a time.
 const blockSize = 1 << 20
+
+// writeBlock writes b to the client within the write timeout.
+func (h *Handler) writeBlock(rc *http.ResponseController, w http.ResponseWriter, b []byte) error {
+	if err := rc.SetWriteDeadline(time.Now().Add(h.writeTO)); err != nil && !errors.Is(err, http.ErrNotSupported) {
+		return err
+	}
+	_, err := w.Write(b)
+	return err
+}
 
 func setHeaders(w http.ResponseWriter, meta Meta, length int64) {
 	w.Header().Set("Content-Type", "application/octet-stream")
@@ -394,6 +416,7 @@ func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, verify 
 	var held []byte
 	var total int64
 	clientGone := false
+	rc := http.NewResponseController(w)
 	for {
 		// A buffer per block: the hashers read it while the next is read
 		// and this one is written.
@@ -407,7 +430,8 @@ func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, verify 
 			}
 			v.write(buf[:n])
 			if held != nil && !clientGone {
-				if _, werr := w.Write(held); werr != nil {
+				if werr := h.writeBlock(rc, w, held); werr != nil {
+					log.Info("glance mirror: the client does not take the download; reading on without it", "offset", total, "err", werr)
 					clientGone = true // keep reading: a registration behind src goes on anyway
 				}
 			}
@@ -430,7 +454,7 @@ func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, verify 
 		panic(http.ErrAbortHandler)
 	}
 	if held != nil && !clientGone {
-		_, _ = w.Write(held)
+		_ = h.writeBlock(rc, w, held)
 	}
 }
 
