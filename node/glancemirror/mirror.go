@@ -237,63 +237,99 @@ func (h *Handler) unreachable(w http.ResponseWriter, r *http.Request, err error)
 	http.Error(w, fmt.Sprintf("hoard Glance mirror: cannot reach Glance at %s (%v); the mirror serves nothing Glance has not authorized: check that Glance is up and origin.glance.url", h.base, err), http.StatusBadGateway)
 }
 
-// authorize asks Glance for the image record with the caller's headers. It
-// returns the record on 200; otherwise it has answered w itself.
+// authorize asks Glance, with the caller's headers, for the image record
+// (Glance's get_image policy) and, for an image with data, for its first
+// byte (GET .../file with Range: bytes=0-0: Glance's download_image policy,
+// which can be stricter). It returns the record when Glance allowed both;
+// otherwise it has answered w itself (Glance's refusal as Glance sent it).
 func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, id string) (Meta, bool) {
 	ctx, cancel := context.WithTimeout(r.Context(), h.authTO)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.base+"/v2/images/"+url.PathEscape(id), nil)
-	if err != nil {
-		http.Error(w, "bad image id: "+err.Error(), http.StatusBadRequest)
-		return Meta{}, false
-	}
-	req.Header = forwardHeaders(r.Header)
-	req.Header.Set("Accept", "application/json")
 	start := time.Now()
-	resp, err := h.client.Do(req)
-	if err != nil {
-		h.m.authorized("unreachable", start)
-		h.unreachable(w, r, err)
-		return Meta{}, false
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
-	switch {
-	case err != nil || resp.StatusCode >= 500:
-		h.m.authorized("unreachable", start)
-	case resp.StatusCode != http.StatusOK:
-		h.m.authorized("refused", start)
-	default:
-		h.m.authorized("allowed", start)
-	}
-	if err != nil {
-		h.unreachable(w, r, err)
-		return Meta{}, false
-	}
-	switch {
-	case resp.StatusCode >= 500:
-		h.log.Warn("glance mirror: Glance failed the authorization request; nothing is served", "glance_image", id, "status", resp.StatusCode)
-		http.Error(w, fmt.Sprintf("hoard Glance mirror: Glance answered %s to GET /v2/images/%s, so the download cannot be authorized and nothing is served; try again when Glance is healthy: %s",
-			resp.Status, id, strings.TrimSpace(string(body))), http.StatusServiceUnavailable)
-		return Meta{}, false
-	case resp.StatusCode != http.StatusOK:
-		// Glance's refusal, as Glance sent it.
-		copyHeaders(w.Header(), resp.Header)
-		w.Header().Del("Content-Length")
-		w.WriteHeader(resp.StatusCode)
-		_, _ = w.Write(body)
+	path := "/v2/images/" + url.PathEscape(id)
+	status, body, ok := h.ask(ctx, w, r, id, path, "", http.StatusOK)
+	if !ok {
+		h.m.authorized(status, start)
 		return Meta{}, false
 	}
 	var m Meta
 	if err := json.Unmarshal(body, &m); err != nil || m.ID == "" {
+		h.m.authorized("unreachable", start)
 		http.Error(w, fmt.Sprintf("hoard Glance mirror: Glance's answer to GET /v2/images/%s is not an image record (%v); check origin.glance.url", id, err), http.StatusBadGateway)
 		return Meta{}, false
 	}
 	if m.ID != id {
+		h.m.authorized("unreachable", start)
 		http.Error(w, fmt.Sprintf("hoard Glance mirror: Glance answered GET /v2/images/%s with image %s", id, m.ID), http.StatusBadGateway)
 		return Meta{}, false
 	}
+	if m.Status == "active" && m.Size != nil && *m.Size > 0 {
+		if status, _, ok := h.ask(ctx, w, r, id, path+"/file", "bytes=0-0", http.StatusOK, http.StatusPartialContent); !ok {
+			h.m.authorized(status, start)
+			return Meta{}, false
+		}
+	}
+	h.m.authorized("allowed", start)
 	return m, true
+}
+
+// ask sends GET path to Glance with the caller's headers (and range rng,
+// if set). On one of the statuses in want it returns the body's first bytes
+// (at most 4 MiB; the rest is discarded); otherwise it has answered w and
+// returns the authorization result to count ("refused", "unreachable").
+func (h *Handler) ask(ctx context.Context, w http.ResponseWriter, r *http.Request, id, path, rng string, want ...int) (string, []byte, bool) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.base+path, nil)
+	if err != nil {
+		http.Error(w, "bad image id: "+err.Error(), http.StatusBadRequest)
+		return "refused", nil, false
+	}
+	req.Header = forwardHeaders(r.Header)
+	if rng != "" {
+		req.Header.Set("Range", rng)
+	} else {
+		req.Header.Set("Accept", "application/json")
+	}
+	what := "GET " + path
+	if rng != "" {
+		what += " (Range: " + rng + ")"
+	}
+	resp, err := h.client.Do(req)
+	if err != nil {
+		h.unreachable(w, r, err)
+		return "unreachable", nil, false
+	}
+	defer resp.Body.Close()
+	limit := int64(4 << 20)
+	if rng != "" && (resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent) {
+		limit = 64 << 10 // the image's first bytes, discarded: the mirror serves its own
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, limit))
+	if err != nil {
+		h.unreachable(w, r, err)
+		return "unreachable", nil, false
+	}
+	for _, c := range want {
+		if resp.StatusCode == c {
+			return "allowed", body, true
+		}
+	}
+	if resp.StatusCode >= 500 {
+		h.log.Warn("glance mirror: Glance failed the authorization request; nothing is served", "glance_image", id, "request", what, "status", resp.StatusCode)
+		http.Error(w, fmt.Sprintf("hoard Glance mirror: Glance answered %s to %s, so the download cannot be authorized and nothing is served; try again when Glance is healthy: %s",
+			resp.Status, what, strings.TrimSpace(string(body))), http.StatusServiceUnavailable)
+		return "unreachable", nil, false
+	}
+	if rng != "" && resp.StatusCode < 400 {
+		// Not a refusal, yet no data (a 204, a redirect): serve nothing.
+		http.Error(w, fmt.Sprintf("hoard Glance mirror: Glance answered %s to %s, not the image's first byte, so the download is not authorized; download the image from Glance itself", resp.Status, what), http.StatusBadGateway)
+		return "refused", nil, false
+	}
+	// Glance's refusal, as Glance sent it.
+	copyHeaders(w.Header(), resp.Header)
+	w.Header().Del("Content-Length")
+	w.WriteHeader(resp.StatusCode)
+	_, _ = w.Write(body)
+	return "refused", nil, false
 }
 
 // download serves GET /v2/images/{id}/file.

@@ -28,12 +28,14 @@ const (
 )
 
 // fakeGlance answers GET /v2/images/{id} like a project-enforcing Glance:
-// 200 to the owner's project, 404 to another, 401 without identity.
+// 200 to the owner's project, 404 to another, 401 without identity; its
+// download_image policy refuses the file (403) to the owner's role "viewer".
 type fakeGlance struct {
 	data   []byte
 	status atomic.Int32 // when set, every request gets this status
 	seen   atomic.Value // the last request's headers
 	files  atomic.Int64 // file downloads Glance served itself
+	probes atomic.Int64 // one-byte file reads (Range: bytes=0-0): the mirror's authorizations
 }
 
 func (g *fakeGlance) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -65,6 +67,17 @@ func (g *fakeGlance) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"checksum": hex.EncodeToString(md[:]), "os_hash_algo": "sha512", "os_hash_value": hex.EncodeToString(sh[:]),
 			"disk_format": "qcow2", "owner": owner})
 	case "/v2/images/" + imageID + "/file":
+		if r.Header.Get("X-Roles") == "viewer" {
+			http.Error(w, "403 Forbidden: You are not authorized to complete download_image action.", http.StatusForbidden)
+			return
+		}
+		if r.Header.Get("Range") == "bytes=0-0" {
+			g.probes.Add(1)
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes 0-0/%d", len(g.data)))
+			w.WriteHeader(http.StatusPartialContent)
+			w.Write(g.data[:1])
+			return
+		}
 		g.files.Add(1)
 		w.Write(g.data)
 	default:
@@ -140,13 +153,19 @@ func setup(t *testing.T) (*fakeGlance, *fakeImages, *httptest.Server) {
 
 func get(t *testing.T, url, project, rng string) (*http.Response, []byte, error) {
 	t.Helper()
+	return getAs(t, url, project, "member", rng)
+}
+
+// getAs is get with the caller's roles.
+func getAs(t *testing.T, url, project, roles, rng string) (*http.Response, []byte, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if project != "" {
 		req.Header.Set("X-Identity-Status", "Confirmed")
 		req.Header.Set("X-Project-Id", project)
-		req.Header.Set("X-Roles", "member")
+		req.Header.Set("X-Roles", roles)
 		req.Header.Set("X-Auth-Token", "tok-"+project)
 	}
 	if rng != "" {
@@ -213,6 +232,39 @@ func TestRefusalPassesThroughEvenWhenCached(t *testing.T) {
 	}
 	if n := imgs.opens.Load(); n != 0 {
 		t.Errorf("the mirror opened the image %d times for refused callers, want 0", n)
+	}
+}
+
+// TestDownloadPolicy: a caller Glance lets see the image (get_image) but not
+// download it (download_image) gets Glance's 403 from the mirror, even with
+// every byte cached, for a full download and a range; the owner's members
+// are authorized by a one-byte read of the file.
+func TestDownloadPolicy(t *testing.T) {
+	t.Parallel()
+	g, imgs, ms := setup(t)
+	imgs.reg[imageID] = g.data // every byte is here
+	url := ms.URL + "/v2/images/" + imageID + "/file"
+	if resp, _, err := getAs(t, ms.URL+"/v2/images/"+imageID, owner, "viewer", ""); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("the viewer cannot see the image record: %v %v", resp, err)
+	}
+	for _, rng := range []string{"", "bytes=10-99"} {
+		resp, body, err := getAs(t, url, owner, "viewer", rng)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != http.StatusForbidden || bytes.Contains(body, g.data[:64]) || !strings.Contains(string(body), "download_image") {
+			t.Errorf("viewer, range %q: HTTP %d (want Glance's 403), body %.100q", rng, resp.StatusCode, body)
+		}
+	}
+	if n := imgs.opens.Load(); n != 0 {
+		t.Errorf("the mirror opened the image %d times for a caller Glance does not let download it, want 0", n)
+	}
+	resp, body, err := get(t, url, owner, "")
+	if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(body, g.data) {
+		t.Fatalf("member: HTTP %v, %d bytes, %v", resp, len(body), err)
+	}
+	if p, f := g.probes.Load(), g.files.Load(); p != 1 || f != 0 {
+		t.Errorf("member's download: Glance served %d one-byte authorizations and %d downloads, want 1 and 0", p, f)
 	}
 }
 
