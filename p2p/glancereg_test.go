@@ -108,6 +108,10 @@ func TestGlanceRegister(t *testing.T) {
 		if _, _, err := peers[0].AskGlanceRegister(ctx, peers[1].ID(), bad, time.Second, nil); err == nil {
 			t.Errorf("glance id %q accepted", bad)
 		}
+		// The registrar checks it too: sent as it is, on a raw stream.
+		if n, err := rawGlanceRegister(ctx, t, peers[0], peers[1], append([]byte{glanceRegRequest}, bad...)); err == nil || n > 0 {
+			t.Errorf("glance id %q sent on a raw stream answered: %d bytes, %v", bad, n, err)
+		}
 	}
 	if ok.calls.Load() != calls {
 		t.Error("a bad glance id reached the backend")
@@ -138,21 +142,29 @@ func TestGlanceRegisterBadRequest(t *testing.T) {
 	peers, _ := mockCluster(t, 2, func(i int) Backend { return b })
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	s, err := peers[0].host.NewStream(ctx, peers[1].ID(), ProtocolGlanceRegister)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Reset()
 	big := make([]byte, maxGlanceRegFrame+1)
 	big[0] = glanceRegRequest
-	s.Write(appendFrame(nil, big))
-	s.CloseWrite()
-	s.SetReadDeadline(time.Now().Add(10 * time.Second))
-	var buf [16]byte
-	if n, err := s.Read(buf[:]); err == nil || n > 0 {
+	if n, err := rawGlanceRegister(ctx, t, peers[0], peers[1], big); err == nil || n > 0 {
 		t.Errorf("oversized request answered: %d bytes, %v", n, err)
 	}
 	if b.calls.Load() != 0 {
 		t.Error("an oversized request reached the backend")
 	}
+}
+
+// rawGlanceRegister sends frame to to's ProtocolGlanceRegister from from,
+// without AskGlanceRegister's checks, and reads the first bytes of the
+// answer (within 10s): how many, and the read's error.
+func rawGlanceRegister(ctx context.Context, t *testing.T, from, to *Peer, frame []byte) (int, error) {
+	t.Helper()
+	s, err := from.host.NewStream(ctx, to.ID(), ProtocolGlanceRegister)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Reset()
+	s.Write(appendFrame(nil, frame))
+	s.CloseWrite()
+	s.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var buf [16]byte
+	return s.Read(buf[:])
 }
