@@ -30,7 +30,7 @@ const DefaultGlanceRegisterWait = 30 * time.Second
 // Glance ID, stays free for its guest view (image add glance://ID, exported
 // raw over NBD). Glance IDs are UUIDs, which never contain ':', so the
 // prefix cannot clash with one; do not name images glance-file:... by hand.
-const FileViewPrefix = "glance-file:"
+const FileViewPrefix = p2p.GlanceFileViewPrefix
 
 // fileViewName is the name of Glance image id's file view.
 func fileViewName(id string) string { return FileViewPrefix + id }
@@ -283,7 +283,7 @@ func (mi *mirrorImages) viaRegistrar(ctx context.Context, meta glancemirror.Meta
 	if err != nil {
 		return nil, err
 	}
-	if err := mi.adopt(ctx, reg, m, name); err != nil {
+	if err := mi.adopt(ctx, reg, meta.ID, m, name); err != nil {
 		return nil, err
 	}
 	n.log.Info("glance mirror: the registrar registered the image", "glance_image", meta.ID, "registrar", reg,
@@ -291,10 +291,16 @@ func (mi *mirrorImages) viaRegistrar(ctx context.Context, meta glancemirror.Meta
 	return mi.reader(ctx, meta, m)
 }
 
-// adopt registers here, as name, manifest m that peer from holds.
-func (mi *mirrorImages) adopt(ctx context.Context, from peer.ID, m chunkstore.ID, name string) error {
+// adopt registers here, as name, manifest m that peer from holds as Glance
+// image id's: name must be id or its file view's.
+func (mi *mirrorImages) adopt(ctx context.Context, from peer.ID, id string, m chunkstore.ID, name string) error {
 	n := mi.n
 	st := n.store
+	if name != id && name != fileViewName(id) {
+		// p2p.AskGlanceRegister refuses such an answer (and marks the peer
+		// bad); never name an image here as a peer says otherwise.
+		return fmt.Errorf("the registrar %s answered glance image %s with the image name %q, neither %s nor %s; not registered", from, id, name, id, fileViewName(id))
+	}
 	if _, err := st.GetManifestBytes(ctx, m); err != nil {
 		mctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		enc, err := n.cl.Peer().Manifest(mctx, from, m)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -30,7 +31,8 @@ import (
 type GlanceBackend interface {
 	// RegisterGlance registers Glance image id (or waits for the
 	// registration under way, or finds it registered) and returns the
-	// manifest and the name it is registered under. progress, which the
+	// manifest and the name it is registered under (id, or
+	// GlanceFileViewPrefix+id). progress, which the
 	// backend may call from any goroutine, reports the bytes read from
 	// Glance so far and the image's size.
 	RegisterGlance(ctx context.Context, from peer.ID, id string, progress func(done, total int64)) (manifest chunkstore.ID, name string, err error)
@@ -64,7 +66,43 @@ const (
 	glanceRegProgressEvery = 2 * time.Second
 	// maxGlanceRegServed bounds the registration requests served at once.
 	maxGlanceRegServed = 32
+	// maxGlanceRegPerPeer bounds those of one peer.
+	maxGlanceRegPerPeer = 2
+
+	// GlanceFileViewPrefix starts the name of a Glance image's file view
+	// (node.FileViewPrefix). A registrar's answer for Glance image id must
+	// name the image id or GlanceFileViewPrefix+id.
+	GlanceFileViewPrefix = "glance-file:"
 )
+
+// glanceSlots bounds the registration requests served at once, in all and
+// per peer (so that one peer cannot take every slot).
+type glanceSlots struct {
+	mu      sync.Mutex
+	total   int
+	perPeer map[peer.ID]int
+}
+
+// take takes a slot for a request of from; false when none is free.
+func (g *glanceSlots) take(from peer.ID) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.total >= maxGlanceRegServed || g.perPeer[from] >= maxGlanceRegPerPeer {
+		return false
+	}
+	g.total++
+	g.perPeer[from]++
+	return true
+}
+
+func (g *glanceSlots) release(from peer.ID) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.total--
+	if g.perPeer[from]--; g.perPeer[from] <= 0 {
+		delete(g.perPeer, from)
+	}
+}
 
 // ErrGlanceRegisterOff is what AskGlanceRegister wraps when the peer does not
 // serve ProtocolGlanceRegister (an older node, or no GlanceBackend).
@@ -81,12 +119,12 @@ func (p *Peer) startGlanceRegister() {
 	if p.glanceBackend() == nil {
 		return
 	}
-	p.glanceSem = make(chan struct{}, maxGlanceRegServed)
+	p.glanceSlots = &glanceSlots{perPeer: map[peer.ID]int{}}
 	p.host.SetStreamHandler(ProtocolGlanceRegister, p.handleGlanceRegister)
 }
 
 func (p *Peer) stopGlanceRegister() {
-	if p.glanceSem != nil {
+	if p.glanceSlots != nil {
 		p.host.RemoveStreamHandler(ProtocolGlanceRegister)
 	}
 }
@@ -133,14 +171,12 @@ func (p *Peer) handleGlanceRegister(s network.Stream) {
 		s.Reset()
 		return
 	}
-	select {
-	case p.glanceSem <- struct{}{}:
-		defer func() { <-p.glanceSem }()
-	default:
-		p.log.Debug("glance register request refused: too many under way", "peer_id", remote.String())
+	if !p.glanceSlots.take(remote) {
+		p.log.Debug("glance register request refused: too many under way, in all or of this peer", "peer_id", remote.String())
 		s.Reset()
 		return
 	}
+	defer p.glanceSlots.release(remote)
 	ctx, cancel := context.WithTimeout(p.ctx, glanceRegTimeout)
 	defer cancel()
 	defer context.AfterFunc(ctx, func() { s.Reset() })()
@@ -182,7 +218,7 @@ func (p *Peer) handleGlanceRegister(s network.Stream) {
 		select {
 		case r := <-res:
 			var body []byte
-			if r.err == nil && (!r.manifest.Defined() || chunkstore.ValidateName(r.name) != nil) {
+			if r.err == nil && (!r.manifest.Defined() || chunkstore.ValidateName(r.name) != nil || (r.name != id && r.name != GlanceFileViewPrefix+id)) {
 				r.err = fmt.Errorf("the registrar registered an invalid manifest or name %q", r.name)
 			}
 			if r.err != nil {
@@ -281,6 +317,9 @@ func (p *Peer) AskGlanceRegister(ctx context.Context, to peer.ID, id string, sta
 			name := string(frame[1+sha256.Size:])
 			if chunkstore.ValidateName(name) != nil {
 				return chunkstore.ID{}, "", p.glanceRegBad(to, id, "an invalid image name")
+			}
+			if name != id && name != GlanceFileViewPrefix+id {
+				return chunkstore.ID{}, "", p.glanceRegBad(to, id, fmt.Sprintf("the image name %q, neither the id nor its file view", name))
 			}
 			return m, name, nil
 		case glanceRegError:

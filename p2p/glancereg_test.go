@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -56,10 +57,11 @@ func (b *glanceBackend) RegisterGlance(ctx context.Context, from peer.ID, id str
 // registrar that answers garbage is marked bad.
 func TestGlanceRegister(t *testing.T) {
 	t.Parallel()
+	const id = "0b4b5e5a-3f8e-4a39-9d41-5f2d4f1b7c10"
 	img := newTestImage(t, 2, 1024, 7)
-	ok := &glanceBackend{fakeBackend: &fakeBackend{img: img}, took: 5 * time.Second, manifest: img.id, name: "glance-file:abc"}
+	ok := &glanceBackend{fakeBackend: &fakeBackend{img: img}, took: 5 * time.Second, manifest: img.id, name: GlanceFileViewPrefix + id}
 	failing := &glanceBackend{fakeBackend: &fakeBackend{img: img}, err: errors.New("glance said 404: check origin.glance.token")}
-	stuck := &glanceBackend{fakeBackend: &fakeBackend{img: img}, took: 20 * time.Second, stuck: true, manifest: img.id, name: "glance-file:abc"}
+	stuck := &glanceBackend{fakeBackend: &fakeBackend{img: img}, took: 20 * time.Second, stuck: true, manifest: img.id, name: id}
 	peers, _ := mockCluster(t, 5, func(i int) Backend {
 		switch i {
 		case 1:
@@ -73,13 +75,12 @@ func TestGlanceRegister(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
-	const id = "0b4b5e5a-3f8e-4a39-9d41-5f2d4f1b7c10"
 
 	var reports atomic.Int64
 	start := time.Now()
 	m, name, err := peers[0].AskGlanceRegister(ctx, peers[1].ID(), id, 3*time.Second, func(done, total int64) { reports.Add(1) })
-	if err != nil || m != img.id || name != "glance-file:abc" {
-		t.Fatalf("AskGlanceRegister: %v %q %v, want %v glance-file:abc", m, name, err, img.id)
+	if err != nil || m != img.id || name != GlanceFileViewPrefix+id {
+		t.Fatalf("AskGlanceRegister: %v %q %v, want %v %s", m, name, err, img.id, GlanceFileViewPrefix+id)
 	}
 	if took := time.Since(start); took < 5*time.Second || reports.Load() < 2 {
 		t.Errorf("answered after %v with %d progress reports, want >= 5s and >= 2 reports", took, reports.Load())
@@ -167,4 +168,61 @@ func rawGlanceRegister(ctx context.Context, t *testing.T, from, to *Peer, frame 
 	s.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var buf [16]byte
 	return s.Read(buf[:])
+}
+
+// TestGlanceRegisterLimits: a registrar serves at most maxGlanceRegPerPeer
+// requests of one peer at once (another peer is served meanwhile); a
+// registrar that answers a name other than the image's or its file view's
+// is refused and marked bad.
+func TestGlanceRegisterLimits(t *testing.T) {
+	t.Parallel()
+	const id = "7c0e7a7e-1d2b-4c3a-9e8f-0a1b2c3d4e5f"
+	img := newTestImage(t, 1, 1024, 9)
+	slow := &glanceBackend{fakeBackend: &fakeBackend{img: img}, took: 4 * time.Second, manifest: img.id, name: id}
+	peers, _ := mockCluster(t, 4, func(i int) Backend {
+		if i == 1 {
+			return slow
+		}
+		return &fakeBackend{img: img}
+	})
+	// A registrar that plants another image's name (an honest one refuses
+	// to answer it).
+	const planted = "ubuntu-24.04"
+	peers[3].host.SetStreamHandler(ProtocolGlanceRegister, func(s network.Stream) {
+		d := img.id.Digest()
+		s.Write(appendFrame(nil, append(append([]byte{glanceRegDone}, d[:]...), planted...)))
+		s.Close()
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+
+	askers := []int{0, 0, 0, 2}
+	errs := make([]error, len(askers))
+	var wg sync.WaitGroup
+	for i, a := range askers {
+		wg.Go(func() {
+			_, _, errs[i] = peers[a].AskGlanceRegister(ctx, peers[1].ID(), id, 10*time.Second, nil)
+		})
+	}
+	wg.Wait()
+	var failed0 int
+	for i, a := range askers {
+		switch {
+		case a == 2 && errs[i] != nil:
+			t.Errorf("another peer's request while peer 0 holds its slots: %v", errs[i])
+		case a == 0 && errs[i] != nil:
+			failed0++
+		}
+	}
+	t.Logf("3 concurrent requests of one peer: %d refused (errors %v)", failed0, errs)
+	if failed0 != len(askers)-1-maxGlanceRegPerPeer {
+		t.Errorf("%d of peer 0's 3 concurrent requests refused, want %d", failed0, len(askers)-1-maxGlanceRegPerPeer)
+	}
+
+	if _, _, err := peers[0].AskGlanceRegister(ctx, peers[3].ID(), id, 5*time.Second, nil); !errors.Is(err, errProtocol) {
+		t.Errorf("a registrar that answers the name %q: %v, want a protocol error", planted, err)
+	}
+	if !peers[0].Bad(peers[3].ID()) {
+		t.Error("a registrar that answered another image's name was not marked bad")
+	}
 }

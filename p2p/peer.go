@@ -104,10 +104,10 @@ type Peer struct {
 	served   map[network.Stream]struct{} // streams being served (handleStream)
 	load     map[peer.ID]int64           // chunks requested and not yet answered
 	closed   bool
-	// glanceSem bounds the ProtocolGlanceRegister requests served; nil: not served.
-	glanceSem chan struct{}
-	kick      chan struct{} // wakes the reprovide loop (after bootstrap)
-	cat       catalogState
+	// glanceSlots bounds the ProtocolGlanceRegister requests served; nil: not served.
+	glanceSlots *glanceSlots
+	kick        chan struct{} // wakes the reprovide loop (after bootstrap)
+	cat         catalogState
 	// learnQueue is the size of the catalog's learn queue (tests shrink it).
 	learnQueue int
 	// nodeVersion is the Version of this node's last NodeInfo.
