@@ -337,19 +337,36 @@ func (x *export) Cache(ctx context.Context, off, length int64) error {
 	return g.Wait()
 }
 
-// liveSet counts, per chunk, the open images that use it.
+// liveSet counts, per chunk, the open images that use it. An image's chunk
+// set is computed when it is first opened and dropped at its last close:
+// opening an image already open (a mirror download, each Range request of
+// one) costs O(1), whatever its size.
 type liveSet struct {
 	mu   sync.RWMutex
-	refs map[chunkstore.ID]int
+	refs map[chunkstore.ID]int               // chunk -> the open images (manifests) that use it
+	open map[*chunkstore.Manifest]*liveImage // manifest -> its opens
+}
+
+// liveImage is an open manifest: how many times it is open, and its chunks.
+type liveImage struct {
+	opens  int
+	chunks []chunkstore.ID
 }
 
 func (l *liveSet) add(m *chunkstore.Manifest) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if li := l.open[m]; li != nil {
+		li.opens++
+		return
+	}
 	if l.refs == nil {
 		l.refs = make(map[chunkstore.ID]int)
+		l.open = make(map[*chunkstore.Manifest]*liveImage)
 	}
-	for _, id := range m.ChunkIDs() {
+	li := &liveImage{opens: 1, chunks: m.ChunkIDs()}
+	l.open[m] = li
+	for _, id := range li.chunks {
 		l.refs[id]++
 	}
 }
@@ -357,7 +374,15 @@ func (l *liveSet) add(m *chunkstore.Manifest) {
 func (l *liveSet) remove(m *chunkstore.Manifest) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for _, id := range m.ChunkIDs() {
+	li := l.open[m]
+	if li == nil {
+		return
+	}
+	if li.opens--; li.opens > 0 {
+		return
+	}
+	delete(l.open, m)
+	for _, id := range li.chunks {
 		if l.refs[id]--; l.refs[id] <= 0 {
 			delete(l.refs, id)
 		}
