@@ -92,6 +92,10 @@ type Config struct {
 	// its client: a client that takes longer has its download cut.
 	// Default DefaultWriteTimeout.
 	WriteTimeout time.Duration
+	// MaxDownloads bounds the downloads served at once; beyond it a
+	// download is answered 503 with Retry-After. Default
+	// DefaultMaxDownloads.
+	MaxDownloads int
 	// Log, default slog.Default().
 	Log *slog.Logger
 	// Registerer, if set, gets the mirror's metrics
@@ -102,6 +106,13 @@ type Config struct {
 // DefaultWriteTimeout is the default of Config.WriteTimeout.
 const DefaultWriteTimeout = time.Minute
 
+// DefaultMaxDownloads is the default of Config.MaxDownloads.
+const DefaultMaxDownloads = 64
+
+// retryAfter is the Retry-After (seconds) of a download refused for the
+// MaxDownloads bound.
+const retryAfter = "5"
+
 // Handler is the mirror's http.Handler.
 type Handler struct {
 	base    string
@@ -109,6 +120,7 @@ type Handler struct {
 	client  *http.Client
 	authTO  time.Duration
 	writeTO time.Duration
+	slots   chan struct{} // one per download under way
 	log     *slog.Logger
 	m       *metrics
 }
@@ -139,6 +151,10 @@ func New(c Config) (*Handler, error) {
 	if h.writeTO <= 0 {
 		h.writeTO = DefaultWriteTimeout
 	}
+	if c.MaxDownloads <= 0 {
+		c.MaxDownloads = DefaultMaxDownloads
+	}
+	h.slots = make(chan struct{}, c.MaxDownloads)
 	if h.log == nil {
 		h.log = slog.Default()
 	}
@@ -334,6 +350,16 @@ func (h *Handler) ask(ctx context.Context, w http.ResponseWriter, r *http.Reques
 
 // download serves GET /v2/images/{id}/file.
 func (h *Handler) download(w http.ResponseWriter, r *http.Request, id string) {
+	select {
+	case h.slots <- struct{}{}:
+		defer func() { <-h.slots }()
+	default:
+		h.log.Warn("glance mirror: too many downloads under way; refusing one", "glance_image", id, "max_downloads", cap(h.slots))
+		w.Header().Set("Retry-After", retryAfter)
+		http.Error(w, fmt.Sprintf("hoard Glance mirror: this node serves %d downloads at once, all under way; retry in %s seconds, or download from another hoard node or from Glance itself",
+			cap(h.slots), retryAfter), http.StatusServiceUnavailable)
+		return
+	}
 	meta, ok := h.authorize(w, r, id)
 	if !ok {
 		return

@@ -383,3 +383,91 @@ func TestPassThrough(t *testing.T) {
 	}
 	_ = g
 }
+
+// gatedImages serves data from Open; every ReadAt waits for gate to close.
+type gatedImages struct {
+	data  []byte
+	gate  chan struct{}
+	opens atomic.Int64
+}
+
+func (g *gatedImages) Open(context.Context, glancemirror.Meta) (glancemirror.Image, error) {
+	g.opens.Add(1)
+	return gatedImage{memImage(g.data), g.gate}, nil
+}
+
+func (g *gatedImages) Register(context.Context, glancemirror.Meta) (io.ReadCloser, error) {
+	return nil, errors.New("gatedImages registers nothing")
+}
+
+type gatedImage struct {
+	memImage
+	gate chan struct{}
+}
+
+func (g gatedImage) ReadAt(ctx context.Context, p []byte, off int64) error {
+	select {
+	case <-g.gate:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return g.memImage.ReadAt(ctx, p, off)
+}
+
+// TestMaxDownloads: beyond MaxDownloads downloads under way, a download is
+// answered 503 with Retry-After and a message; once they end, downloads are
+// served again.
+func TestMaxDownloads(t *testing.T) {
+	t.Parallel()
+	data := make([]byte, 3<<20+1)
+	g := &fakeGlance{data: data}
+	gs := httptest.NewServer(g)
+	t.Cleanup(gs.Close)
+	imgs := &gatedImages{data: data, gate: make(chan struct{})}
+	h, err := glancemirror.New(glancemirror.Config{GlanceURL: gs.URL, Images: imgs, MaxDownloads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := httptest.NewServer(h)
+	t.Cleanup(ms.Close)
+	url := ms.URL + "/v2/images/" + imageID + "/file"
+	type result struct {
+		code int
+		n    int
+		err  error
+	}
+	res := make(chan result, 2)
+	for range 2 {
+		go func() {
+			resp, body, err := get(t, url, owner, "")
+			if err != nil {
+				res <- result{err: err}
+				return
+			}
+			res <- result{code: resp.StatusCode, n: len(body)}
+		}()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for imgs.opens.Load() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the two downloads did not open the image within 10s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	resp, body, err := get(t, url, owner, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" || !strings.Contains(string(body), "retry") {
+		t.Errorf("a third download with 2 under way: HTTP %d, Retry-After %q, body %q; want 503 with Retry-After and what to do", resp.StatusCode, resp.Header.Get("Retry-After"), body)
+	}
+	close(imgs.gate)
+	for range 2 {
+		if r := <-res; r.err != nil || r.code != http.StatusOK || r.n != len(data) {
+			t.Errorf("a download under way: HTTP %d, %d bytes, %v", r.code, r.n, r.err)
+		}
+	}
+	if resp, body, err := get(t, url, owner, ""); err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(body, data) {
+		t.Errorf("a download after the others ended: %v, %d bytes, %v", resp, len(body), err)
+	}
+}
