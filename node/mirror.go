@@ -258,17 +258,26 @@ func (mi *mirrorImages) Register(ctx context.Context, meta glancemirror.Meta) (i
 func (mi *mirrorImages) registrar(id string) (peer.ID, bool) {
 	p := mi.n.cl.Peer()
 	self := p.ID()
+	d := chooseRegistrar(id, self, p.Host().Network().Peers(), mi.n.liveMembers(), p.Bad)
+	return d, d == self
+}
+
+// chooseRegistrar is the registrar of Glance image id: the rendezvous
+// choice over this node, its connected peers and the cluster's members it
+// heard a NodeInfo from (so that nodes connected to different peers choose
+// the same), but for the peers bad says sent bad bytes.
+func chooseRegistrar(id string, self peer.ID, connected, members []peer.ID, bad func(peer.ID) bool) peer.ID {
+	seen := map[peer.ID]bool{self: true}
 	peers := []peer.ID{self}
-	for _, pi := range p.Peers() {
-		if !pi.Connected {
-			continue
-		}
-		if pid, err := peer.Decode(pi.ID); err == nil {
-			peers = append(peers, pid)
+	for _, ids := range [][]peer.ID{connected, members} {
+		for _, pid := range ids {
+			if !seen[pid] && !bad(pid) {
+				seen[pid] = true
+				peers = append(peers, pid)
+			}
 		}
 	}
-	d := p2p.Designated(chunkstore.Sum([]byte("hoard glance mirror registrar "+id)), peers)
-	return d, d == self
+	return p2p.Designated(chunkstore.Sum([]byte("hoard glance mirror registrar "+id)), peers)
 }
 
 // viaRegistrar asks the registrar to register the image now, registers its
