@@ -769,3 +769,34 @@ func TestGlanceMirrorStalledClient(t *testing.T) {
 		t.Errorf("the daemon did not stop within 20s while a mirror client stalls")
 	}
 }
+
+// TestGlanceMirrorClientLeaves: the client of the first download of an
+// unregistered image goes away after its first MiB; the registration goes
+// on and registers the image.
+func TestGlanceMirrorClientLeaves(t *testing.T) {
+	t.Parallel()
+	const id = "66666666-0000-4000-8000-000000000002"
+	data := writeImage(t, filepath.Join(t.TempDir(), "img.raw"), 24<<20+3, 22)
+	sent, glanceURL := fakeGlanceServer(t, id, data, md5Hex(data), sha512Hex(data))
+	tn := startNode(t, node.Config{GlanceListen: "127.0.0.1:0",
+		Origin: origin.Config{GlanceURL: glanceURL, GlanceHeaders: map[string]string{"X-Project-Id": "a"}}})
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+tn.GlanceAddr().String()+"/v2/images/"+id+"/file", nil)
+	req.Header.Set("X-Project-Id", "a")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("download: %v %v", resp, err)
+	}
+	if _, err := io.ReadFull(resp.Body, make([]byte, 1<<20)); err != nil {
+		t.Fatalf("first MiB: %v", err)
+	}
+	resp.Body.Close()
+	waitFor(t, "the image to be registered after its client left", func() bool {
+		_, err := tn.Store().Resolve(ctx, id)
+		return err == nil
+	})
+	if got := sent.Load(); got != int64(len(data)) {
+		t.Errorf("Glance sent %d bytes, want the image once (%d)", got, len(data))
+	}
+}

@@ -477,7 +477,6 @@ func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, verify 
 	w.WriteHeader(http.StatusOK)
 	var held []byte
 	var total int64
-	clientGone := false
 	rc := http.NewResponseController(w)
 	for {
 		// A buffer per block: the hashers read it while the next is read
@@ -491,10 +490,12 @@ func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, verify 
 				panic(http.ErrAbortHandler)
 			}
 			v.write(buf[:n])
-			if held != nil && !clientGone {
+			if held != nil {
 				if werr := h.writeBlock(rc, w, held); werr != nil {
-					log.Info("glance mirror: the client does not take the download; reading on without it", "offset", total, "err", werr)
-					clientGone = true // keep reading: a registration behind src goes on anyway
+					// Closing src does not stop a registration behind it
+					// (Images.Register).
+					log.Info("glance mirror: the client does not take the download; giving up on it", "offset", total, "err", werr)
+					return
 				}
 			}
 			held = buf[:n]
@@ -515,7 +516,7 @@ func (h *Handler) serve(w http.ResponseWriter, meta Meta, src io.Reader, verify 
 		log.Error("glance mirror: the bytes do not match Glance's checksum; aborting the download", "err", err)
 		panic(http.ErrAbortHandler)
 	}
-	if held != nil && !clientGone {
+	if held != nil {
 		_ = h.writeBlock(rc, w, held)
 	}
 }
