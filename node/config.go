@@ -68,6 +68,11 @@ type Config struct {
 	// glancemirror), e.g. 127.0.0.1:9293; empty: off. It needs
 	// Origin.GlanceURL: every download is authorized by that Glance.
 	GlanceListen string
+	// GlanceMaxDownloads bounds the mirror's downloads at once (default
+	// glancemirror.DefaultMaxDownloads) and GlanceWriteTimeout the write of
+	// each block to a client (default glancemirror.DefaultWriteTimeout).
+	GlanceMaxDownloads int
+	GlanceWriteTimeout time.Duration
 	// GlanceRegisterWait bounds how long a node that asked the cluster's
 	// registrar to register an image no node knew waits for an answer or
 	// progress from it (the registrar reports progress every few seconds)

@@ -635,6 +635,7 @@ func (t *teeReader) Close() error { return t.rc.Close() }
 // serveGlanceMirror serves the Glance mirror on ln under g until ctx ends.
 func (n *Node) serveGlanceMirror(ctx context.Context, g *errgroup.Group, ln net.Listener) error {
 	h, err := glancemirror.New(glancemirror.Config{GlanceURL: n.cfg.Origin.GlanceURL, Images: n.mirror,
+		MaxDownloads: n.cfg.GlanceMaxDownloads, WriteTimeout: n.cfg.GlanceWriteTimeout,
 		Log: n.baseLog.With("component", "glancemirror"), Registerer: n.reg})
 	if err != nil {
 		return err

@@ -134,6 +134,8 @@ func (g *globalOptions) nodeConfig() (node.Config, error) {
 		NBDSocket:           v.GetString("nbd.socket"),
 		NBDListen:           v.GetString("nbd.listen"),
 		GlanceListen:        v.GetString("glance.listen"),
+		GlanceMaxDownloads:  v.GetInt("glance.max_downloads"),
+		GlanceWriteTimeout:  v.GetDuration("glance.write_timeout"),
 		NBDSocketGroup:      v.GetString("nbd.socket_group"),
 		NBDSocketMode:       fs.FileMode(sockMode),
 		NBDMaxBufferedBytes: nbdBuf,

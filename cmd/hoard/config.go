@@ -149,6 +149,12 @@ var configKeys = []*configKey{
 		help: "address of the Glance v2 download mirror (GET /v2/images/ID/file from the cluster, each download authorized by the real Glance " +
 			"with the caller's credentials; needs origin.glance.url). Point Nova at it: [glance] endpoint_override = http://ADDR",
 		accept: acceptHostPort, check: hostPortOr(), example: "127.0.0.1:9293"},
+	{name: "glance.max_downloads", flag: "glance-max-downloads", scope: scopeDaemon, def: "64",
+		help:   "image downloads the Glance mirror serves at once; more get 503 with Retry-After (each holds its image's chunks out of eviction and up to 8 MiB read ahead)",
+		accept: "a whole number from 1", check: checkPositiveInt},
+	{name: "glance.write_timeout", flag: "glance-write-timeout", scope: scopeDaemon, def: "1m0s",
+		help:   "bound on writing each 1 MiB block of a mirror download to its client; a client that takes none for that long is dropped",
+		accept: acceptDuration + " (more than 0)", kind: kindDuration, check: checkDuration},
 
 	{name: "node.name", flag: "node-name", scope: scopeDaemon, defDoc: "the OS host name",
 		help:   "this node's name in placement (hoard place, the Nova weigher): what the scheduler calls the host",
@@ -315,6 +321,17 @@ func checkDuration(s string) error {
 	}
 	if d <= 0 {
 		return errors.New("not more than 0")
+	}
+	return nil
+}
+
+func checkPositiveInt(s string) error {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil {
+		return errors.New("not a whole number")
+	}
+	if n < 1 {
+		return errors.New("less than 1")
 	}
 	return nil
 }
