@@ -367,29 +367,29 @@ func (c *Cluster) Stop() {
 // while peers are still being waited for) with a copy of the view so far.
 func (c *Cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial func(*view)) *view {
 	self := c.p.ID()
+	var seenMu sync.Mutex
 	seen := map[peer.ID]bool{self: true}
+	asked := 0
+	// take reports whether id is still to be asked (and counts it).
+	take := func(id peer.ID) bool {
+		seenMu.Lock()
+		defer seenMu.Unlock()
+		if seen[id] || asked >= maxViewPeers || c.p.Bad(id) {
+			return false
+		}
+		seen[id] = true
+		asked++
+		return true
+	}
 	var cands []peer.ID
-	add := func(id peer.ID) {
-		if !seen[id] && len(cands) < maxViewPeers && !c.p.Bad(id) {
-			seen[id] = true
+	for _, id := range c.p.Host().Network().Peers() {
+		if take(id) {
 			cands = append(cands, id)
 		}
 	}
-	for _, id := range c.p.Host().Network().Peers() {
-		add(id)
-	}
-	pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	provs, err := c.p.FindProviders(pctx, manifest)
-	cancel()
-	if err != nil {
-		c.log.Debug("find providers", "manifest", manifest.String(), "err", err)
-	}
-	for _, ai := range provs {
-		add(ai.ID)
-	}
 	for _, pi := range c.p.Peers() {
-		if id, err := peer.Decode(pi.ID); err == nil {
-			add(id)
+		if id, err := peer.Decode(pi.ID); err == nil && take(id) {
+			cands = append(cands, id)
 		}
 	}
 	v := &view{at: time.Now(), haves: map[peer.ID]p2p.Bitmap{}}
@@ -408,7 +408,7 @@ func (c *Cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial f
 	}()
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
-	for _, id := range cands {
+	ask := func(id peer.ID) {
 		g.Go(func() error {
 			// One retry: a peer left out of a view because it was slow to
 			// answer makes this node's designated fetchers differ from others'.
@@ -443,6 +443,25 @@ func (c *Cluster) refresh(ctx context.Context, manifest chunkstore.ID, partial f
 			mu.Unlock()
 			return nil
 		})
+	}
+	// The DHT's providers are asked as they are found, beside the known
+	// peers: a slow lookup (up to 3 s) must not hold the first view.
+	g.Go(func() error {
+		pctx, cancel := context.WithTimeout(gctx, 3*time.Second)
+		provs, err := c.p.FindProviders(pctx, manifest)
+		cancel()
+		if err != nil {
+			c.log.Debug("find providers", "manifest", manifest.String(), "err", err)
+		}
+		for _, ai := range provs {
+			if take(ai.ID) {
+				ask(ai.ID)
+			}
+		}
+		return nil
+	})
+	for _, id := range cands {
+		ask(id)
 	}
 	g.Wait()
 	return v
