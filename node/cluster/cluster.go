@@ -645,25 +645,15 @@ func (c *Cluster) ResolveFrom(ctx context.Context, from peer.ID, id chunkstore.I
 		case <-mctx.Done():
 			return nil, fmt.Errorf("manifest %s: too many being learnt at once: %w", id, mctx.Err())
 		}
-		enc, err := c.p.Manifest(mctx, from, id)
+		enc, err := c.p.Manifest(mctx, from, id) // checked against id there
 		if err != nil {
 			return nil, fmt.Errorf("manifest %s from %s: %w", id, from, err)
 		}
-		if chunkstore.Sum(enc) != id {
-			c.p.ReportBad(from, fmt.Errorf("manifest %s: the bytes sent hash to %s", id, chunkstore.Sum(enc)))
-			return nil, fmt.Errorf("manifest %s from %s: %w", id, from, chunkstore.ErrMismatch)
-		}
-		m, err := chunkstore.DecodeManifest(enc)
-		if err != nil {
-			c.p.ReportBad(from, fmt.Errorf("manifest %s: %w", id, err))
+		if _, err := c.putManifest(mctx, enc, id); err != nil {
+			if errors.Is(err, chunkstore.ErrBadManifest) {
+				c.p.ReportBad(from, err)
+			}
 			return nil, fmt.Errorf("manifest %s from %s: %w", id, from, err)
-		}
-		got, err := c.st.PutManifest(mctx, m)
-		if err != nil {
-			return nil, err
-		}
-		if got != id {
-			return nil, fmt.Errorf("manifest %s from %s re-encodes to %s", id, from, got)
 		}
 		c.log.Debug("manifest learnt from a peer that designated this node", "manifest", id.String(), "peer_id", from.String())
 		return nil, nil
@@ -674,6 +664,23 @@ func (c *Cluster) ResolveFrom(ctx context.Context, from peer.ID, id chunkstore.I
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// putManifest decodes enc, a manifest a peer sent for id (p2p checked its
+// hash), and stores it.
+func (c *Cluster) putManifest(ctx context.Context, enc []byte, id chunkstore.ID) (*chunkstore.Manifest, error) {
+	m, err := chunkstore.DecodeManifest(enc)
+	if err != nil {
+		return nil, err
+	}
+	got, err := c.st.PutManifest(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	if got != id {
+		return nil, fmt.Errorf("manifest re-encodes to %s, want %s", got, id)
+	}
+	return m, nil
 }
 
 // designatedKey marks the context of a fetch this node runs as a peer's
@@ -744,16 +751,9 @@ func (c *Cluster) resolveShared(ctx context.Context, name string) (any, error) {
 	if enc == nil {
 		return nil, lastErr
 	}
-	m, err := chunkstore.DecodeManifest(enc)
+	m, err := c.putManifest(ctx, enc, id)
 	if err != nil {
 		return nil, fmt.Errorf("image %q: manifest from peers: %w", name, err)
-	}
-	got, err := c.st.PutManifest(ctx, m)
-	if err != nil {
-		return nil, err
-	}
-	if got != id {
-		return nil, fmt.Errorf("image %q: manifest re-encodes to %s, want %s", name, got, id)
 	}
 	regName := name
 	if byID {
